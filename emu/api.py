@@ -1,0 +1,202 @@
+"""Public API with torch_npu's names, keywords and defaults (spec §14).
+
+``moe_distribute_dispatch_v2`` / ``moe_distribute_combine_v2`` run the operator on this
+rank.  Every rank of the EP group (and, with tp_world_size = 2, of the TP group) must call
+them in the same order, as on the NPU.
+"""
+from __future__ import annotations
+
+import torch
+from torch.distributed import ProcessGroup
+
+from . import combine as _combine
+from . import dispatch as _dispatch
+from .attrs import Geometry, MoeConfig
+from .comm import Call, Domain
+from .errors import TILING_ERROR, AclnnError
+from .groups import group_label, resolve_group
+from .plan import active_set
+from .validate import Checker, check_ids, validate_combine, validate_dispatch
+
+GroupLike = ProcessGroup | str
+
+_DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2}
+
+
+def _domains(op: str, group_ep: GroupLike, group_tp: GroupLike, tp_world_size: int):
+    """Resolve the EP / TP process groups (561002 when a name is unknown)."""
+    c = Checker(op)
+    ep_pg = resolve_group(group_ep)
+    c.tiling(ep_pg is not None, "group_ep", group_label(group_ep), "is not a known process group (emu.group_name)")
+    ep = Domain.of("EP", ep_pg)
+    tp = None
+    if tp_world_size == 2:
+        tp_pg = resolve_group(group_tp)
+        if tp_pg is not None:
+            tp = Domain.of("TP", tp_pg)
+    return ep, tp
+
+
+def _group_checks(op: str, ep: Domain, tp: Domain | None, cfg: MoeConfig, ep_rank_id: int,
+                  tp_rank_id: int, group_tp) -> None:
+    c = Checker(op)
+    c.tiling(ep.size == cfg.ep_world_size, "ep_world_size", cfg.ep_world_size,
+             f"must equal the size of group_ep ({ep.size})")
+    c.tiling(ep.rank == ep_rank_id, "ep_rank_id", ep_rank_id, f"must equal this rank's place in group_ep ({ep.rank})")
+    if cfg.tp_world_size == 2:
+        c.tiling(tp is not None, "group_tp", group_label(group_tp), "is not a known process group")
+        c.tiling(tp.size == 2, "group_tp", group_label(group_tp), f"must have 2 ranks (has {tp.size})")
+        c.tiling(tp.rank == tp_rank_id, "tp_rank_id", tp_rank_id, f"must equal this rank's place in group_tp ({tp.rank})")
+
+
+def _agreed(cfg: MoeConfig, geom: Geometry | None, xt: torch.dtype | None, op: str) -> list[tuple[str, int]]:
+    """Attributes every rank of the call must share (sent in the header)."""
+    if geom is None:
+        return []
+    quant = ("quant_mode", cfg.quant_mode) if op == "dispatch" else ("comm_quant_mode", cfg.comm_quant_mode)
+    return [("ep_world_size", cfg.ep_world_size), ("tp_world_size", cfg.tp_world_size),
+            ("moe_expert_num", cfg.moe_expert_num), ("shared_expert_num", geom.Ns),
+            ("shared_expert_rank_num", cfg.shared_expert_rank_num), quant,
+            ("global_bs (or Bs*ep_world_size)", geom.G), ("zero_expert_num", cfg.zero_expert_num),
+            ("copy_expert_num", cfg.copy_expert_num), ("const_expert_num", cfg.const_expert_num),
+            ("K (expert_ids.shape[1])", geom.K), ("H (hidden size)", geom.H),
+            ("activation dtype (1 bf16, 2 fp16)", _DTYPE_CODE.get(xt, 0))]
+
+
+def _run(op: str, group_ep, group_tp, cfg: MoeConfig, ep_rank_id: int, tp_rank_id: int, validate, body):
+    """Validate, then run ``body(call, geom)``; a failure before the first exchange is
+    announced to every peer through the header so that all ranks raise together."""
+    ep, tp = _domains(op, group_ep, group_tp, cfg.tp_world_size)
+    order = (["TP", "EP"] if op == "combine" else ["EP", "TP"]) if tp is not None else ["EP"]
+    geom, err, xt = None, None, None
+    try:
+        geom, xt = validate()
+        _group_checks(op, ep, tp, cfg, ep_rank_id, tp_rank_id, group_tp)
+    except AclnnError as exc:
+        err = exc
+    call = Call.start(op, ep, tp, _agreed(cfg, geom, xt, op) if err is None else [], order)
+    if err is not None:
+        call.abort(err)
+    return body(call, geom)
+
+
+def moe_distribute_dispatch_v2(x: torch.Tensor, expert_ids: torch.Tensor, group_ep: GroupLike,
+                               ep_world_size: int, ep_rank_id: int, moe_expert_num: int, *,
+                               scales: torch.Tensor | None = None, x_active_mask: torch.Tensor | None = None,
+                               expert_scales: torch.Tensor | None = None,
+                               elastic_info: torch.Tensor | None = None,
+                               performance_info: torch.Tensor | None = None, group_tp: GroupLike = "",
+                               tp_world_size: int = 0, tp_rank_id: int = 0, expert_shard_type: int = 0,
+                               shared_expert_num: int = 1, shared_expert_rank_num: int = 0,
+                               quant_mode: int = 0, global_bs: int = 0, expert_token_nums_type: int = 1,
+                               comm_alg: str = "", zero_expert_num: int = 0, copy_expert_num: int = 0,
+                               const_expert_num: int = 0) -> tuple[torch.Tensor, ...]:
+    """Dispatch tokens to experts (aclnnMoeDistributeDispatchV3 on Atlas A3).
+
+    x (Bs, H) bf16/fp16; expert_ids (Bs, K) int32; scales (N_s + E, H) fp32 smooth scales
+    (quant_mode 2); x_active_mask (Bs,) or (Bs, K) bool.  Returns, with A as in spec §10.2:
+    expand_x (A*max(tp,1), H) x.dtype or int8; dynamic_scales (A*tp if tp > 1 else A,) fp32;
+    assist_info_for_combine (max(Bs*K, 128*A),) int32; expert_token_nums (L_r,) int64;
+    ep_recv_counts (W*L_r*(2 if tp == 2 else 1),) int32; tp_recv_counts (tp,) int32;
+    expand_scales (A,) fp32 (not produced on A3: zeros).  Unwritten regions are zero.
+    """
+    if elastic_info is not None:
+        raise NotImplementedError("mc2-emu: elastic_info (elastic scaling) is not emulated yet")
+    del expert_scales                                   # ignored on A3 (spec §4.5)
+    cfg = MoeConfig(ep_world_size=ep_world_size, moe_expert_num=moe_expert_num, tp_world_size=tp_world_size,
+                    expert_shard_type=expert_shard_type, shared_expert_num=shared_expert_num,
+                    shared_expert_rank_num=shared_expert_rank_num, quant_mode=quant_mode, global_bs=global_bs,
+                    expert_token_nums_type=expert_token_nums_type, zero_expert_num=zero_expert_num,
+                    copy_expert_num=copy_expert_num, const_expert_num=const_expert_num)
+    op = "aclnnMoeDistributeDispatchV3"
+
+    def validate():
+        geom = validate_dispatch(x=x, expert_ids=expert_ids, ep_name=group_label(group_ep),
+                                 tp_name=group_label(group_tp) if tp_world_size > 1 else "", cfg=cfg,
+                                 ep_rank_id=ep_rank_id, tp_rank_id=tp_rank_id, scales=scales,
+                                 mask=x_active_mask, elastic=elastic_info, comm_alg=comm_alg)
+        act = active_set(x.shape[0], expert_ids.shape[1], x_active_mask)
+        check_ids(Checker(op), geom, ep_rank_id, expert_ids, act.slots)
+        return geom, x.dtype
+
+    def body(call: Call, geom: Geometry):
+        act = active_set(x.shape[0], expert_ids.shape[1], x_active_mask)
+        out = _dispatch.dispatch(call, geom, cfg, x, expert_ids, scales, act)
+        _add_wait(performance_info, call)
+        return out.as_tuple()
+
+    return _run("dispatch", group_ep, group_tp, cfg, ep_rank_id, tp_rank_id, validate, body)
+
+
+def moe_distribute_combine_v2(expand_x: torch.Tensor, expert_ids: torch.Tensor,
+                              assist_info_for_combine: torch.Tensor, ep_send_counts: torch.Tensor,
+                              expert_scales: torch.Tensor, group_ep: GroupLike, ep_world_size: int,
+                              ep_rank_id: int, moe_expert_num: int, *,
+                              tp_send_counts: torch.Tensor | None = None,
+                              x_active_mask: torch.Tensor | None = None,
+                              expand_scales: torch.Tensor | None = None,
+                              shared_expert_x: torch.Tensor | None = None,
+                              elastic_info: torch.Tensor | None = None, ori_x: torch.Tensor | None = None,
+                              const_expert_alpha_1: torch.Tensor | None = None,
+                              const_expert_alpha_2: torch.Tensor | None = None,
+                              const_expert_v: torch.Tensor | None = None,
+                              performance_info: torch.Tensor | None = None, group_tp: GroupLike = "",
+                              tp_world_size: int = 0, tp_rank_id: int = 0, expert_shard_type: int = 0,
+                              shared_expert_num: int = 1, shared_expert_rank_num: int = 0,
+                              global_bs: int = 0, comm_quant_mode: int = 0, comm_alg: str = "",
+                              zero_expert_num: int = 0, copy_expert_num: int = 0,
+                              const_expert_num: int = 0) -> torch.Tensor:
+    """Combine expert outputs back to their tokens (aclnnMoeDistributeCombineV3 on A3).
+
+    expand_x (>= A*tp, H) bf16/fp16 expert outputs aligned with dispatch's expand_x;
+    expert_ids (Bs, K) int32 and x_active_mask as given to dispatch; assist_info_for_combine,
+    ep_send_counts (= dispatch's ep_recv_counts) and tp_send_counts from dispatch;
+    expert_scales (Bs, K) fp32.  Returns x_out (Bs, H) of expand_x's dtype (inactive tokens 0).
+    """
+    if elastic_info is not None:
+        raise NotImplementedError("mc2-emu: elastic_info (elastic scaling) is not emulated yet")
+    del expand_scales                                   # ignored on A3 (spec §9.1)
+    cfg = MoeConfig(ep_world_size=ep_world_size, moe_expert_num=moe_expert_num, tp_world_size=tp_world_size,
+                    expert_shard_type=expert_shard_type, shared_expert_num=shared_expert_num,
+                    shared_expert_rank_num=shared_expert_rank_num, global_bs=global_bs,
+                    comm_quant_mode=comm_quant_mode, zero_expert_num=zero_expert_num,
+                    copy_expert_num=copy_expert_num, const_expert_num=const_expert_num)
+    op = "aclnnMoeDistributeCombineV3"
+    inp = _combine.CombineInputs(expand_x=expand_x, expert_ids=expert_ids, assist_info=assist_info_for_combine,
+                                 ep_send_counts=ep_send_counts, expert_scales=expert_scales,
+                                 tp_send_counts=tp_send_counts, x_active_mask=x_active_mask,
+                                 shared_expert_x=shared_expert_x, ori_x=ori_x,
+                                 const_expert_alpha_1=const_expert_alpha_1,
+                                 const_expert_alpha_2=const_expert_alpha_2, const_expert_v=const_expert_v)
+
+    def validate():
+        geom = validate_combine(expand_x=expand_x, expert_ids=expert_ids, assist_info=assist_info_for_combine,
+                                ep_send_counts=ep_send_counts, expert_scales=expert_scales,
+                                ep_name=group_label(group_ep),
+                                tp_name=group_label(group_tp) if tp_world_size > 1 else "", cfg=cfg,
+                                ep_rank_id=ep_rank_id, tp_rank_id=tp_rank_id, tp_send_counts=tp_send_counts,
+                                mask=x_active_mask, shared_expert_x=shared_expert_x, elastic=elastic_info,
+                                ori_x=ori_x, alpha1=const_expert_alpha_1, alpha2=const_expert_alpha_2,
+                                const_v=const_expert_v, comm_alg=comm_alg)
+        act = active_set(*expert_ids.shape, x_active_mask)
+        check_ids(Checker(op), geom, ep_rank_id, expert_ids, act.slots)
+        _combine.check_own_rows(geom, ep_rank_id, inp, _combine.own_rows(geom, ep_rank_id, inp))
+        return geom, expand_x.dtype
+
+    def body(call: Call, geom: Geometry):
+        act = active_set(*expert_ids.shape, x_active_mask)
+        out = _combine.combine(call, geom, cfg, inp, act)
+        _add_wait(performance_info, call)
+        return out
+
+    return _run("combine", group_ep, group_tp, cfg, ep_rank_id, tp_rank_id, validate, body)
+
+
+def _add_wait(performance_info: torch.Tensor | None, call: Call) -> None:
+    """Accumulate the microseconds this rank waited for each EP source (never cleared)."""
+    if performance_info is not None and call.wait_us is not None:
+        n = min(performance_info.numel(), call.wait_us.size)
+        performance_info.view(-1)[:n] += torch.from_numpy(call.wait_us[:n]).to(performance_info.dtype)
+
+
+__all__ = ["moe_distribute_dispatch_v2", "moe_distribute_combine_v2", "AclnnError", "TILING_ERROR"]

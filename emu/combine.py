@@ -1,0 +1,137 @@
+"""Distributed combine on this rank: TP reduce-scatter -> EP return by triple -> weighted sum.
+
+Collectives per call: (tp = 2) TP header + TP rows, then EP header + EP rows.
+Wire row of the EP return: payload (H of XT, or int8 + ceil(H/8) XT group scales with
+comm_quant_mode 2) | meta int32 (token t, slot k).  Each source cross-checks, through the
+header, the rows every holder sends it against the rows its own dispatch plan sent there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .attrs import Geometry, MoeConfig
+from .comm import H_EXPECT, H_ROWS, Call, all_to_all_rows
+from .errors import TILING_ERROR, AclnnError, PeerError
+from .numerics import COMM_QUANT_GROUP, comm_dequant, comm_quant, combine_tokens, tp_add
+from .plan import ActiveSet, send_plan
+from .wire import Field, pack, row_bytes, unpack
+
+
+@dataclass
+class CombineInputs:
+    """One rank's combine inputs (shapes as in spec §9.1; optional ones may be None)."""
+
+    expand_x: torch.Tensor                 # (>= A*tp, H) XT
+    expert_ids: torch.Tensor               # (Bs, K) int32
+    assist_info: torch.Tensor              # (>= 128*A,) int32 triples
+    ep_send_counts: torch.Tensor           # dispatch's ep_recv_counts, int32
+    expert_scales: torch.Tensor            # (Bs, K) fp32
+    tp_send_counts: torch.Tensor | None = None
+    x_active_mask: torch.Tensor | None = None
+    shared_expert_x: torch.Tensor | None = None
+    ori_x: torch.Tensor | None = None
+    const_expert_alpha_1: torch.Tensor | None = None
+    const_expert_alpha_2: torch.Tensor | None = None
+    const_expert_v: torch.Tensor | None = None
+
+
+def own_rows(geom: Geometry, rank: int, inp: CombineInputs) -> int:
+    """Rows this rank received in dispatch: ``ep_send_counts[W*L_r - 1]`` (spec §9.1)."""
+    return int(inp.ep_send_counts[geom.recv_blocks(rank) - 1])
+
+
+def check_own_rows(geom: Geometry, rank: int, inp: CombineInputs, own: int) -> None:
+    """Data checks on what this rank is asked to return (561002 instead of garbage)."""
+    cap = geom.capacity(rank)
+    if not 0 <= own <= cap:
+        raise AclnnError(TILING_ERROR, f"combine: ep_send_counts[{geom.recv_blocks(rank) - 1}]={own} on EP rank "
+                         f"{rank} must be in [0, A={cap}]")
+    tri = inp.assist_info[:3 * own].to(torch.int64).view(own, 3)
+    bad = (tri[:, 0] < 0) | (tri[:, 0] >= geom.W) | (tri[:, 1] < 0) | (tri[:, 2] < 0) \
+        | (tri[:, 2] >= geom.K + geom.Ns)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise AclnnError(TILING_ERROR, f"combine: assist_info_for_combine[{3 * i}:{3 * i + 3}]="
+                         f"{tri[i].tolist()} on EP rank {rank} is not a dispatch triple")
+
+
+def return_fields(geom: Geometry, quant: bool, xt: torch.dtype) -> list[Field]:
+    if quant:
+        return [Field(torch.int8, geom.H), Field(xt, -(-geom.H // COMM_QUANT_GROUP)), Field(torch.int32, 2)]
+    return [Field(xt, geom.H), Field(torch.int32, 2)]
+
+
+def combine(call: Call, geom: Geometry, cfg: MoeConfig, inp: CombineInputs, act: ActiveSet) -> torch.Tensor:
+    """Run combine for this rank; returns x_out (Bs, H) XT (inactive tokens zero)."""
+    me = call.ep.rank
+    xt = inp.expand_x.dtype
+    own = own_rows(geom, me, inp)
+    y = inp.expand_x[:own]
+    if geom.tp_active:
+        y = _tp_reduce(call, geom, inp, own)
+    tri = inp.assist_info[:3 * own].to(torch.int64).view(own, 3).numpy()
+    order = np.argsort(tri[:, 0], kind="stable")
+    send_counts = np.bincount(tri[:, 0], minlength=geom.W).astype(np.int64)
+    expected = send_plan(geom, me, inp.expert_ids, act).counts
+    quant = cfg.comm_quant_mode == 2
+    fields = return_fields(geom, quant, xt)
+    rows = y[torch.from_numpy(order)]
+    meta = torch.from_numpy(tri[order, 1:])
+    parts = list(comm_quant(rows)) + [meta] if quant else [rows, meta]
+    hdr = call.exchange_header("EP", send_counts, row_bytes(fields), expected)
+    buf = all_to_all_rows(call.ep, pack(parts, fields), send_counts, hdr[:, H_ROWS], "combine rows")
+    _cross_check(call, hdr, send_counts, expected)
+    got = unpack(buf, fields)
+    recv = comm_dequant(got[0], got[1], xt) if quant else got[0]
+    tk = got[-1].to(torch.int64)
+    bs, k = inp.expert_ids.shape
+    if tk.numel() and (int(tk[:, 0].max()) >= bs or int(tk[:, 1].max()) >= k + geom.Ns):
+        raise PeerError(TILING_ERROR, f"combine call #{call.call_no} on EP rank {me}: a peer returned a row for "
+                        f"(token, slot) outside (Bs={bs}, K+N_s={k + geom.Ns}); its assist_info is not from "
+                        f"this dispatch")
+    slots = torch.zeros(bs, k + geom.Ns, geom.H, dtype=xt)
+    slots[tk[:, 0], tk[:, 1]] = recv
+    acc = combine_tokens(slots, inp.expert_ids, inp.expert_scales,
+                         None if act.slot_mask is None else torch.from_numpy(act.slot_mask),
+                         geom.E, geom.zero, geom.copy, geom.const, geom.Ns, inp.ori_x,
+                         inp.const_expert_alpha_1, inp.const_expert_alpha_2, inp.const_expert_v,
+                         inp.shared_expert_x)
+    x_out = acc.to(xt)
+    x_out[torch.from_numpy(~act.tokens)] = 0
+    return x_out
+
+
+def _cross_check(call: Call, hdr: np.ndarray, send_counts: np.ndarray, expected: np.ndarray) -> None:
+    got, want = hdr[:, H_ROWS], expected
+    ranks = call.ep.ranks
+    if not np.array_equal(got, want) or not np.array_equal(hdr[:, H_EXPECT], send_counts):
+        bad = sorted(set(np.flatnonzero(got != want)) | set(np.flatnonzero(hdr[:, H_EXPECT] != send_counts)))
+        desc = "; ".join(f"rank {ranks[i]} returns {int(got[i])} rows, this rank's dispatch sent it "
+                         f"{int(want[i])}; it expects {int(hdr[i, H_EXPECT])}, this rank holds "
+                         f"{int(send_counts[i])} for it" for i in bad)
+        raise PeerError(TILING_ERROR, f"combine call #{call.call_no} on EP rank {call.ep.rank}: the inputs do "
+                        f"not match the dispatch they claim to come from: {desc}")
+
+
+def _tp_reduce(call: Call, geom: Geometry, inp: CombineInputs, own: int) -> torch.Tensor:
+    """TP reduce-scatter (spec §9.2.1): own rows + the peer's partials for them, in XT."""
+    tp = call.tp
+    peer = 1 - tp.rank
+    peer_count = int(inp.tp_send_counts[peer])
+    fields = [Field(inp.expand_x.dtype, geom.H)]
+    sc, expect = np.zeros(2, np.int64), np.zeros(2, np.int64)
+    sc[peer], expect[peer] = peer_count, own
+    hdr = call.exchange_header("TP", sc, row_bytes(fields), expect)
+    if int(hdr[peer, H_ROWS]) != own or int(hdr[peer, H_EXPECT]) != peer_count:
+        rc = hdr[:, H_ROWS]
+        all_to_all_rows(tp, pack([inp.expand_x[own:own + peer_count]], fields), sc, rc, "combine TP reduce-scatter")
+        call.abort(PeerError(TILING_ERROR, f"combine call #{call.call_no}: TP rank {tp.rank} holds {own} own rows and "
+                        f"{peer_count} for its peer, but TP rank {peer} sends {int(hdr[peer, H_ROWS])} and "
+                        f"expects {int(hdr[peer, H_EXPECT])}"))
+    buf = all_to_all_rows(tp, pack([inp.expand_x[own:own + peer_count]], fields), sc, hdr[:, H_ROWS],
+                          "combine TP reduce-scatter")
+    partial = unpack(buf, fields)[0]
+    return tp_add(inp.expand_x[:own], partial)

@@ -1,0 +1,198 @@
+"""Communication of one operator call: header exchanges and row all-to-alls, with timeouts.
+
+Every group a call uses starts with one *header* exchange (an ``all_to_all_single`` of a
+fixed ``(W, HEADER_LEN)`` int64 block), then moves its rows with one uneven
+``all_to_all_single`` of packed uint8 rows.  The header carries, from each source to each
+destination: the call number and op, an error code, the row count and row size the
+destination must expect (gloo corrupts data silently if the two sides disagree), the
+source's clock when it entered, and the attributes every rank must agree on.  So a bad
+input or a mismatched call on one rank makes every rank raise after one exchange, and the
+world stays usable.
+
+Each collective waits at most ``EMU_TIMEOUT_S`` seconds (default 60), then raises naming
+the rank, the group and the collective.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from .errors import TILING_ERROR, AclnnError, PeerError
+from .groups import group_label, group_ranks
+
+MAGIC = 0x4D43325F454D55          # "MC2_EMU"
+OPS = {1: "dispatch", 2: "combine"}
+OP_CODE = {v: k for k, v in OPS.items()}
+# header columns
+H_MAGIC, H_OP, H_CALL, H_ERR, H_ROWS, H_ROW_BYTES, H_CLOCK, H_EXPECT, H_NATTR = range(9)
+H_ATTRS = 9
+HEADER_LEN = 40
+MAX_ATTRS = HEADER_LEN - H_ATTRS
+
+_call_counters: dict[str, int] = {}
+
+
+def timeout_s() -> float:
+    """Per-collective timeout in seconds (env ``EMU_TIMEOUT_S``, default 60)."""
+    try:
+        return float(os.environ.get("EMU_TIMEOUT_S", "60"))
+    except ValueError:
+        return 60.0
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out; names the rank, group and collective."""
+
+
+@dataclass
+class Domain:
+    """One process group used by a call (EP or TP) and this rank's place in it."""
+
+    kind: str                     # "EP" or "TP"
+    pg: ProcessGroup
+    rank: int
+    size: int
+    ranks: list[int] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, kind: str, pg: ProcessGroup) -> "Domain":
+        return cls(kind=kind, pg=pg, rank=dist.get_rank(pg), size=dist.get_world_size(pg),
+                   ranks=group_ranks(pg))
+
+    def describe(self) -> str:
+        return f"{self.kind} group {group_label(self.pg)} (ranks {self.ranks})"
+
+
+def _wait(work, dom: Domain, what: str) -> None:
+    limit = timeout_s()
+    try:
+        work.wait(timeout=timedelta(seconds=limit))
+    except RuntimeError as exc:
+        raise CollectiveError(
+            f"rank {dist.get_rank()}: {what} on {dom.describe()} did not complete within "
+            f"{limit:g} s (EMU_TIMEOUT_S): {exc}") from exc
+
+
+def all_to_all_rows(dom: Domain, send: torch.Tensor, send_counts: np.ndarray,
+                    recv_counts: np.ndarray, what: str) -> torch.Tensor:
+    """Uneven all-to-all of packed rows: send (n, B) uint8 -> (sum(recv_counts), B) uint8."""
+    width = send.shape[1]
+    out = torch.empty(int(recv_counts.sum()), width, dtype=torch.uint8)
+    work = dist.all_to_all_single(out, send.contiguous(), [int(c) for c in recv_counts],
+                                  [int(c) for c in send_counts], group=dom.pg, async_op=True)
+    _wait(work, dom, f"all_to_all_single ({what}, {int(send_counts.sum())} rows out, "
+                     f"{int(recv_counts.sum())} in)")
+    return out
+
+
+@dataclass
+class Call:
+    """State of one dispatch or combine call on this rank."""
+
+    op: str
+    ep: Domain
+    tp: Domain | None
+    attrs: list[tuple[str, int]]
+    call_no: int = 0
+    clock_ns: int = 0
+    pending: list[str] = field(default_factory=list)     # domains whose header is still due
+    wait_us: np.ndarray | None = None                     # (W,) per-source wait of the EP header
+
+    @classmethod
+    def start(cls, op: str, ep: Domain, tp: Domain | None, attrs: list[tuple[str, int]],
+              order: list[str]) -> "Call":
+        key = group_label(ep.pg)
+        no = _call_counters.get(key, 0) + 1
+        _call_counters[key] = no
+        return cls(op=op, ep=ep, tp=tp, attrs=attrs[:MAX_ATTRS], call_no=no,
+                   clock_ns=time.monotonic_ns(), pending=list(order))
+
+    def domain(self, kind: str) -> Domain:
+        return self.ep if kind == "EP" else self.tp
+
+    def _header(self, dom: Domain, error: int, rows: np.ndarray, row_bytes: int,
+                expect: np.ndarray) -> torch.Tensor:
+        h = torch.zeros(dom.size, HEADER_LEN, dtype=torch.int64)
+        h[:, H_MAGIC] = MAGIC
+        h[:, H_OP] = OP_CODE[self.op]
+        h[:, H_CALL] = self.call_no
+        h[:, H_ERR] = error
+        h[:, H_ROWS] = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        h[:, H_ROW_BYTES] = row_bytes
+        h[:, H_CLOCK] = self.clock_ns
+        h[:, H_EXPECT] = torch.from_numpy(np.asarray(expect, dtype=np.int64))
+        h[:, H_NATTR] = len(self.attrs)
+        if self.attrs:
+            h[:, H_ATTRS:H_ATTRS + len(self.attrs)] = torch.tensor([v for _, v in self.attrs])
+        return h
+
+    def exchange_header(self, kind: str, rows: np.ndarray, row_bytes: int,
+                        expect: np.ndarray, error: int = 0) -> np.ndarray:
+        """Header all-to-all on domain ``kind``; returns (size, HEADER_LEN) from each source.
+
+        Raises PeerError on every rank when a peer reported an error or disagrees on the op,
+        the call number or an attribute (after first telling the remaining domains).
+        """
+        dom = self.domain(kind)
+        self.pending.remove(kind)
+        send = self._header(dom, error, rows, row_bytes, expect)
+        recv = torch.empty_like(send)
+        t0 = time.monotonic_ns()
+        work = dist.all_to_all_single(recv, send, group=dom.pg, async_op=True)
+        _wait(work, dom, f"{self.op} header exchange")
+        t1 = time.monotonic_ns()
+        hdr = recv.numpy()
+        if kind == "EP":
+            waited = np.clip(hdr[:, H_CLOCK] - t0, 0, t1 - t0) // 1000
+            self.wait_us = waited.astype(np.int64)
+        if error == 0:
+            problem = self._check_peers(dom, hdr)
+            if problem is not None:
+                self.abort(problem)
+        return hdr
+
+    def _check_peers(self, dom: Domain, hdr: np.ndarray) -> AclnnError | None:
+        ranks = dom.ranks
+        bad = np.flatnonzero(hdr[:, H_MAGIC] != MAGIC)
+        if bad.size:
+            return PeerError(TILING_ERROR, f"rank {dist.get_rank()}: ranks {[ranks[i] for i in bad]} "
+                             f"sent data that is not an mc2-emu header on {dom.describe()}")
+        err = np.flatnonzero(hdr[:, H_ERR] != 0)
+        if err.size:
+            who = ", ".join(f"rank {ranks[i]} ({int(hdr[i, H_ERR])})" for i in err)
+            return PeerError(int(hdr[err[0], H_ERR]),
+                             f"rank {dist.get_rank()}: {self.op} call #{self.call_no} aborted: "
+                             f"{who} rejected its input on {dom.describe()}")
+        calls = [(OPS.get(int(o), "?"), int(c)) for o, c in zip(hdr[:, H_OP], hdr[:, H_CALL])]
+        if len(set(calls)) > 1:
+            desc = "; ".join(f"rank {ranks[i]} called {op} #{no}" for i, (op, no) in enumerate(calls))
+            return PeerError(TILING_ERROR, f"rank {dist.get_rank()}: mismatched calls on "
+                             f"{dom.describe()}: {desc}")
+        for idx, (name, value) in enumerate(self.attrs):
+            col = hdr[:, H_ATTRS + idx]
+            diff = np.flatnonzero(col != value)
+            if diff.size:
+                vals = ", ".join(f"rank {ranks[i]}: {int(col[i])}" for i in range(dom.size))
+                return PeerError(TILING_ERROR, f"rank {dist.get_rank()}: attribute {name} differs "
+                                 f"between ranks of {self.op} call #{self.call_no} on "
+                                 f"{dom.describe()} ({vals})")
+        return None
+
+    def abort(self, err: AclnnError) -> None:
+        """Tell every domain whose header is still due that this call failed, then raise."""
+        code = err.code if isinstance(err, AclnnError) else TILING_ERROR
+        for kind in list(self.pending):
+            dom = self.domain(kind)
+            if dom is None:
+                self.pending.remove(kind)
+                continue
+            zeros = np.zeros(dom.size, dtype=np.int64)
+            self.exchange_header(kind, zeros, 0, zeros, error=code)
+        raise err

@@ -1,0 +1,59 @@
+"""Communication-domain names (the ``groupEp`` / ``groupTp`` strings of the operator).
+
+On the NPU a group is named by an HCCL communicator string.  Here :func:`group_name`
+gives every ``torch.distributed`` process group a stable name (the same on every member
+rank, < 128 chars) and :func:`resolve_group` maps a name, or a group object, back.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+_PREFIX = "emu_hccl_"
+# name -> torch's own group name.  No ProcessGroup is kept alive here: a group object that
+# outlives destroy_process_group() aborts the interpreter at exit ("terminate called ...").
+_registry: dict[str, str] = {}
+
+
+def group_name(pg: ProcessGroup | None = None) -> str:
+    """Stable name for ``pg`` (default: the world group); registers it for lookup."""
+    pg = pg if pg is not None else dist.group.WORLD
+    torch_name = pg.group_name
+    if len(_PREFIX) + len(torch_name) >= 100:
+        torch_name = hashlib.sha1(torch_name.encode()).hexdigest()[:32]
+    name = _PREFIX + torch_name
+    _registry[name] = pg.group_name
+    return name
+
+
+def resolve_group(group: ProcessGroup | str | None) -> ProcessGroup | None:
+    """A ProcessGroup for ``group`` (object, registered name, or torch's own group name).
+
+    Returns None when the name is unknown.
+    """
+    if group is None:
+        return None
+    if isinstance(group, ProcessGroup):
+        return group
+    from torch.distributed import distributed_c10d as c10d
+    wanted = _registry.get(group, group[len(_PREFIX):] if group.startswith(_PREFIX) else group)
+    for pg, name in c10d._world.pg_names.items():
+        if name == wanted:
+            return pg
+    return None
+
+
+def group_label(group: ProcessGroup | str | None) -> str:
+    """The name string the operator would see for ``group`` ("" for None)."""
+    if group is None:
+        return ""
+    if isinstance(group, ProcessGroup):
+        return group_name(group)
+    return str(group)
+
+
+def group_ranks(pg: ProcessGroup) -> list[int]:
+    """Global ranks of ``pg``'s members, in group-rank order."""
+    return dist.get_process_group_ranks(pg)

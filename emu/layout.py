@@ -1,0 +1,110 @@
+"""Receive-side layout of dispatch and the eager output shapes (spec §3, §4, §14).
+
+Pure numpy: given, for every received row, its source rank and local expert (rows in
+wire order = source-major), compute where each row lands and the count outputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .attrs import Geometry
+
+
+@dataclass(frozen=True)
+class RecvLayout:
+    """order: (n,) int64 permutation, output row i = received row ``order[i]``;
+    block_counts: (W*L_r,) int64 rows per status index ``l*W + src``;
+    ep_recv_counts: (W*L_r,) int64 inclusive running prefix of block_counts (§4.1)."""
+
+    order: np.ndarray
+    block_counts: np.ndarray
+    ep_recv_counts: np.ndarray
+
+
+def recv_layout(geom: Geometry, rank: int, src: np.ndarray, local: np.ndarray) -> RecvLayout:
+    """Layout on EP rank ``rank``: blocks local-expert major, source minor (spec §3.1-§3.2).
+
+    ``src`` / ``local``: (n,) int64 per received row, in wire order (source ascending,
+    each source's rows already in its slot order).
+    """
+    status = local * geom.W + src
+    order = np.argsort(status, kind="stable")
+    counts = np.bincount(status, minlength=geom.recv_blocks(rank)).astype(np.int64)
+    return RecvLayout(order=order, block_counts=counts, ep_recv_counts=np.cumsum(counts))
+
+
+def expert_token_nums(geom: Geometry, rank: int, ep_recv_counts: np.ndarray, total_rows: int,
+                      nums_type: int) -> np.ndarray:
+    """expertTokenNums (spec §4.2): (L_r,) int64.
+
+    L == 1 or shared rank: total rows (own + TP peer).  L > 1: per local expert, the
+    running total at the end of its block (type 0) or its own count (type 1).
+    """
+    lr = geom.local_expert_num(rank)
+    if lr == 1:
+        return np.array([total_rows], dtype=np.int64)
+    cum = ep_recv_counts.reshape(lr, geom.W)[:, -1].astype(np.int64)
+    if nums_type == 0:
+        return cum
+    return np.diff(cum, prepend=0)
+
+
+@dataclass(frozen=True)
+class DispatchShapes:
+    """Eager output shapes torch_npu allocates (spec §14); ``rows`` = A*max(tp,1)."""
+
+    rows: int
+    capacity: int
+    dynamic_scales: int
+    assist: int
+    token_nums: int
+    ep_recv: int
+    tp_recv: int
+
+
+def dispatch_shapes(geom: Geometry, rank: int, bs: int) -> DispatchShapes:
+    a = geom.capacity(rank)
+    tp = geom.tp
+    lr = geom.local_expert_num(rank)
+    return DispatchShapes(rows=a * max(tp, 1), capacity=a,
+                          dynamic_scales=a * tp if tp > 1 else a,
+                          assist=max(bs * geom.K, 128 * a), token_nums=lr,
+                          ep_recv=geom.W * lr * (2 if tp == 2 else 1), tp_recv=tp)
+
+
+@dataclass
+class DispatchOutputs:
+    """The 7 outputs of dispatch_v2, in torch_npu's order.
+
+    expand_x (A*max(tp,1), H) XT or int8; dynamic_scales (A*tp or A,) fp32;
+    assist_info_for_combine (max(Bs*K, 128*A),) int32; expert_token_nums (L_r,) int64;
+    ep_recv_counts (W*L_r*(2 if tp==2 else 1),) int32; tp_recv_counts (tp,) int32;
+    expand_scales (A,) fp32 (not produced on A3: zeros).
+    """
+
+    expand_x: torch.Tensor
+    dynamic_scales: torch.Tensor
+    assist_info_for_combine: torch.Tensor
+    expert_token_nums: torch.Tensor
+    ep_recv_counts: torch.Tensor
+    tp_recv_counts: torch.Tensor
+    expand_scales: torch.Tensor
+
+    def as_tuple(self) -> tuple[torch.Tensor, ...]:
+        return (self.expand_x, self.dynamic_scales, self.assist_info_for_combine,
+                self.expert_token_nums, self.ep_recv_counts, self.tp_recv_counts,
+                self.expand_scales)
+
+    @classmethod
+    def allocate(cls, shapes: DispatchShapes, h: int, dtype: torch.dtype) -> "DispatchOutputs":
+        """Zero-filled outputs (regions the hardware leaves unwritten stay 0, spec §15)."""
+        return cls(expand_x=torch.zeros(shapes.rows, h, dtype=dtype),
+                   dynamic_scales=torch.zeros(shapes.dynamic_scales, dtype=torch.float32),
+                   assist_info_for_combine=torch.zeros(shapes.assist, dtype=torch.int32),
+                   expert_token_nums=torch.zeros(shapes.token_nums, dtype=torch.int64),
+                   ep_recv_counts=torch.zeros(shapes.ep_recv, dtype=torch.int32),
+                   tp_recv_counts=torch.zeros(shapes.tp_recv, dtype=torch.int32),
+                   expand_scales=torch.zeros(shapes.capacity, dtype=torch.float32))

@@ -1,0 +1,95 @@
+"""Send plan of one source rank in dispatch (spec §2) — pure, numpy, no communication.
+
+A plan lists the rows one EP rank sends, already in wire order: destination rank
+ascending; within a destination, local expert ascending, then the source's slot order
+(flattened ``t*K + k``, i.e. token order).  That is exactly the order the receiver needs
+inside each (source, local expert) block (spec §3), so the receiver only has to stable-sort
+the blocks it gets from all sources by ``local*W + source``.
+
+The same plan tells combine, on the source, how many rows come back from each rank.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .attrs import Geometry
+from .placement import moe_local_of, moe_rank_of, shared_replica
+
+
+@dataclass(frozen=True)
+class ActiveSet:
+    """Which tokens / (token, k) slots of one rank take part (spec §2.1).
+
+    tokens: (Bs,) bool — token sent to shared experts and combined.
+    slots:  (Bs, K) bool — slot sent to its MoE expert (before the special-id filter).
+    slot_mask: (Bs, K) bool or None — the 2-D mask itself (combine skips False slots).
+    """
+
+    tokens: np.ndarray
+    slots: np.ndarray
+    slot_mask: np.ndarray | None
+
+
+def active_set(bs: int, k: int, mask: torch.Tensor | None) -> ActiveSet:
+    """Active tokens and slots for mask None, 1-D ``(Bs,)`` or 2-D ``(Bs, K)`` bool.
+
+    A 1-D mask counts its True values n and activates tokens ``0..n-1`` (hardware
+    popcount prefix, spec §2.1), whatever the positions of the True values.
+    """
+    if mask is None:
+        return ActiveSet(np.ones(bs, bool), np.ones((bs, k), bool), None)
+    m = mask.detach().cpu().numpy().astype(bool)
+    if m.ndim == 1:
+        tokens = np.arange(bs) < int(m.sum())
+        return ActiveSet(tokens, np.repeat(tokens[:, None], k, axis=1), None)
+    return ActiveSet(m.any(axis=1), m.copy(), m.copy())
+
+
+@dataclass(frozen=True)
+class SendPlan:
+    """Rows one source sends in dispatch, in wire order. All arrays int64, shape (n,).
+
+    token: index t in the source's x;  slot: k (MoE) or K + j (shared expert j);
+    dest: EP rank;  local: local expert on dest (0 for shared);
+    smooth_row: row of ``scales`` used to quantise the copy (N_s + e, or j);
+    counts: (W,) rows per destination;  n_active: active tokens of the source.
+    """
+
+    token: np.ndarray
+    slot: np.ndarray
+    dest: np.ndarray
+    local: np.ndarray
+    smooth_row: np.ndarray
+    counts: np.ndarray
+    n_active: int
+
+
+def send_plan(geom: Geometry, src: int, expert_ids: torch.Tensor, act: ActiveSet) -> SendPlan:
+    """The dispatch send plan of EP rank ``src`` (spec §2.3-§2.5)."""
+    ids = expert_ids.detach().cpu().numpy().astype(np.int64)
+    bs, k = ids.shape
+    moe_slots = act.slots.copy()
+    if geom.special:
+        moe_slots &= ids < geom.E                    # special experts are never sent (§2.2)
+    flat = np.flatnonzero(moe_slots.reshape(-1))     # (t*K + k) increasing
+    e = ids.reshape(-1)[flat]
+    moe_token, moe_slot = flat // k, flat % k
+
+    tokens = np.flatnonzero(act.tokens)
+    ns = geom.Ns
+    sh_token = np.repeat(tokens, ns)
+    sh_j = np.tile(np.arange(ns), tokens.size)
+    token = np.concatenate([moe_token, sh_token])
+    slot = np.concatenate([moe_slot, k + sh_j])
+    dest = np.concatenate([moe_rank_of(geom, e), shared_replica(geom, src, sh_j)]).astype(np.int64)
+    local = np.concatenate([moe_local_of(geom, e), np.zeros_like(sh_j)])
+    smooth_row = np.concatenate([ns + e, sh_j])
+    seq = np.concatenate([flat, sh_token])
+    order = np.lexsort((seq, local, dest))
+    return SendPlan(token=token[order], slot=slot[order], dest=dest[order], local=local[order],
+                    smooth_row=smooth_row[order],
+                    counts=np.bincount(dest, minlength=geom.W).astype(np.int64),
+                    n_active=int(tokens.size))

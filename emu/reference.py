@@ -1,0 +1,163 @@
+"""Single-process reference of a whole world: every rank's inputs in, every rank's outputs out.
+
+Written to be checked by hand, independently of the distributed path's plan/layout code:
+all (source, token, slot) rows of an EP domain go into one table, and one global sort by
+(destination, local expert, source, t*K + k) gives every receiver's expand_x at once
+(spec §3, §12).  Shared pieces: mask semantics (``plan.active_set``), numerics
+(``numerics``, checked on hand-worked cases) and the eager output shapes.
+
+World layout (spec §6): world rank ``g = ep_rank * T + tp_rank`` with ``T = 2`` if
+tp_world_size == 2 else 1; the EP domain of TP index ``i`` is ``{e*T + i}``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .attrs import Geometry, MoeConfig
+from .combine import CombineInputs
+from .layout import DispatchOutputs, dispatch_shapes
+from .numerics import comm_dequant, comm_quant, combine_tokens, dynamic_quant, tp_add
+from .plan import active_set
+
+
+@dataclass
+class DispatchInputs:
+    """One rank's dispatch inputs: x (Bs, H) XT, expert_ids (Bs, K) int32, optional
+    scales (N_s + E, H) fp32 and x_active_mask (Bs,) / (Bs, K) bool."""
+
+    x: torch.Tensor
+    expert_ids: torch.Tensor
+    scales: torch.Tensor | None = None
+    x_active_mask: torch.Tensor | None = None
+
+
+def tp_span(cfg: MoeConfig) -> int:
+    return 2 if cfg.tp_world_size == 2 else 1
+
+
+def world_rank(cfg: MoeConfig, ep_rank: int, tp_rank: int = 0) -> int:
+    return ep_rank * tp_span(cfg) + tp_rank
+
+
+def _slot_table(cfg: MoeConfig, geom: Geometry, inputs: list[DispatchInputs]) -> dict[str, np.ndarray]:
+    """Every row the EP domain sends: columns src, t, k, dest, local, seq, srow (int64)."""
+    cols: dict[str, list[np.ndarray]] = {c: [] for c in ("src", "t", "k", "dest", "local", "seq", "srow")}
+    K, E, L, S, Ns, R = geom.K, geom.E, geom.L, geom.S, geom.Ns, geom.R
+    for src, inp in enumerate(inputs):
+        ids = inp.expert_ids.numpy().astype(np.int64)
+        act = active_set(ids.shape[0], K, inp.x_active_mask)
+        keep = act.slots & (ids < E) if geom.special else act.slots
+        t, k = np.nonzero(keep)                               # row-major: t*K + k increasing
+        e = ids[t, k]
+        tok = np.flatnonzero(act.tokens)
+        jt, jj = np.repeat(tok, Ns), np.tile(np.arange(Ns), tok.size)
+        for name, moe, shared in (("src", np.full_like(t, src), np.full_like(jt, src)),
+                                  ("t", t, jt), ("k", k, K + jj), ("dest", S + e // L, src % R + jj * R if R else jj),
+                                  ("local", e % L, 0 * jj), ("seq", t * K + k, jt), ("srow", Ns + e, jj)):
+            cols[name] += [moe, shared]
+    return {c: np.concatenate(v).astype(np.int64) for c, v in cols.items()}
+
+
+def reference_dispatch(cfg: MoeConfig, inputs: list[DispatchInputs]) -> list[DispatchOutputs]:
+    """Dispatch outputs of every world rank (list indexed by world rank)."""
+    T = tp_span(cfg)
+    W = cfg.ep_world_size
+    outs: list[DispatchOutputs | None] = [None] * (W * T)
+    own_rows: dict[int, tuple] = {}
+    for i in range(T):
+        members = [world_rank(cfg, e, i) for e in range(W)]
+        dom = [inputs[g] for g in members]
+        k = dom[0].expert_ids.shape[1]
+        h = dom[0].x.shape[1]
+        geom = Geometry.of(cfg, dom[0].x.shape[0], k, h)
+        tab = _slot_table(cfg, geom, dom)
+        order = np.lexsort((tab["seq"], tab["src"], tab["local"], tab["dest"]))
+        tab = {c: v[order] for c, v in tab.items()}
+        offsets = np.cumsum([0] + [d.x.shape[0] for d in dom])
+        xcat = torch.cat([d.x for d in dom])
+        rows = xcat[torch.from_numpy(offsets[tab["src"]] + tab["t"])]
+        scale = None
+        if cfg.quant_mode == 2:
+            smooth = None
+            if dom[0].scales is not None:
+                smooth = torch.stack([d.scales for d in dom])[torch.from_numpy(tab["src"]), torch.from_numpy(tab["srow"])]
+            rows, scale = dynamic_quant(rows, smooth)
+        for e, g in enumerate(members):
+            sel = np.flatnonzero(tab["dest"] == e)
+            lr = geom.local_expert_num(e)
+            out = DispatchOutputs.allocate(dispatch_shapes(geom, e, dom[e].x.shape[0]), h, rows.dtype)
+            n = sel.size
+            out.expand_x[:n] = rows[torch.from_numpy(sel)]
+            if scale is not None:
+                out.dynamic_scales[:n] = scale[torch.from_numpy(sel)]
+            tri = np.stack([tab["src"][sel], tab["t"][sel], tab["k"][sel]], axis=1)
+            out.assist_info_for_combine[:3 * n] = torch.from_numpy(tri.reshape(-1).astype(np.int32))
+            counts = np.bincount(tab["local"][sel] * W + tab["src"][sel], minlength=W * lr)
+            cum = np.cumsum(counts)
+            out.ep_recv_counts[:W * lr] = torch.from_numpy(cum.astype(np.int32))
+            own_rows[g] = (n, cum, lr)
+            outs[g] = out
+    for g, out in enumerate(outs):
+        n, cum, lr = own_rows[g]
+        total = n
+        if T == 2:
+            peer = g ^ 1
+            pn, pcum, _ = own_rows[peer]
+            src = outs[peer]
+            out.expand_x[n:n + pn] = src.expand_x[:pn]
+            out.dynamic_scales[n:n + pn] = src.dynamic_scales[:pn]
+            out.ep_recv_counts[W:2 * W] = torch.from_numpy(pcum.astype(np.int32))
+            out.tp_recv_counts[g % 2] = n
+            out.tp_recv_counts[peer % 2] = pn
+            total += pn
+        if lr == 1:
+            out.expert_token_nums[0] = total
+        else:
+            ends = cum.reshape(lr, W)[:, -1]
+            out.expert_token_nums[:] = torch.from_numpy(ends if cfg.expert_token_nums_type == 0
+                                                        else np.diff(ends, prepend=0))
+    return outs
+
+
+def reference_combine(cfg: MoeConfig, inputs: list[CombineInputs]) -> list[torch.Tensor]:
+    """x_out of every world rank (list indexed by world rank), spec §9."""
+    T = tp_span(cfg)
+    W = cfg.ep_world_size
+    outs: list[torch.Tensor | None] = [None] * (W * T)
+    for i in range(T):
+        members = [world_rank(cfg, e, i) for e in range(W)]
+        dom = [inputs[g] for g in members]
+        h = dom[0].expand_x.shape[1]
+        xt = dom[0].expand_x.dtype
+        geom = Geometry.of(cfg, dom[0].expert_ids.shape[0], dom[0].expert_ids.shape[1], h)
+        K, Ns = geom.K, geom.Ns
+        slots = [torch.zeros(d.expert_ids.shape[0], K + Ns, h, dtype=xt) for d in dom]
+        for e, g in enumerate(members):
+            inp = dom[e]
+            own = int(inp.ep_send_counts[geom.recv_blocks(e) - 1])
+            y = inp.expand_x[:own]
+            if T == 2:
+                peer = inputs[g ^ 1]
+                peer_own = int(peer.ep_send_counts[W - 1])
+                y = tp_add(y, peer.expand_x[peer_own:peer_own + own])
+            if cfg.comm_quant_mode == 2:
+                y = comm_dequant(*comm_quant(y), xt)
+            tri = inp.assist_info[:3 * own].to(torch.int64).view(own, 3)
+            for src in range(W):                     # one scatter per source rank
+                mine = tri[:, 0] == src
+                slots[src][tri[mine, 1], tri[mine, 2]] = y[mine]
+        for e, g in enumerate(members):
+            inp = dom[e]
+            act = active_set(*inp.expert_ids.shape, inp.x_active_mask)
+            acc = combine_tokens(slots[e], inp.expert_ids, inp.expert_scales,
+                                 None if act.slot_mask is None else torch.from_numpy(act.slot_mask),
+                                 geom.E, geom.zero, geom.copy, geom.const, Ns, inp.ori_x,
+                                 inp.const_expert_alpha_1, inp.const_expert_alpha_2, inp.const_expert_v,
+                                 inp.shared_expert_x)
+            x_out = acc.to(xt)
+            x_out[torch.from_numpy(~act.tokens)] = 0
+            outs[g] = x_out
+    return outs

@@ -1,0 +1,265 @@
+"""Reproducible scenarios: one seed gives every rank's inputs, so each rank (and the
+single-process reference) can build the whole world's data without communicating.
+
+A scenario runs dispatch -> a per-expert function -> combine, on this rank through the
+public API (:func:`run_rank`) or for the whole world in one process (:func:`run_reference`).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .attrs import Geometry, MoeConfig
+from .combine import CombineInputs
+from .layout import DispatchOutputs
+from .reference import DispatchInputs, reference_combine, reference_dispatch, tp_span
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A whole-world configuration; every field has a flag in launch/dispatch.py."""
+
+    ep: int = 8
+    tp: int = 0                     # tp_world_size attribute (0, 1 or 2)
+    moe: int = 7
+    shared: int = 1                 # shared_expert_num
+    shared_ranks: int = 1           # shared_expert_rank_num
+    bs: int = 8
+    h: int = 7168
+    k: int = 3
+    quant: int = 0
+    smooth: bool = False            # pass smooth scales with quant 2
+    comm_quant: int = 0
+    mask: str = "none"              # none | 1d | 2d
+    global_bs: int = 0
+    uneven: bool = False            # rank r gets Bs - (r % 3) tokens (needs global_bs)
+    token_nums_type: int = 1
+    dtype: str = "bf16"
+    zero: int = 0
+    copy: int = 0
+    const: int = 0
+    special_frac: float = 0.0       # share of slots sent to special experts
+    shared_x: bool = False          # pass shared_expert_x to combine (S == 0 only)
+    seed: int = 0
+    calls: int = 1                  # dispatch+combine pairs per run (same data)
+
+    def config(self) -> MoeConfig:
+        return MoeConfig(ep_world_size=self.ep, moe_expert_num=self.moe, tp_world_size=self.tp,
+                         shared_expert_num=self.shared, shared_expert_rank_num=self.shared_ranks,
+                         quant_mode=self.quant, global_bs=self.effective_global_bs,
+                         expert_token_nums_type=self.token_nums_type, comm_quant_mode=self.comm_quant,
+                         zero_expert_num=self.zero, copy_expert_num=self.copy, const_expert_num=self.const)
+
+    @property
+    def effective_global_bs(self) -> int:
+        return self.global_bs or (self.bs * self.ep if self.uneven else 0)
+
+    @property
+    def world_size(self) -> int:
+        return self.ep * tp_span(self.config())
+
+    @property
+    def xt(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def rank_bs(self, ep_rank: int) -> int:
+        return max(1, self.bs - ep_rank % 3) if self.uneven else self.bs
+
+    def asdict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RankData:
+    """Everything one world rank passes to dispatch and combine (besides expert outputs)."""
+
+    dispatch: DispatchInputs
+    expert_scales: torch.Tensor                      # (Bs, K) fp32
+    ori_x: torch.Tensor | None = None
+    alpha1: torch.Tensor | None = None
+    alpha2: torch.Tensor | None = None
+    const_v: torch.Tensor | None = None
+    shared_expert_x: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def make_rank_data(sc: Scenario, world_rank: int) -> RankData:
+    """Inputs of ``world_rank``, a pure function of (scenario, world_rank)."""
+    T = tp_span(sc.config())
+    ep_rank = world_rank // T
+    g = torch.Generator().manual_seed(sc.seed * 1_000_003 + world_rank)
+    bs, k, h, xt = sc.rank_bs(ep_rank), sc.k, sc.h, sc.xt
+    x = torch.randn(bs, h, generator=g).to(xt)
+    ids = torch.rand(bs, sc.moe, generator=g).argsort(dim=1)[:, :k].to(torch.int32)
+    special = sc.zero + sc.copy + sc.const
+    if special and sc.special_frac > 0:
+        pick = torch.rand(bs, k, generator=g) < sc.special_frac
+        ids = torch.where(pick, sc.moe + torch.randint(0, special, (bs, k), generator=g).to(torch.int32), ids)
+    mask = None
+    if sc.mask == "1d":
+        n = int(torch.randint(0, bs + 1, (1,), generator=g))
+        mask = torch.arange(bs) < n
+    elif sc.mask == "2d":
+        mask = torch.rand(bs, k, generator=g) < 0.7
+    scales = None
+    if sc.quant == 2 and sc.smooth:
+        ns = sc.config().shared_num
+        scales = (torch.rand(ns + sc.moe, h, generator=g) + 0.5).to(torch.float32)
+    expert_scales = torch.rand(bs, k, generator=g).to(torch.float32)
+    data = RankData(dispatch=DispatchInputs(x=x, expert_ids=ids, scales=scales, x_active_mask=mask),
+                    expert_scales=expert_scales)
+    if sc.copy or sc.const:
+        data.ori_x = torch.randn(bs, h, generator=g).to(xt)
+    if sc.const:
+        data.alpha1 = torch.rand(sc.const, generator=g).to(xt)
+        data.alpha2 = torch.rand(sc.const, generator=g).to(xt)
+        data.const_v = torch.randn(sc.const, h, generator=g).to(xt)
+    if sc.shared_x:
+        data.shared_expert_x = torch.randn(bs, h, generator=g).to(xt)
+    return data
+
+
+def expert_outputs(sc: Scenario, geom: Geometry, ep_rank: int, out: DispatchOutputs) -> torch.Tensor:
+    """The per-expert function: row i of expand_x -> XT(dequantised row * (1 + e/64)), where
+    e is the row's expert (global MoE id, or -1 - j for shared expert j); halved with tp 2
+    (each TP rank holds half of the expert, combine adds the halves).  Rows past the valid
+    counts stay zero.  Returns (rows, H) XT, the expand_x that combine takes."""
+    W = geom.W
+    rows = out.expand_x.shape[0]
+    n_own = int(out.ep_recv_counts[geom.recv_blocks(ep_rank) - 1])
+    n_peer = int(out.ep_recv_counts[2 * W - 1]) if geom.tp_active else 0
+    factor = torch.zeros(rows, dtype=torch.float32)
+    if geom.is_shared(ep_rank):
+        e = torch.full((n_own + n_peer,), -1 - ep_rank // geom.R, dtype=torch.float32)
+    else:
+        cum = out.ep_recv_counts[:W * geom.L].view(geom.L, W)[:, -1].to(torch.int64)
+        local = torch.bucketize(torch.arange(n_own), cum, right=True)
+        e = ((ep_rank - geom.S) * geom.L + local).to(torch.float32)
+        e = torch.cat([e, torch.full((n_peer,), float((ep_rank - geom.S) * geom.L))])
+    n = n_own + n_peer
+    factor[:n] = 1 + e / 64
+    if geom.tp_active:
+        factor = factor * 0.5
+    vals = out.expand_x.to(torch.float32)
+    if out.expand_x.dtype == torch.int8:
+        vals = vals * out.dynamic_scales[:rows, None]
+    return (vals * factor[:, None]).to(sc.xt)
+
+
+def combine_inputs(sc: Scenario, data: RankData, out: DispatchOutputs, y: torch.Tensor) -> CombineInputs:
+    return CombineInputs(expand_x=y, expert_ids=data.dispatch.expert_ids,
+                         assist_info=out.assist_info_for_combine, ep_send_counts=out.ep_recv_counts,
+                         expert_scales=data.expert_scales,
+                         tp_send_counts=out.tp_recv_counts if sc.tp == 2 else None,
+                         x_active_mask=data.dispatch.x_active_mask, shared_expert_x=data.shared_expert_x,
+                         ori_x=data.ori_x, const_expert_alpha_1=data.alpha1,
+                         const_expert_alpha_2=data.alpha2, const_expert_v=data.const_v)
+
+
+def _geom(sc: Scenario, ep_rank: int) -> Geometry:
+    return Geometry.of(sc.config(), sc.rank_bs(ep_rank), sc.k, sc.h)
+
+
+@dataclass
+class RankResult:
+    """What one rank produced: the dispatch 7-tuple, x_out, and optional timing."""
+
+    dispatch: tuple
+    x_out: torch.Tensor
+    seconds: dict = field(default_factory=dict)
+
+
+def run_reference(sc: Scenario) -> list[RankResult]:
+    """The whole world in one process; list indexed by world rank."""
+    cfg = sc.config()
+    T = tp_span(cfg)
+    data = [make_rank_data(sc, g) for g in range(sc.world_size)]
+    outs = reference_dispatch(cfg, [d.dispatch for d in data])
+    comb = [combine_inputs(sc, data[g], outs[g], expert_outputs(sc, _geom(sc, g // T), g // T, outs[g]))
+            for g in range(sc.world_size)]
+    x_outs = reference_combine(cfg, comb)
+    return [RankResult(dispatch=outs[g].as_tuple(), x_out=x_outs[g]) for g in range(sc.world_size)]
+
+
+def run_rank(sc: Scenario, world_rank: int, group_ep, group_tp="") -> RankResult:
+    """This rank's part of the scenario through the public API (``sc.calls`` times)."""
+    import time
+
+    from .api import moe_distribute_combine_v2, moe_distribute_dispatch_v2
+    T = tp_span(sc.config())
+    ep_rank, tp_rank = divmod(world_rank, T)
+    data = make_rank_data(sc, world_rank)
+    d = data.dispatch
+    geom = _geom(sc, ep_rank)
+    common = dict(group_ep=group_ep, ep_world_size=sc.ep, ep_rank_id=ep_rank, moe_expert_num=sc.moe,
+                  group_tp=group_tp, tp_world_size=sc.tp, tp_rank_id=tp_rank,
+                  shared_expert_num=sc.shared, shared_expert_rank_num=sc.shared_ranks,
+                  global_bs=sc.effective_global_bs, zero_expert_num=sc.zero, copy_expert_num=sc.copy,
+                  const_expert_num=sc.const)
+    perf = torch.zeros(sc.ep, dtype=torch.int64)
+    result = None
+    for _ in range(sc.calls):
+        t0 = time.perf_counter()
+        outs = moe_distribute_dispatch_v2(d.x, d.expert_ids, scales=d.scales, x_active_mask=d.x_active_mask,
+                                          quant_mode=sc.quant, expert_token_nums_type=sc.token_nums_type,
+                                          performance_info=perf, **common)
+        t1 = time.perf_counter()
+        out = DispatchOutputs(*outs)
+        y = expert_outputs(sc, geom, ep_rank, out)
+        ci = combine_inputs(sc, data, out, y)
+        x_out = moe_distribute_combine_v2(ci.expand_x, ci.expert_ids, ci.assist_info, ci.ep_send_counts,
+                                          ci.expert_scales, tp_send_counts=ci.tp_send_counts,
+                                          x_active_mask=ci.x_active_mask, shared_expert_x=ci.shared_expert_x,
+                                          ori_x=ci.ori_x, const_expert_alpha_1=ci.const_expert_alpha_1,
+                                          const_expert_alpha_2=ci.const_expert_alpha_2,
+                                          const_expert_v=ci.const_expert_v, comm_quant_mode=sc.comm_quant,
+                                          performance_info=perf, **common)
+        t2 = time.perf_counter()
+        result = RankResult(dispatch=outs, x_out=x_out,
+                            seconds={"dispatch": t1 - t0, "combine": t2 - t1, "wait_us": perf.tolist()})
+    return result
+
+
+OUTPUT_NAMES = ("expand_x", "dynamic_scales", "assist_info_for_combine", "expert_token_nums",
+                "ep_recv_counts", "tp_recv_counts", "expand_scales")
+
+
+def compare(got: RankResult, want: RankResult) -> list[str]:
+    """Names of the outputs that differ (shape, dtype or any bit); [] when identical."""
+    bad = []
+    for name, a, b in zip(OUTPUT_NAMES + ("x_out",), list(got.dispatch) + [got.x_out],
+                          list(want.dispatch) + [want.x_out]):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            bad.append(f"{name}: {tuple(a.shape)} {a.dtype} != {tuple(b.shape)} {b.dtype}")
+        elif not torch.equal(a.view(torch.uint8) if a.dtype.is_floating_point and a.numel() else a,
+                             b.view(torch.uint8) if b.dtype.is_floating_point and b.numel() else b):
+            bad.append(name)
+    return bad
+
+
+def rank_groups(sc: Scenario):
+    """Create this scenario's EP and TP groups on every world rank (spec §6 convention).
+
+    Returns (ep_group, tp_group or None) for the calling rank; every rank must call it.
+    """
+    import torch.distributed as dist
+    T = tp_span(sc.config())
+    me = dist.get_rank()
+    ep_group = tp_group = None
+    for i in range(T):
+        g = dist.new_group([e * T + i for e in range(sc.ep)]) if T > 1 else dist.group.WORLD
+        if me % T == i:
+            ep_group = g
+    if T > 1:
+        for e in range(sc.ep):
+            g = dist.new_group([e * T, e * T + 1])
+            if me // T == e:
+                tp_group = g
+    return ep_group, tp_group
+
+
+__all__ = ["Scenario", "make_rank_data", "run_reference", "run_rank", "compare", "rank_groups"]
