@@ -24,22 +24,17 @@ _DTYPE_CODE = {torch.bfloat16: 1, torch.float16: 2}
 
 
 def _domains(op: str, group_ep: GroupLike, group_tp: GroupLike, tp_world_size: int):
-    """Resolve the EP / TP process groups (561002 when a name is unknown)."""
-    c = Checker(op)
+    """The EP / TP domains, or None where a group cannot be resolved."""
     ep_pg = resolve_group(group_ep)
-    c.tiling(ep_pg is not None, "group_ep", group_label(group_ep), "is not a known process group (emu.group_name)")
-    ep = Domain.of("EP", ep_pg)
-    tp = None
-    if tp_world_size == 2:
-        tp_pg = resolve_group(group_tp)
-        if tp_pg is not None:
-            tp = Domain.of("TP", tp_pg)
-    return ep, tp
+    tp_pg = resolve_group(group_tp) if tp_world_size == 2 else None
+    return (Domain.of("EP", ep_pg) if ep_pg is not None else None,
+            Domain.of("TP", tp_pg) if tp_pg is not None else None)
 
 
-def _group_checks(op: str, ep: Domain, tp: Domain | None, cfg: MoeConfig, ep_rank_id: int,
-                  tp_rank_id: int, group_tp) -> None:
+def _group_checks(op: str, ep: Domain | None, tp: Domain | None, cfg: MoeConfig, ep_rank_id: int,
+                  tp_rank_id: int, group_ep, group_tp) -> None:
     c = Checker(op)
+    c.tiling(ep is not None, "group_ep", group_label(group_ep), "is not a known process group (emu.group_name)")
     c.tiling(ep.size == cfg.ep_world_size, "ep_world_size", cfg.ep_world_size,
              f"must equal the size of group_ep ({ep.size})")
     c.tiling(ep.rank == ep_rank_id, "ep_rank_id", ep_rank_id, f"must equal this rank's place in group_ep ({ep.rank})")
@@ -64,16 +59,19 @@ def _agreed(cfg: MoeConfig, geom: Geometry | None, xt: torch.dtype | None, op: s
 
 
 def _run(op: str, group_ep, group_tp, cfg: MoeConfig, ep_rank_id: int, tp_rank_id: int, validate, body):
-    """Validate, then run ``body(call, geom)``; a failure before the first exchange is
-    announced to every peer through the header so that all ranks raise together."""
+    """Validate, then run ``body(call, geom)``.  A rank whose input fails still takes part in
+    the first exchange of each of its groups with an error marker, so that every peer raises
+    at once instead of waiting; only an unresolvable group_ep leaves it on its own."""
     ep, tp = _domains(op, group_ep, group_tp, cfg.tp_world_size)
-    order = (["TP", "EP"] if op == "combine" else ["EP", "TP"]) if tp is not None else ["EP"]
     geom, err, xt = None, None, None
     try:
         geom, xt = validate()
-        _group_checks(op, ep, tp, cfg, ep_rank_id, tp_rank_id, group_tp)
+        _group_checks(op, ep, tp, cfg, ep_rank_id, tp_rank_id, group_ep, group_tp)
     except AclnnError as exc:
         err = exc
+    if ep is None:
+        raise err
+    order = (["TP", "EP"] if op == "combine" else ["EP", "TP"]) if tp is not None else ["EP"]
     call = Call.start(op, ep, tp, _agreed(cfg, geom, xt, op) if err is None else [], order)
     if err is not None:
         call.abort(err)

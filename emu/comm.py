@@ -31,8 +31,8 @@ MAGIC = 0x4D43325F454D55          # "MC2_EMU"
 OPS = {1: "dispatch", 2: "combine"}
 OP_CODE = {v: k for k, v in OPS.items()}
 # header columns
-H_MAGIC, H_OP, H_CALL, H_ERR, H_ROWS, H_ROW_BYTES, H_CLOCK, H_EXPECT, H_NATTR = range(9)
-H_ATTRS = 9
+H_MAGIC, H_OP, H_CALL, H_ERR, H_ROWS, H_ROW_BYTES, H_CLOCK, H_EXPECT, H_ORIGIN, H_NATTR = range(10)
+H_ATTRS = 10
 HEADER_LEN = 40
 MAX_ATTRS = HEADER_LEN - H_ATTRS
 
@@ -118,7 +118,7 @@ class Call:
         return self.ep if kind == "EP" else self.tp
 
     def _header(self, dom: Domain, error: int, rows: np.ndarray, row_bytes: int,
-                expect: np.ndarray) -> torch.Tensor:
+                expect: np.ndarray, origin: int) -> torch.Tensor:
         h = torch.zeros(dom.size, HEADER_LEN, dtype=torch.int64)
         h[:, H_MAGIC] = MAGIC
         h[:, H_OP] = OP_CODE[self.op]
@@ -128,13 +128,14 @@ class Call:
         h[:, H_ROW_BYTES] = row_bytes
         h[:, H_CLOCK] = self.clock_ns
         h[:, H_EXPECT] = torch.from_numpy(np.asarray(expect, dtype=np.int64))
+        h[:, H_ORIGIN] = origin
         h[:, H_NATTR] = len(self.attrs)
         if self.attrs:
             h[:, H_ATTRS:H_ATTRS + len(self.attrs)] = torch.tensor([v for _, v in self.attrs])
         return h
 
     def exchange_header(self, kind: str, rows: np.ndarray, row_bytes: int,
-                        expect: np.ndarray, error: int = 0) -> np.ndarray:
+                        expect: np.ndarray, error: int = 0, origin: int = -1) -> np.ndarray:
         """Header all-to-all on domain ``kind``; returns (size, HEADER_LEN) from each source.
 
         Raises PeerError on every rank when a peer reported an error or disagrees on the op,
@@ -142,7 +143,7 @@ class Call:
         """
         dom = self.domain(kind)
         self.pending.remove(kind)
-        send = self._header(dom, error, rows, row_bytes, expect)
+        send = self._header(dom, error, rows, row_bytes, expect, origin)
         recv = torch.empty_like(send)
         t0 = time.monotonic_ns()
         work = dist.all_to_all_single(recv, send, group=dom.pg, async_op=True)
@@ -166,10 +167,13 @@ class Call:
                              f"sent data that is not an mc2-emu header on {dom.describe()}")
         err = np.flatnonzero(hdr[:, H_ERR] != 0)
         if err.size:
-            who = ", ".join(f"rank {ranks[i]} ({int(hdr[i, H_ERR])})" for i in err)
+            origins = sorted({int(hdr[i, H_ORIGIN]) for i in err})
+            who = ", ".join(f"rank {o} ({int(hdr[err[0], H_ERR])})" for o in origins)
+            via = sorted({ranks[i] for i in err} - set(origins))
             return PeerError(int(hdr[err[0], H_ERR]),
-                             f"rank {dist.get_rank()}: {self.op} call #{self.call_no} aborted: "
-                             f"{who} rejected its input on {dom.describe()}")
+                             f"rank {dist.get_rank()}: {self.op} call #{self.call_no} aborted: {who} rejected "
+                             f"its input" + (f" (reported through rank {via})" if via else "")
+                             + f"; seen on {dom.describe()}", origins=origins)
         calls = [(OPS.get(int(o), "?"), int(c)) for o, c in zip(hdr[:, H_OP], hdr[:, H_CALL])]
         if len(set(calls)) > 1:
             desc = "; ".join(f"rank {ranks[i]} called {op} #{no}" for i, (op, no) in enumerate(calls))
@@ -188,11 +192,12 @@ class Call:
     def abort(self, err: AclnnError) -> None:
         """Tell every domain whose header is still due that this call failed, then raise."""
         code = err.code if isinstance(err, AclnnError) else TILING_ERROR
+        origins = getattr(err, "origins", None) or [dist.get_rank()]
         for kind in list(self.pending):
             dom = self.domain(kind)
             if dom is None:
                 self.pending.remove(kind)
                 continue
             zeros = np.zeros(dom.size, dtype=np.int64)
-            self.exchange_header(kind, zeros, 0, zeros, error=code)
+            self.exchange_header(kind, zeros, 0, zeros, error=code, origin=origins[0])
         raise err

@@ -27,7 +27,14 @@ class AclnnError(RuntimeError):
 
 
 class PeerError(AclnnError):
-    """Raised on a rank whose peer reported an error or disagreed in the same call."""
+    """Raised on a rank whose peer reported an error or disagreed in the same call.
+
+    ``origins``: global ranks whose own input was rejected (empty for disagreements).
+    """
+
+    def __init__(self, code: int, message: str, origins: list[int] | None = None):
+        super().__init__(code, message)
+        self.origins = list(origins or [])
 
 
 def nullptr(param: str, op: str) -> AclnnError:

@@ -1,0 +1,107 @@
+"""Functions the test worlds run on every rank (``World.run("mp_cases:fn", ...)``)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+import emu
+from emu.layout import DispatchOutputs
+from emu.scenario import Scenario, combine_inputs, expert_outputs, make_rank_data, run_rank
+from emu.attrs import Geometry
+from world_groups import groups_for
+
+
+def scenario(rank: int, by_name: bool = True, **fields) -> tuple:
+    """Run one scenario on this rank; returns (dispatch 7-tuple, x_out, perf wait_us)."""
+    sc = Scenario(**fields)
+    ep_g, tp_g = groups_for(sc)
+    if by_name:
+        ep_g, tp_g = emu.group_name(ep_g), (emu.group_name(tp_g) if tp_g is not None else "")
+    res = run_rank(sc, rank, ep_g, tp_g if tp_g is not None else "")
+    return tuple(res.dispatch), res.x_out, res.seconds["wait_us"]
+
+
+def _dispatch_kwargs(sc: Scenario, rank: int) -> dict:
+    T = 2 if sc.tp == 2 else 1
+    ep_rank, tp_rank = divmod(rank, T)
+    ep_g, tp_g = groups_for(sc)
+    d = make_rank_data(sc, rank).dispatch
+    return dict(x=d.x, expert_ids=d.expert_ids, group_ep=emu.group_name(ep_g), ep_world_size=sc.ep,
+                ep_rank_id=ep_rank, moe_expert_num=sc.moe, scales=d.scales, x_active_mask=d.x_active_mask,
+                group_tp=emu.group_name(tp_g) if tp_g is not None else "", tp_world_size=sc.tp,
+                tp_rank_id=tp_rank, shared_expert_num=sc.shared, shared_expert_rank_num=sc.shared_ranks,
+                quant_mode=sc.quant, global_bs=sc.effective_global_bs,
+                zero_expert_num=sc.zero, copy_expert_num=sc.copy, const_expert_num=sc.const)
+
+
+def _combine_kwargs(sc: Scenario, rank: int, outs: tuple) -> dict:
+    T = 2 if sc.tp == 2 else 1
+    ep_rank, tp_rank = divmod(rank, T)
+    data = make_rank_data(sc, rank)
+    out = DispatchOutputs(*outs)
+    geom = Geometry.of(sc.config(), sc.rank_bs(ep_rank), sc.k, sc.h)
+    ci = combine_inputs(sc, data, out, expert_outputs(sc, geom, ep_rank, out))
+    kw = _dispatch_kwargs(sc, rank)
+    for name in ("x", "scales", "quant_mode"):
+        kw.pop(name)
+    kw.update(expand_x=ci.expand_x, assist_info_for_combine=ci.assist_info, ep_send_counts=ci.ep_send_counts,
+              expert_scales=ci.expert_scales, tp_send_counts=ci.tp_send_counts, ori_x=ci.ori_x,
+              shared_expert_x=ci.shared_expert_x, const_expert_alpha_1=ci.const_expert_alpha_1,
+              const_expert_alpha_2=ci.const_expert_alpha_2, const_expert_v=ci.const_expert_v,
+              comm_quant_mode=sc.comm_quant)
+    return kw
+
+
+def _call(fn, kw: dict):
+    args = [kw.pop(n) for n in (["x", "expert_ids", "group_ep", "ep_world_size", "ep_rank_id", "moe_expert_num"]
+                                if fn is emu.moe_distribute_dispatch_v2 else
+                                ["expand_x", "expert_ids", "assist_info_for_combine", "ep_send_counts",
+                                 "expert_scales", "group_ep", "ep_world_size", "ep_rank_id", "moe_expert_num"])]
+    return fn(*args, **kw)
+
+
+def bad_call(rank: int, op: str, change: dict, bad_ranks: list[int] | None = None, env: dict | None = None,
+             **fields) -> str:
+    """One call of ``op`` where ``bad_ranks`` (None = all) apply ``change`` to their kwargs.
+
+    ``change`` maps a keyword to a new value; the value may be a string "@expr" evaluated with
+    the original kwargs as ``kw`` and torch as ``torch`` (to derive a bad tensor from a good one).
+    """
+    sc = Scenario(**fields)
+    kw = _dispatch_kwargs(sc, rank)
+    fn = emu.moe_distribute_dispatch_v2
+    if op == "combine":
+        outs = emu.moe_distribute_dispatch_v2(*[kw.pop(n) for n in ["x", "expert_ids", "group_ep", "ep_world_size",
+                                                                     "ep_rank_id", "moe_expert_num"]], **kw)
+        kw = _combine_kwargs(sc, rank, outs)
+        fn = emu.moe_distribute_combine_v2
+    saved = {}
+    if bad_ranks is None or rank in bad_ranks:
+        orig = dict(kw)
+        for name, value in change.items():
+            kw[name] = eval(value[1:], {"kw": orig, "torch": torch}) if isinstance(value, str) and value.startswith("@") else value
+        for name, value in (env or {}).items():
+            saved[name] = os.environ.get(name)
+            os.environ[name] = value
+    try:
+        _call(fn, kw)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return "ok"
+
+
+def mismatched_calls(rank: int, odd_rank: int, **fields) -> str:
+    """Every rank dispatches; then ``odd_rank`` dispatches again while the others combine."""
+    sc = Scenario(**fields)
+    kw = _dispatch_kwargs(sc, rank)
+    outs = _call(emu.moe_distribute_dispatch_v2, dict(kw))
+    if rank == odd_rank:
+        _call(emu.moe_distribute_dispatch_v2, dict(kw))
+    else:
+        _call(emu.moe_distribute_combine_v2, _combine_kwargs(sc, rank, outs))
+    return "ok"

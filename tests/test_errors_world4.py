@@ -1,0 +1,131 @@
+"""Bad input on 4 real processes: the operator's error class on every rank, never a hang,
+and the world still usable afterwards (spec §10, §15)."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import world_fixture
+from mp_check import assert_all_raise, check_scenario
+
+world = world_fixture(4)
+pytestmark = pytest.mark.timeout(300)
+
+NULL, INVALID, TILING = 161001, 161002, 561002
+BASE = dict(ep=4, moe=6, shared_ranks=1, k=2, bs=4, h=1024)
+
+# name: (op, change, code, text in the bad rank's message, extra scenario fields)
+DISPATCH = {
+    "x-null": ({"x": None}, NULL, "x=None", {}),
+    "ids-null": ({"expert_ids": None}, NULL, "expert_ids=None", {}),
+    "group-ep-long": ({"group_ep": "g" * 130}, NULL, "group_ep", {}),
+    "x-fp32": ({"x": "@kw['x'].float()"}, INVALID, "x.dtype", {}),
+    "ids-int64": ({"expert_ids": "@kw['expert_ids'].long()"}, INVALID, "expert_ids.dtype", {}),
+    "mask-int8": ({"x_active_mask": "@torch.ones(4, dtype=torch.int8)"}, INVALID, "x_active_mask.dtype", {}),
+    "scales-fp16": ({"scales": "@kw['scales'].half()"}, INVALID, "scales.dtype", dict(quant=2, smooth=True)),
+    "ep-size-1": ({"ep_world_size": 1}, TILING, "ep_world_size", {}),
+    "tp-size-3": ({"tp_world_size": 3}, TILING, "tp_world_size", {}),
+    "ep-rank-range": ({"ep_rank_id": 4}, TILING, "ep_rank_id", {}),
+    "tp-rank-nonzero": ({"tp_rank_id": 1}, TILING, "tp_rank_id", {}),
+    "shard-type": ({"expert_shard_type": 1}, TILING, "expert_shard_type", {}),
+    "shared-num-5": ({"shared_expert_num": 5}, TILING, "shared_expert_num", {}),
+    "moe-zero": ({"moe_expert_num": 0}, TILING, "moe_expert_num", {}),
+    "quant-static": ({"quant_mode": 1}, TILING, "quant_mode", {}),
+    "quant-3": ({"quant_mode": 3}, TILING, "quant_mode", {}),
+    "token-nums-type-2": ({"expert_token_nums_type": 2}, TILING, "expert_token_nums_type", {}),
+    "zero-negative": ({"zero_expert_num": -1}, TILING, "zero_expert_num", {}),
+    "comm-alg": ({"comm_alg": "ring"}, TILING, "comm_alg", {}),
+    "scales-with-quant0": ({"scales": "@torch.ones(7, 1024)"}, TILING, "scales", {}),
+    "x-3d": ({"x": "@kw['x'][None]"}, TILING, "x.dim()", {}),
+    "mask-shape": ({"x_active_mask": "@torch.ones(3, dtype=torch.bool)"}, TILING, "x_active_mask.shape[0]", {}),
+    "shared-rank-num-not-multiple": ({"shared_expert_num": 2}, TILING, "shared_expert_rank_num", {}),
+    "moe-not-multiple": ({"moe_expert_num": 7}, TILING, "moe_expert_num", {}),
+    "global-bs-not-multiple": ({"global_bs": 18}, TILING, "global_bs", {}),
+    "mask-with-larger-global-bs": ({"global_bs": 32, "x_active_mask": "@torch.ones(4, dtype=torch.bool)"},
+                                   TILING, "x_active_mask", {}),
+    "h-too-small": ({"x": "@kw['x'][:, :512]"}, TILING, "H", {}),
+    "k-too-large": ({"expert_ids": "@torch.zeros(4, 7, dtype=torch.int32)"}, TILING, "K", {}),
+    "scales-shape": ({"scales": "@kw['scales'][:, :8]"}, TILING, "scales.shape", dict(quant=2, smooth=True)),
+    "window-too-small": ({}, TILING, "HCCL_BUFFSIZE", {"env": {"HCCL_BUFFSIZE": "0"}}),
+    "id-out-of-range": ({"expert_ids": "@torch.cat([kw['expert_ids'][:, :1] * 0 + 6, kw['expert_ids'][:, 1:]], 1)"},
+                        TILING, "expert_ids[", {}),
+    "id-negative": ({"expert_ids": "@torch.cat([kw['expert_ids'][:, :1] * 0 - 1, kw['expert_ids'][:, 1:]], 1)"}, TILING, "expert_ids[", {}),
+    "duplicate-ids": ({"expert_ids": "@kw['expert_ids'][:, :1].repeat(1, 2)"}, TILING, "same MoE expert", {}),
+    "unknown-group": ({"group_ep": "no_such_group"}, TILING, "group_ep", {}),
+    "ep-size-vs-group": ({"ep_world_size": 8, "moe_expert_num": 7}, TILING, "ep_world_size", {}),
+}
+COMBINE = {
+    "expand-x-null": ({"expand_x": None}, NULL, "expand_x=None", {}),
+    "scales-null": ({"expert_scales": None}, NULL, "expert_scales=None", {}),
+    "group-ep-long": ({"group_ep": "g" * 130}, INVALID, "group_ep", {}),
+    "expand-x-fp32": ({"expand_x": "@kw['expand_x'].float()"}, INVALID, "expand_x.dtype", {}),
+    "expert-scales-fp16": ({"expert_scales": "@kw['expert_scales'].half()"}, INVALID, "expert_scales.dtype", {}),
+    "comm-quant-1": ({"comm_quant_mode": 1}, TILING, "comm_quant_mode", {}),
+    "expert-scales-shape": ({"expert_scales": "@kw['expert_scales'][:, :1]"}, TILING, "expert_scales.shape", {}),
+    "assist-too-short": ({"assist_info_for_combine": "@kw['assist_info_for_combine'][:10]"}, TILING,
+                         "assist_info_for_combine.shape[0]", {}),
+    "shared-x-with-shared-ranks": ({"shared_expert_x": "@torch.zeros(4, 1024, dtype=torch.bfloat16)"}, TILING,
+                                   "shared_expert_x", {}),
+    "copy-needs-ori-x": ({"ori_x": None}, TILING, "ori_x", dict(copy=1)),
+    "ori-x-dtype": ({"ori_x": "@kw['ori_x'].half()"}, TILING, "ori_x.dtype", dict(copy=1)),
+    "const-v-shape": ({"const_expert_v": "@kw['const_expert_v'][:, :8]"}, TILING, "const_expert_v.shape",
+                      dict(const=1)),
+    "counts-beyond-capacity": ({"ep_send_counts": "@kw['ep_send_counts'] + 1000"}, TILING, "ep_send_counts", {}),
+}
+
+
+def _fields(extra: dict) -> tuple[dict, dict | None]:
+    extra = dict(extra)
+    env = extra.pop("env", None)
+    return {**BASE, **extra}, env
+
+
+@pytest.mark.parametrize("name", list(DISPATCH))
+def test_dispatch_error_on_every_rank(world, name):
+    change, code, text, extra = DISPATCH[name]
+    fields, env = _fields(extra)
+    assert_all_raise(world.run("mp_cases:bad_call", op="dispatch", change=change, env=env, **fields), code, text)
+
+
+@pytest.mark.parametrize("name", list(COMBINE))
+def test_combine_error_on_every_rank(world, name):
+    change, code, text, extra = COMBINE[name]
+    fields, env = _fields(extra)
+    assert_all_raise(world.run("mp_cases:bad_call", op="combine", change=change, env=env, **fields), code, text)
+
+
+@pytest.mark.parametrize("op,change,code,text", [
+    ("dispatch", {"x": None}, NULL, "x=None"),
+    ("dispatch", {"quant_mode": 1}, TILING, "quant_mode"),
+    ("combine", {"expert_scales": "@kw['expert_scales'].half()"}, INVALID, "expert_scales.dtype"),
+])
+def test_one_bad_rank_fails_every_rank(world, op, change, code, text):
+    """Only rank 2 gets bad input: it raises its own error, the others a PeerError naming it."""
+    res = world.run("mp_cases:bad_call", op=op, change=change, bad_ranks=[2], **BASE)
+    assert_all_raise(res, code, text, bad_ranks=[2])
+
+
+def test_attribute_mismatch_names_the_attribute(world):
+    res = world.run("mp_cases:bad_call", op="dispatch", change={"quant_mode": 2}, bad_ranks=[1], **BASE)
+    assert_all_raise(res, TILING, "quant_mode", bad_ranks=None)
+    assert all("quant_mode" in r.message for r in res)
+
+
+def test_mismatched_call_sequence(world):
+    res = world.run("mp_cases:mismatched_calls", odd_rank=3, **BASE)
+    assert_all_raise(res, TILING, "mismatched calls")
+    assert all("rank 3 called dispatch" in r.message for r in res)
+
+
+def test_world_usable_after_errors(world):
+    check_scenario(world, **BASE, seed=3)
+    check_scenario(world, ep=2, tp=2, moe=2, shared_ranks=0, k=1, h=1024, quant=2, seed=4)
+
+
+def test_tp2_bad_rank_fails_both_domains(world):
+    """tp 2 (ep 2 x tp 2): a bad rank's EP and TP peers all raise; no rank hangs."""
+    fields = dict(ep=2, tp=2, moe=2, shared_ranks=0, k=1, h=1024)
+    res = world.run("mp_cases:bad_call", op="dispatch", change={"x": None}, bad_ranks=[0], **fields)
+    assert_all_raise(res, NULL, "x=None", bad_ranks=[0])
+    res = world.run("mp_cases:bad_call", op="combine", change={"tp_send_counts": None}, bad_ranks=[3], **fields)
+    assert_all_raise(res, TILING, "tp_send_counts", bad_ranks=[3])
+    check_scenario(world, **fields, seed=5)

@@ -1,0 +1,92 @@
+"""Rounding chains of spec §5 and §9 against independent numpy float32 / float16 arithmetic."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from emu.numerics import comm_dequant, comm_quant, dynamic_quant, tp_add
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _np_dynamic_quant(row: np.ndarray, smooth: np.ndarray | None):
+    r = row.astype(np.float32)
+    if smooth is not None:
+        r = (r * smooth).astype(np.float32)
+    amax = np.float32(np.abs(r).max())
+    if amax == 0:
+        return np.zeros_like(r, dtype=np.int8), np.float32(0)
+    d = np.float32(np.float32(127) / amax)
+    q = np.rint((r * d).astype(np.float32)).astype(np.int8)          # numpy rint: half to even
+    return q, np.float32(np.float32(1) / d)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), use_smooth=st.booleans(), n=st.integers(1, 5))
+def test_dynamic_quant_matches_numpy(seed, use_smooth, n):
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.standard_normal((n, 64)).astype(np.float32) * rng.uniform(0.01, 100)).to(torch.bfloat16)
+    smooth = rng.uniform(0.5, 2, size=(n, 64)).astype(np.float32) if use_smooth else None
+    q, s = dynamic_quant(x, torch.from_numpy(smooth) if smooth is not None else None)
+    for i in range(n):
+        wq, ws = _np_dynamic_quant(x[i].float().numpy(), None if smooth is None else smooth[i])
+        assert np.array_equal(q[i].numpy(), wq)
+        assert s[i].item() == float(ws)
+
+
+def test_dynamic_quant_zero_row():
+    q, s = dynamic_quant(torch.zeros(2, 8, dtype=torch.bfloat16), None)
+    assert q.abs().sum() == 0 and s.tolist() == [0.0, 0.0]
+
+
+def test_scale_is_one_over_d_not_amax_over_127():
+    """Find an amax where 1/(127/amax) != amax/127 in fp32 and check we take the former."""
+    a = np.arange(1, 4000, dtype=np.float32) / np.float32(64)
+    one_over_d = np.float32(1) / (np.float32(127) / a)
+    direct = a / np.float32(127)
+    i = int(np.flatnonzero(one_over_d != direct)[0])
+    row = torch.zeros(1, 8, dtype=torch.float32)
+    row[0, 0] = float(a[i])
+    _, s = dynamic_quant(row.to(torch.bfloat16) if float(row[0, 0].to(torch.bfloat16)) == a[i] else row, None)
+    assert s.item() == float(one_over_d[i]) != float(direct[i])
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from(["bf16", "fp16"]))
+def test_comm_quant_matches_numpy(seed, dtype):
+    xt = torch.bfloat16 if dtype == "bf16" else torch.float16
+    rng = np.random.default_rng(seed)
+    y = torch.from_numpy(rng.standard_normal((3, 32)).astype(np.float32) * rng.uniform(0.01, 50)).to(xt)
+    y[0, :8] = 0                                                   # an all-zero group
+    q, s = comm_quant(y)
+    yf = y.float().numpy().reshape(3, 4, 8)
+    amax = np.abs(yf).max(axis=2)
+    sg = (amax * np.float32(1.0 / 127.0)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        wq = np.rint((yf / sg[:, :, None]).astype(np.float32).astype(np.float16).astype(np.float32))
+    wq[sg == 0] = 0
+    assert np.array_equal(q.numpy().reshape(3, 4, 8), wq.astype(np.int8))
+    assert torch.equal(s, torch.from_numpy(sg).to(xt))
+    deq = comm_dequant(q, s, xt)
+    want = (q.float().numpy().reshape(3, 4, 8) * s.float().numpy()[:, :, None]).astype(np.float32)
+    assert torch.equal(deq, torch.from_numpy(want.reshape(3, 32)).to(xt))
+
+
+def test_tp_add_fp16_single_rounding():
+    """fp16: exact sum rounded once.  2048 + 1 + 1 style ties: 2048 + 1.0009765625 -> 2050 (not 2048)."""
+    a = torch.tensor([2048.0, 1.0], dtype=torch.float16)
+    b = torch.tensor([1.0009765625, 2 ** -11], dtype=torch.float16)
+    got = tp_add(a, b)
+    want = (a.numpy().astype(np.float64) + b.numpy().astype(np.float64)).astype(np.float16)
+    assert got.numpy().tolist() == want.tolist() == [2050.0, 1.0]
+
+
+def test_tp_add_bf16_via_fp32():
+    a = torch.tensor([1.0, 256.0], dtype=torch.bfloat16)
+    b = torch.tensor([2 ** -8, 1.0], dtype=torch.bfloat16)
+    want = (a.float() + b.float()).to(torch.bfloat16)
+    assert torch.equal(tp_add(a, b), want)
+    assert tp_add(a, b).tolist() == [1.0, 256.0]                    # ties to even

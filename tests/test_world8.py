@@ -1,0 +1,44 @@
+"""8 real processes: the operator's configurations, bit-exact against the reference."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import world_fixture
+from mp_check import check_scenario
+
+world = world_fixture(8)
+pytestmark = pytest.mark.timeout(300)
+
+H = 1024
+CASES = {
+    "seed-scenario-h7168": dict(),
+    "tp0-no-shared-K4": dict(tp=0, shared_ranks=0, moe=16, k=4, h=H),
+    "tp1-one-shared-mask1d": dict(tp=1, mask="1d", h=H, seed=1),
+    "shared-replicas-R2": dict(shared=1, shared_ranks=2, moe=12, h=H, seed=2),
+    "two-shared-experts-R2": dict(shared=2, shared_ranks=4, moe=8, k=2, h=H, seed=3),
+    "L2-count": dict(moe=14, k=4, h=H, seed=4),
+    "L4-cumsum": dict(moe=28, k=6, token_nums_type=0, h=H, seed=5),
+    "quant2-no-smooth": dict(quant=2, h=H, seed=6),
+    "quant2-smooth-mask2d": dict(quant=2, smooth=True, mask="2d", moe=14, h=H, seed=7),
+    "comm-quant2-fp16": dict(comm_quant=2, dtype="fp16", h=H, seed=8),
+    "uneven-bs-global-bs": dict(uneven=True, moe=14, h=H, seed=9),
+    "global-bs-larger": dict(global_bs=128, shared_ranks=0, moe=8, h=H, seed=10),
+    "shared-expert-x": dict(shared_ranks=0, moe=8, shared_x=True, h=H, seed=11),
+    "special-experts-mixed": dict(moe=14, zero=1, copy=1, const=2, special_frac=0.3, mask="2d", h=H, seed=12),
+    "tp2-ep4-shared": dict(tp=2, moe=3, shared_ranks=1, h=H, seed=13),
+    "tp2-ep4-quant-fp16-mask2d": dict(tp=2, moe=4, shared_ranks=0, k=2, quant=2, smooth=True, mask="2d",
+                                      dtype="fp16", h=H, seed=14),
+    "repeated-calls": dict(moe=14, quant=2, calls=3, h=H, seed=15),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_scenario_matches_reference(world, name):
+    fields = dict(CASES[name])
+    if fields.get("tp") == 2:
+        fields["ep"] = 4
+    check_scenario(world, **fields)
+
+
+def test_group_objects_instead_of_names(world):
+    check_scenario(world, by_name=False, h=H, seed=20)

@@ -1,0 +1,104 @@
+"""One long-lived multi-process world for many scenarios (``parallel_launch``).
+
+``World(n)`` spawns n OS processes that join one gloo process group and then serve
+commands: ``world.run("module:function", **kwargs)`` calls ``function(rank, **kwargs)`` on
+every rank at once and returns the n results (or the exceptions, as :class:`Raised`).
+Each command has a deadline; a world that misses it is torn down and the test fails.
+"""
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import os
+import queue
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS_DIR)
+
+
+@dataclass
+class Raised:
+    """An exception a rank raised: class name, aclnn code (or None) and message."""
+
+    kind: str
+    code: int | None
+    message: str
+    bases: tuple[str, ...] = ()
+
+    def is_a(self, name: str) -> bool:
+        return self.kind == name or name in self.bases
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, size: int, port: int, inbox, outbox, timeout_s: float) -> None:
+    sys.path[:0] = [ROOT, TESTS_DIR]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+                            timeout=timedelta(seconds=timeout_s))
+    while True:
+        cmd = inbox.get()
+        if cmd is None:
+            break
+        target, kwargs = cmd
+        mod, fn = target.split(":")
+        try:
+            outbox.put((rank, True, getattr(importlib.import_module(mod), fn)(rank, **kwargs)))
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the test
+            outbox.put((rank, False, Raised(type(exc).__name__, getattr(exc, "code", None),
+                                            f"{exc}\n{traceback.format_exc()}",
+                                            tuple(c.__name__ for c in type(exc).__mro__))))
+    import world_groups
+    world_groups.clear()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+class World:
+    """n ranks, started once; ``run`` broadcasts one command and gathers every result."""
+
+    def __init__(self, n: int, timeout_s: float = 60.0):
+        ctx = mp.get_context("spawn")
+        self.n = n
+        self.outbox = ctx.Queue()
+        self.inboxes = [ctx.Queue() for _ in range(n)]
+        port = _free_port()
+        self.procs = [ctx.Process(target=_worker, args=(r, n, port, self.inboxes[r], self.outbox, timeout_s),
+                                  daemon=True) for r in range(n)]
+        for p in self.procs:
+            p.start()
+
+    def run(self, target: str, deadline_s: float = 120.0, **kwargs) -> list:
+        for q in self.inboxes:
+            q.put((target, kwargs))
+        results: list = [None] * self.n
+        for _ in range(self.n):
+            try:
+                rank, _ok, value = self.outbox.get(timeout=deadline_s)
+            except queue.Empty:
+                self.close(force=True)
+                raise TimeoutError(f"{target} did not finish on every rank within {deadline_s} s") from None
+            results[rank] = value
+        return results
+
+    def close(self, force: bool = False) -> None:
+        if not force:
+            for q in self.inboxes:
+                q.put(None)
+            for p in self.procs:
+                p.join(timeout=20)
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
