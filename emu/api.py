@@ -13,9 +13,9 @@ from . import combine as _combine
 from . import dispatch as _dispatch
 from .attrs import Geometry, MoeConfig
 from .comm import Call, Domain
-from .errors import TILING_ERROR, AclnnError
+from .errors import PARAM_INVALID, TILING_ERROR, AclnnError
 from .groups import group_label, resolve_group
-from .plan import active_set
+from .plan import active_set, warn_non_prefix_mask
 from .validate import Checker, check_ids, validate_combine, validate_dispatch
 
 GroupLike = ProcessGroup | str
@@ -69,6 +69,8 @@ def _run(op: str, group_ep, group_tp, cfg: MoeConfig, ep_rank_id: int, tp_rank_i
         _group_checks(op, ep, tp, cfg, ep_rank_id, tp_rank_id, group_ep, group_tp)
     except AclnnError as exc:
         err = exc
+    except (TypeError, AttributeError, ValueError, IndexError) as exc:     # e.g. a list for a tensor
+        err = AclnnError(PARAM_INVALID, f"{op}: malformed argument ({type(exc).__name__}: {exc})")
     if ep is None:
         raise err
     order = (["TP", "EP"] if op == "combine" else ["EP", "TP"]) if tp is not None else ["EP"]
@@ -114,6 +116,7 @@ def moe_distribute_dispatch_v2(x: torch.Tensor, expert_ids: torch.Tensor, group_
                                  ep_rank_id=ep_rank_id, tp_rank_id=tp_rank_id, scales=scales,
                                  mask=x_active_mask, elastic=elastic_info, comm_alg=comm_alg)
         act = active_set(x.shape[0], expert_ids.shape[1], x_active_mask)
+        warn_non_prefix_mask(x_active_mask)
         check_ids(Checker(op), geom, ep_rank_id, expert_ids, act.slots)
         return geom, x.dtype
 

@@ -54,7 +54,7 @@ def comm_quant(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = xf.abs().amax(dim=2) * _INV_127
     q = (xf / s[:, :, None]).to(torch.float16).to(F32).round()
     q[(s == 0)[:, :, None].expand_as(q)] = 0
-    q = q.view(n, -1)[:, :h].to(torch.int8)
+    q = q.reshape(n, groups * COMM_QUANT_GROUP)[:, :h].to(torch.int8)
     return q, s.to(y.dtype)
 
 

@@ -10,6 +10,7 @@ The same plan tells combine, on the source, how many rows come back from each ra
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,15 @@ def active_set(bs: int, k: int, mask: torch.Tensor | None) -> ActiveSet:
         tokens = np.arange(bs) < int(m.sum())
         return ActiveSet(tokens, np.repeat(tokens[:, None], k, axis=1), None)
     return ActiveSet(m.any(axis=1), m.copy(), m.copy())
+
+
+def warn_non_prefix_mask(mask: torch.Tensor | None) -> None:
+    """Warn when a 1-D mask is not True-before-False (the kernel treats it as a prefix)."""
+    if mask is not None and mask.dim() == 1 and mask.numel() > 1:
+        m = mask.to(torch.int8)
+        if bool((m[1:] > m[:-1]).any()):
+            warnings.warn(f"x_active_mask {mask.tolist()} is not True-before-False; like the hardware, "
+                          f"mc2-emu treats it as its first {int(m.sum())} tokens", stacklevel=3)
 
 
 @dataclass(frozen=True)

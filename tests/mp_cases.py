@@ -105,3 +105,16 @@ def mismatched_calls(rank: int, odd_rank: int, **fields) -> str:
     else:
         _call(emu.moe_distribute_combine_v2, _combine_kwargs(sc, rank, outs))
     return "ok"
+
+
+def delayed_dispatch(rank: int, late_rank: int, delay_s: float, **fields) -> list[int]:
+    """Dispatch twice with ``late_rank`` entering ``delay_s`` late; returns performance_info."""
+    import time
+    sc = Scenario(**fields)
+    perf = torch.full((sc.ep,), 5, dtype=torch.int64)              # the op adds, never clears
+    for _ in range(2):
+        kw = _dispatch_kwargs(sc, rank)
+        if rank == late_rank:
+            time.sleep(delay_s)
+        _call(emu.moe_distribute_dispatch_v2, dict(kw, performance_info=perf))
+    return perf.tolist()
