@@ -85,8 +85,9 @@ def reference_dispatch(cfg: MoeConfig, inputs: list[DispatchInputs]) -> list[Dis
             if dom[0].scales is not None:
                 smooth = torch.stack([d.scales for d in dom])[torch.from_numpy(tab["src"]), torch.from_numpy(tab["srow"])]
             rows, scale = dynamic_quant(rows, smooth)
+        bounds = np.searchsorted(tab["dest"], np.arange(W + 1))      # tab is sorted by dest
         for e, g in enumerate(members):
-            sel = np.flatnonzero(tab["dest"] == e)
+            sel = np.arange(bounds[e], bounds[e + 1])
             lr = geom.local_expert_num(e)
             out = DispatchOutputs.allocate(dispatch_shapes(geom, e, dom[e].x.shape[0]), h, rows.dtype)
             n = sel.size
@@ -134,7 +135,9 @@ def reference_combine(cfg: MoeConfig, inputs: list[CombineInputs]) -> list[torch
         xt = dom[0].expand_x.dtype
         geom = Geometry.of(cfg, dom[0].expert_ids.shape[0], dom[0].expert_ids.shape[1], h)
         K, Ns = geom.K, geom.Ns
-        slots = [torch.zeros(d.expert_ids.shape[0], K + Ns, h, dtype=xt) for d in dom]
+        # every source's (token, slot) cells in one tensor: cell (src, t, k) at row off[src] + t
+        off = np.cumsum([0] + [d.expert_ids.shape[0] for d in dom])
+        cells = torch.zeros(int(off[-1]), K + Ns, h, dtype=xt)
         for e, g in enumerate(members):
             inp = dom[e]
             own = int(inp.ep_send_counts[geom.recv_blocks(e) - 1])
@@ -146,9 +149,8 @@ def reference_combine(cfg: MoeConfig, inputs: list[CombineInputs]) -> list[torch
             if cfg.comm_quant_mode == 2:
                 y = comm_dequant(*comm_quant(y), xt)
             tri = inp.assist_info[:3 * own].to(torch.int64).view(own, 3)
-            for src in range(W):                     # one scatter per source rank
-                mine = tri[:, 0] == src
-                slots[src][tri[mine, 1], tri[mine, 2]] = y[mine]
+            cells[torch.from_numpy(off)[tri[:, 0]] + tri[:, 1], tri[:, 2]] = y
+        slots = [cells[off[e]:off[e + 1]] for e in range(W)]
         for e, g in enumerate(members):
             inp = dom[e]
             act = active_set(*inp.expert_ids.shape, inp.x_active_mask)
