@@ -43,9 +43,10 @@ def own_rows(geom: Geometry, rank: int, inp: CombineInputs) -> int:
     return int(inp.ep_send_counts[geom.recv_blocks(rank) - 1])
 
 
-def check_own_rows(geom: Geometry, rank: int, inp: CombineInputs, own: int) -> None:
-    """Data checks on what this rank is asked to return (561002 instead of garbage)."""
-    cap = geom.capacity(rank)
+def check_own_rows(geom: Geometry, rank: int, inp: CombineInputs, own: int, cap: int) -> None:
+    """Data checks on what this rank is asked to return (561002 instead of garbage).
+
+    ``geom``: routing geometry; ``cap``: A of this rank's eager shapes."""
     if not 0 <= own <= cap:
         raise AclnnError(TILING_ERROR, f"combine: ep_send_counts[{geom.recv_blocks(rank) - 1}]={own} on EP rank "
                          f"{rank} must be in [0, A={cap}]")
@@ -65,7 +66,10 @@ def return_fields(geom: Geometry, quant: bool, xt: torch.dtype) -> list[Field]:
 
 
 def combine(call: Call, geom: Geometry, cfg: MoeConfig, inp: CombineInputs, act: ActiveSet) -> torch.Tensor:
-    """Run combine for this rank; returns x_out (Bs, H) XT (inactive tokens zero)."""
+    """Run combine for this rank; returns x_out (Bs, H) XT (inactive tokens zero).
+
+    ``geom``: routing geometry (new id space under elastic scaling); the special-expert
+    ranges of the weighted sum use the ORIGINAL ``cfg.moe_expert_num`` (spec §7, §9.3)."""
     me = call.ep.rank
     xt = inp.expand_x.dtype
     own = own_rows(geom, me, inp)
@@ -96,7 +100,7 @@ def combine(call: Call, geom: Geometry, cfg: MoeConfig, inp: CombineInputs, act:
     slots[tk[:, 0], tk[:, 1]] = recv
     acc = combine_tokens(slots, inp.expert_ids, inp.expert_scales,
                          None if act.slot_mask is None else torch.from_numpy(act.slot_mask),
-                         geom.E, geom.zero, geom.copy, geom.const, geom.Ns, inp.ori_x,
+                         cfg.moe_expert_num, geom.zero, geom.copy, geom.const, geom.Ns, inp.ori_x,
                          inp.const_expert_alpha_1, inp.const_expert_alpha_2, inp.const_expert_v,
                          inp.shared_expert_x)
     x_out = acc.to(xt)

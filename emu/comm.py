@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from .errors import TILING_ERROR, AclnnError, PeerError
-from .groups import group_label, group_ranks
+from .groups import group_label, group_ranks, survivor_group
 
 MAGIC = 0x4D43325F454D55          # "MC2_EMU"
 OPS = {1: "dispatch", 2: "combine"}
@@ -53,21 +53,61 @@ class CollectiveError(RuntimeError):
 
 @dataclass
 class Domain:
-    """One process group used by a call (EP or TP) and this rank's place in it."""
+    """One communication domain of a call (EP or TP), seen in *logical* ids.
+
+    Logical id i is the EP (or TP) rank the operator computes with: the group rank, or under
+    elastic scaling the new local id.  ``order[i]`` is the group rank of logical id i (None:
+    the identity), ``ranks[i]`` its global rank, ``ep_index[i]`` its original EP rank.
+    """
 
     kind: str                     # "EP" or "TP"
     pg: ProcessGroup
     rank: int
     size: int
     ranks: list[int] = field(default_factory=list)
+    order: np.ndarray | None = None
+    ep_index: np.ndarray | None = None
+    name: str = ""
+    bare: bool = False            # a backend object not registered with torch.distributed
 
     @classmethod
     def of(cls, kind: str, pg: ProcessGroup) -> "Domain":
-        return cls(kind=kind, pg=pg, rank=dist.get_rank(pg), size=dist.get_world_size(pg),
-                   ranks=group_ranks(pg))
+        size = dist.get_world_size(pg)
+        return cls(kind=kind, pg=pg, rank=dist.get_rank(pg), size=size, ranks=group_ranks(pg),
+                   ep_index=np.arange(size), name=group_label(pg))
+
+    @classmethod
+    def survivors(cls, full: "Domain", old_ep_ranks: np.ndarray, my_new_id: int) -> "Domain":
+        """The EP domain of an elastic call: new id i = original EP rank ``old_ep_ranks[i]``."""
+        globals_ = [full.ranks[int(r)] for r in old_ep_ranks]
+        pg, name = survivor_group(globals_, timeout_s())
+        members = sorted(globals_)
+        order = np.array([members.index(g) for g in globals_], dtype=np.int64)
+        return cls(kind="EP", pg=pg, rank=my_new_id, size=len(globals_), ranks=globals_,
+                   order=None if bool((order == np.arange(order.size)).all()) else order,
+                   ep_index=np.asarray(old_ep_ranks, dtype=np.int64), name=name, bare=True)
 
     def describe(self) -> str:
-        return f"{self.kind} group {group_label(self.pg)} (ranks {self.ranks})"
+        return f"{self.kind} group {self.name} (ranks {self.ranks})"
+
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None,
+                   in_splits: list[int] | None):
+        """Start an all_to_all_single on this domain; returns the Work."""
+        if self.bare:
+            return self.pg.alltoall_base(out, inp, out_splits or [], in_splits or [], dist.AllToAllOptions())
+        return dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.pg, async_op=True)
+
+    def to_group(self, per_logical: np.ndarray) -> np.ndarray:
+        """Reorder an array indexed by logical id into group-rank order."""
+        if self.order is None:
+            return per_logical
+        out = np.empty_like(per_logical)
+        out[self.order] = per_logical
+        return out
+
+    def from_group(self, per_group: np.ndarray) -> np.ndarray:
+        """Reorder an array indexed by group rank into logical-id order."""
+        return per_group if self.order is None else per_group[self.order]
 
 
 def _wait(work, dom: Domain, what: str) -> None:
@@ -82,11 +122,21 @@ def _wait(work, dom: Domain, what: str) -> None:
 
 def all_to_all_rows(dom: Domain, send: torch.Tensor, send_counts: np.ndarray,
                     recv_counts: np.ndarray, what: str) -> torch.Tensor:
-    """Uneven all-to-all of packed rows: send (n, B) uint8 -> (sum(recv_counts), B) uint8."""
+    """Uneven all-to-all of packed rows.
+
+    send: (n, B) uint8, blocks in logical destination order; send_counts / recv_counts: rows
+    per logical peer.  Returns (sum(recv_counts), B) uint8, blocks in group-rank order.
+    """
     width = send.shape[1]
+    if dom.order is not None:                       # move blocks into group-rank order
+        starts = np.concatenate([[0], np.cumsum(send_counts)[:-1]])
+        by_group = np.argsort(dom.order)            # logical id at each group rank
+        idx = np.concatenate([np.arange(starts[i], starts[i] + send_counts[i]) for i in by_group]
+                             ) if send.shape[0] else np.zeros(0, np.int64)
+        send = send[torch.from_numpy(idx.astype(np.int64))]
+        send_counts, recv_counts = dom.to_group(send_counts), dom.to_group(recv_counts)
     out = torch.empty(int(recv_counts.sum()), width, dtype=torch.uint8)
-    work = dist.all_to_all_single(out, send.contiguous(), [int(c) for c in recv_counts],
-                                  [int(c) for c in send_counts], group=dom.pg, async_op=True)
+    work = dom.all_to_all(out, send.contiguous(), [int(c) for c in recv_counts], [int(c) for c in send_counts])
     _wait(work, dom, f"all_to_all_single ({what}, {int(send_counts.sum())} rows out, "
                      f"{int(recv_counts.sum())} in)")
     return out
@@ -108,7 +158,7 @@ class Call:
     @classmethod
     def start(cls, op: str, ep: Domain, tp: Domain | None, attrs: list[tuple[str, int]],
               order: list[str]) -> "Call":
-        key = group_label(ep.pg)
+        key = ep.name
         no = _call_counters.get(key, 0) + 1
         _call_counters[key] = no
         return cls(op=op, ep=ep, tp=tp, attrs=attrs[:MAX_ATTRS], call_no=no,
@@ -144,12 +194,14 @@ class Call:
         dom = self.domain(kind)
         self.pending.remove(kind)
         send = self._header(dom, error, rows, row_bytes, expect, origin)
+        if dom.order is not None:
+            send = send[torch.from_numpy(np.argsort(dom.order))]
         recv = torch.empty_like(send)
         t0 = time.monotonic_ns()
-        work = dist.all_to_all_single(recv, send, group=dom.pg, async_op=True)
+        work = dom.all_to_all(recv, send, None, None)
         _wait(work, dom, f"{self.op} header exchange")
         t1 = time.monotonic_ns()
-        hdr = recv.numpy()
+        hdr = dom.from_group(recv.numpy())
         if kind == "EP":
             waited = np.clip(hdr[:, H_CLOCK] - t0, 0, t1 - t0) // 1000
             self.wait_us = waited.astype(np.int64)

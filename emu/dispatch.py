@@ -11,7 +11,7 @@ import torch
 
 from .attrs import Geometry, MoeConfig
 from .comm import H_ROWS, Call, all_to_all_rows
-from .layout import DispatchOutputs, dispatch_shapes, expert_token_nums, recv_layout
+from .layout import DispatchOutputs, DispatchShapes, expert_token_nums, recv_layout
 from .numerics import dynamic_quant
 from .plan import ActiveSet, send_plan
 from .wire import Field, pack, row_bytes, unpack
@@ -37,9 +37,12 @@ def send_rows(geom: Geometry, cfg: MoeConfig, src: int, x: torch.Tensor, expert_
     return plan, rows, None
 
 
-def dispatch(call: Call, geom: Geometry, cfg: MoeConfig, x: torch.Tensor, expert_ids: torch.Tensor,
-             scales: torch.Tensor | None, act: ActiveSet) -> DispatchOutputs:
-    """Run dispatch for this rank; ``call`` holds its EP (and TP) domain."""
+def dispatch(call: Call, geom: Geometry, shapes: DispatchShapes, cfg: MoeConfig, x: torch.Tensor,
+             expert_ids: torch.Tensor, scales: torch.Tensor | None, act: ActiveSet) -> DispatchOutputs:
+    """Run dispatch for this rank; ``call`` holds its EP (and TP) domain.
+
+    ``geom``: the routing geometry (new id space under elastic scaling); ``shapes``: the eager
+    output shapes (from the original attributes)."""
     me = call.ep.rank
     quant = cfg.quant_mode == 2
     plan, rows, scale = send_rows(geom, cfg, me, x, expert_ids, scales, act)
@@ -55,8 +58,7 @@ def dispatch(call: Call, geom: Geometry, cfg: MoeConfig, x: torch.Tensor, expert
     order = torch.from_numpy(lay.order)
     own = int(order.numel())
 
-    out = DispatchOutputs.allocate(dispatch_shapes(geom, me, x.shape[0]), geom.H,
-                                   torch.int8 if quant else x.dtype)
+    out = DispatchOutputs.allocate(shapes, geom.H, torch.int8 if quant else x.dtype)
     out.expand_x[:own] = got[0][order]
     if quant:
         out.dynamic_scales[:own] = got[1][order, 0]
@@ -66,8 +68,8 @@ def dispatch(call: Call, geom: Geometry, cfg: MoeConfig, x: torch.Tensor, expert
     total = own
     if geom.tp_active:
         total += _tp_gather(call, geom, out, own, lay.ep_recv_counts, quant)
-    out.expert_token_nums[:] = torch.from_numpy(
-        expert_token_nums(geom, me, lay.ep_recv_counts, total, cfg.expert_token_nums_type))
+    nums = expert_token_nums(geom, me, lay.ep_recv_counts, total, cfg.expert_token_nums_type)
+    out.expert_token_nums[:nums.size] = torch.from_numpy(nums)        # shared ranks: element 0 only
     return out
 
 

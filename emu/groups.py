@@ -6,6 +6,7 @@ rank, < 128 chars) and :func:`resolve_group` maps a name, or a group object, bac
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 
 import torch.distributed as dist
@@ -57,3 +58,33 @@ def group_label(group: ProcessGroup | str | None) -> str:
 def group_ranks(pg: ProcessGroup) -> list[int]:
     """Global ranks of ``pg``'s members, in group-rank order."""
     return dist.get_process_group_ranks(pg)
+
+
+_survivor_groups: dict[tuple[int, ...], tuple[ProcessGroup, str]] = {}
+atexit.register(_survivor_groups.clear)      # release them before interpreter teardown
+
+
+def survivor_group(global_ranks: list[int], timeout_s: float) -> tuple[ProcessGroup, str]:
+    """A gloo group of exactly ``global_ranks`` (sorted), built by those ranks alone.
+
+    Survivors of an elastic call cannot use ``new_group``: it waits for the whole world, and
+    with ``use_local_synchronization=True`` its name hashes each process's count of existing
+    groups, which differs between survivors with different histories (they then wait on
+    different keys forever).  So the group is a bare ``ProcessGroupGloo`` over the default
+    rendezvous store under a prefix that depends on the members only; it is created on first
+    use, reused afterwards, and not registered with torch.distributed (collectives on it go
+    through the backend object).  Returns (group, name).
+    """
+    from datetime import timedelta
+
+    from torch.distributed import distributed_c10d as c10d
+    key = tuple(sorted(int(r) for r in global_ranks))
+    if key not in _survivor_groups:
+        name = "emu_survivors_" + "_".join(map(str, key))
+        if len(name) >= 100:
+            name = "emu_survivors_" + hashlib.sha1(name.encode()).hexdigest()[:32]
+        me = dist.get_rank()
+        store = dist.PrefixStore(name + "/", c10d._get_default_store())
+        pg = dist.ProcessGroupGloo(store, key.index(me), len(key), timedelta(seconds=timeout_s))
+        _survivor_groups[key] = (pg, name)
+    return _survivor_groups[key]

@@ -65,14 +65,24 @@ class DispatchShapes:
     tp_recv: int
 
 
-def dispatch_shapes(geom: Geometry, rank: int, bs: int) -> DispatchShapes:
-    a = geom.capacity(rank)
+def dispatch_shapes(geom: Geometry, rank: int, bs: int, elastic: bool = False) -> DispatchShapes:
+    """Eager shapes from the ORIGINAL attributes (``geom`` not remapped).
+
+    With ``elastic_info`` given (whatever its flag) a rank may change role, so every rank gets
+    A = max(shared A, MoE A), max(L, 1) token counts and max(W, W*L) ep_recv_counts (spec §7).
+    """
     tp = geom.tp
-    lr = geom.local_expert_num(rank)
+    if elastic:
+        a = max(geom.a_shared, geom.a_moe)
+        lr = max(geom.L, 1)
+        ep_recv = max(geom.W, geom.W * geom.L)
+    else:
+        a = geom.capacity(rank)
+        lr = geom.local_expert_num(rank)
+        ep_recv = geom.W * lr * (2 if tp == 2 else 1)
     return DispatchShapes(rows=a * max(tp, 1), capacity=a,
                           dynamic_scales=a * tp if tp > 1 else a,
-                          assist=max(bs * geom.K, 128 * a), token_nums=lr,
-                          ep_recv=geom.W * lr * (2 if tp == 2 else 1), tp_recv=tp)
+                          assist=max(bs * geom.K, 128 * a), token_nums=lr, ep_recv=ep_recv, tp_recv=tp)
 
 
 @dataclass

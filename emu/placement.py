@@ -7,6 +7,8 @@ expert: rank ``r % R + j*R``.  All functions are vectorised over numpy int64 arr
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 
 from .attrs import Geometry
@@ -38,3 +40,41 @@ def shared_sources(geom: Geometry, rank: int) -> np.ndarray:
     """Source ranks whose tokens shared rank ``rank`` receives (ascending)."""
     src = np.arange(geom.W)
     return src[src % geom.R == rank % geom.R]
+
+
+@dataclass(frozen=True)
+class Remap:
+    """``elastic_info`` (int32, length 4 + 2*W) parsed (spec §7).
+
+    active: flag != 0 (flag 0: tables ignored, only the elastic shape rules apply);
+    new_world W', new_shared S', new_moe E'; to_new (W,) original EP rank -> new id or -1;
+    to_old (W,) new id -> original EP rank (entries >= W' unused).
+    """
+
+    active: bool
+    new_world: int
+    new_shared: int
+    new_moe: int
+    to_new: np.ndarray
+    to_old: np.ndarray
+
+    @classmethod
+    def parse(cls, info, world: int) -> "Remap":
+        v = np.asarray(info.detach().cpu().numpy() if hasattr(info, "numpy") else info, dtype=np.int64)
+        return cls(active=bool(v[0]), new_world=int(v[1]), new_shared=int(v[2]), new_moe=int(v[3]),
+                   to_new=v[4:4 + world].copy(), to_old=v[4 + world:4 + 2 * world].copy())
+
+    def survivors(self) -> np.ndarray:
+        """Original EP ranks of the new ids 0 .. W'-1."""
+        return self.to_old[:self.new_world]
+
+    def routing(self, geom: Geometry) -> Geometry:
+        """The geometry all routing uses: W', S', E' in the new id space (G keeps its meaning)."""
+        if not self.active:
+            return geom
+        return replace(geom, W=self.new_world, S=self.new_shared, E=self.new_moe)
+
+
+def identity_remap(world: int) -> Remap:
+    ids = np.arange(world, dtype=np.int64)
+    return Remap(active=False, new_world=world, new_shared=0, new_moe=0, to_new=ids, to_old=ids)

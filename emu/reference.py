@@ -20,6 +20,7 @@ from .attrs import Geometry, MoeConfig
 from .combine import CombineInputs
 from .layout import DispatchOutputs, dispatch_shapes
 from .numerics import comm_dequant, comm_quant, combine_tokens, dynamic_quant, tp_add
+from .placement import Remap
 from .plan import active_set
 
 
@@ -61,18 +62,33 @@ def _slot_table(cfg: MoeConfig, geom: Geometry, inputs: list[DispatchInputs]) ->
     return {c: np.concatenate(v).astype(np.int64) for c, v in cols.items()}
 
 
-def reference_dispatch(cfg: MoeConfig, inputs: list[DispatchInputs]) -> list[DispatchOutputs]:
-    """Dispatch outputs of every world rank (list indexed by world rank)."""
+def domains(cfg: MoeConfig, elastic_info: torch.Tensor | None = None) -> list[list[int]]:
+    """World ranks of each EP domain, in logical-id order (new ids under elastic scaling)."""
+    T, W = tp_span(cfg), cfg.ep_world_size
+    remap = Remap.parse(elastic_info, W) if elastic_info is not None else None
+    if remap is not None and remap.active:
+        return [[int(r) for r in remap.survivors()]]
+    return [[world_rank(cfg, e, i) for e in range(W)] for i in range(T)]
+
+
+def _routing(cfg: MoeConfig, geom: Geometry, elastic_info: torch.Tensor | None) -> Geometry:
+    return Remap.parse(elastic_info, cfg.ep_world_size).routing(geom) if elastic_info is not None else geom
+
+
+def reference_dispatch(cfg: MoeConfig, inputs: list[DispatchInputs | None],
+                       elastic_info: torch.Tensor | None = None) -> list[DispatchOutputs | None]:
+    """Dispatch outputs of every world rank (list indexed by world rank; None for ranks an
+    active ``elastic_info`` removes, whose inputs may be None too)."""
     T = tp_span(cfg)
-    W = cfg.ep_world_size
-    outs: list[DispatchOutputs | None] = [None] * (W * T)
+    outs: list[DispatchOutputs | None] = [None] * (cfg.ep_world_size * T)
     own_rows: dict[int, tuple] = {}
-    for i in range(T):
-        members = [world_rank(cfg, e, i) for e in range(W)]
+    for members in domains(cfg, elastic_info):
         dom = [inputs[g] for g in members]
         k = dom[0].expert_ids.shape[1]
         h = dom[0].x.shape[1]
-        geom = Geometry.of(cfg, dom[0].x.shape[0], k, h)
+        orig = Geometry.of(cfg, dom[0].x.shape[0], k, h)
+        geom = _routing(cfg, orig, elastic_info)                  # W', S', E' when elastic
+        W = geom.W
         tab = _slot_table(cfg, geom, dom)
         order = np.lexsort((tab["seq"], tab["src"], tab["local"], tab["dest"]))
         tab = {c: v[order] for c, v in tab.items()}
@@ -89,7 +105,8 @@ def reference_dispatch(cfg: MoeConfig, inputs: list[DispatchInputs]) -> list[Dis
         for e, g in enumerate(members):
             sel = np.arange(bounds[e], bounds[e + 1])
             lr = geom.local_expert_num(e)
-            out = DispatchOutputs.allocate(dispatch_shapes(geom, e, dom[e].x.shape[0]), h, rows.dtype)
+            shapes = dispatch_shapes(orig, g // T, dom[e].x.shape[0], elastic=elastic_info is not None)
+            out = DispatchOutputs.allocate(shapes, h, rows.dtype)
             n = sel.size
             out.expand_x[:n] = rows[torch.from_numpy(sel)]
             if scale is not None:
@@ -99,14 +116,16 @@ def reference_dispatch(cfg: MoeConfig, inputs: list[DispatchInputs]) -> list[Dis
             counts = np.bincount(tab["local"][sel] * W + tab["src"][sel], minlength=W * lr)
             cum = np.cumsum(counts)
             out.ep_recv_counts[:W * lr] = torch.from_numpy(cum.astype(np.int32))
-            own_rows[g] = (n, cum, lr)
+            own_rows[g] = (n, cum, lr, W)
             outs[g] = out
     for g, out in enumerate(outs):
-        n, cum, lr = own_rows[g]
+        if out is None:
+            continue
+        n, cum, lr, W = own_rows[g]
         total = n
         if T == 2:
             peer = g ^ 1
-            pn, pcum, _ = own_rows[peer]
+            pn, pcum, _, _ = own_rows[peer]
             src = outs[peer]
             out.expand_x[n:n + pn] = src.expand_x[:pn]
             out.dynamic_scales[n:n + pn] = src.dynamic_scales[:pn]
@@ -118,22 +137,24 @@ def reference_dispatch(cfg: MoeConfig, inputs: list[DispatchInputs]) -> list[Dis
             out.expert_token_nums[0] = total
         else:
             ends = cum.reshape(lr, W)[:, -1]
-            out.expert_token_nums[:] = torch.from_numpy(ends if cfg.expert_token_nums_type == 0
-                                                        else np.diff(ends, prepend=0))
+            out.expert_token_nums[:lr] = torch.from_numpy(ends if cfg.expert_token_nums_type == 0
+                                                          else np.diff(ends, prepend=0))
     return outs
 
 
-def reference_combine(cfg: MoeConfig, inputs: list[CombineInputs]) -> list[torch.Tensor]:
-    """x_out of every world rank (list indexed by world rank), spec §9."""
+def reference_combine(cfg: MoeConfig, inputs: list[CombineInputs | None],
+                      elastic_info: torch.Tensor | None = None) -> list[torch.Tensor | None]:
+    """x_out of every world rank (list indexed by world rank; None for removed ranks), spec §9.
+    The special-expert ranges use the ORIGINAL moe_expert_num, also under elastic scaling."""
     T = tp_span(cfg)
-    W = cfg.ep_world_size
-    outs: list[torch.Tensor | None] = [None] * (W * T)
-    for i in range(T):
-        members = [world_rank(cfg, e, i) for e in range(W)]
+    outs: list[torch.Tensor | None] = [None] * (cfg.ep_world_size * T)
+    for members in domains(cfg, elastic_info):
         dom = [inputs[g] for g in members]
         h = dom[0].expand_x.shape[1]
         xt = dom[0].expand_x.dtype
-        geom = Geometry.of(cfg, dom[0].expert_ids.shape[0], dom[0].expert_ids.shape[1], h)
+        geom = _routing(cfg, Geometry.of(cfg, dom[0].expert_ids.shape[0], dom[0].expert_ids.shape[1], h),
+                        elastic_info)
+        W = geom.W
         K, Ns = geom.K, geom.Ns
         # every source's (token, slot) cells in one tensor: cell (src, t, k) at row off[src] + t
         off = np.cumsum([0] + [d.expert_ids.shape[0] for d in dom])
@@ -156,7 +177,7 @@ def reference_combine(cfg: MoeConfig, inputs: list[CombineInputs]) -> list[torch
             act = active_set(*inp.expert_ids.shape, inp.x_active_mask)
             acc = combine_tokens(slots[e], inp.expert_ids, inp.expert_scales,
                                  None if act.slot_mask is None else torch.from_numpy(act.slot_mask),
-                                 geom.E, geom.zero, geom.copy, geom.const, Ns, inp.ori_x,
+                                 cfg.moe_expert_num, geom.zero, geom.copy, geom.const, Ns, inp.ori_x,
                                  inp.const_expert_alpha_1, inp.const_expert_alpha_2, inp.const_expert_v,
                                  inp.shared_expert_x)
             x_out = acc.to(xt)

@@ -14,6 +14,7 @@ import torch
 from .attrs import Geometry, MoeConfig
 from .combine import CombineInputs
 from .layout import DispatchOutputs
+from .placement import Remap
 from .reference import DispatchInputs, reference_combine, reference_dispatch, tp_span
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,6 +47,10 @@ class Scenario:
     shared_x: bool = False          # pass shared_expert_x to combine (S == 0 only)
     seed: int = 0
     calls: int = 1                  # dispatch+combine pairs per run (same data)
+    removed: str = ""               # EP ranks removed by elastic scaling, e.g. "2,3,4,5"
+    elastic_flag0: bool = False     # pass elastic_info with flag 0 (tables ignored)
+    data: str = "random"            # random | doc (x = 1, ids 0..K-1, weights 0.1: the operator doc's data)
+    experts: str = "scaled"         # scaled (row * (1 + e/64)) | identity
 
     def config(self) -> MoeConfig:
         return MoeConfig(ep_world_size=self.ep, moe_expert_num=self.moe, tp_world_size=self.tp,
@@ -65,6 +70,37 @@ class Scenario:
     @property
     def xt(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def removed_ranks(self) -> list[int]:
+        return sorted({int(r) for r in self.removed.split(",") if r.strip()})
+
+    def survivors(self) -> list[int]:
+        """World ranks that call the op (all of them unless ranks are removed)."""
+        gone = set(self.removed_ranks())
+        return [g for g in range(self.world_size) if g // tp_span(self.config()) not in gone]
+
+    @property
+    def moe_now(self) -> int:
+        """E' under elastic scaling (same experts per MoE rank on the survivors), else E."""
+        if not self.removed_ranks():
+            return self.moe
+        local = self.moe // (self.ep - self.shared_ranks)
+        return local * (len(self.survivors()) - self.shared_ranks)
+
+    def elastic_info(self) -> torch.Tensor | None:
+        """elastic_info for this scenario (int32, 4 + 2*ep), or None.  Survivors keep their
+        order: new id i = the i-th surviving EP rank (the doc's convention)."""
+        gone = self.removed_ranks()
+        if not gone and not self.elastic_flag0:
+            return None
+        alive = [r for r in range(self.ep) if r not in gone]
+        to_new = [-1] * self.ep
+        for i, r in enumerate(alive):
+            to_new[r] = i
+        to_old = alive + [-1] * (self.ep - len(alive))
+        flag = 0 if self.elastic_flag0 and not gone else 1
+        return torch.tensor([flag, len(alive), self.shared_ranks, self.moe_now] + to_new + to_old,
+                            dtype=torch.int32)
 
     def rank_bs(self, ep_rank: int) -> int:
         return max(1, self.bs - ep_rank % 3) if self.uneven else self.bs
@@ -88,17 +124,29 @@ class RankData:
 
 
 def make_rank_data(sc: Scenario, world_rank: int) -> RankData:
-    """Inputs of ``world_rank``, a pure function of (scenario, world_rank)."""
+    """Inputs of ``world_rank``, a pure function of (scenario, world_rank).
+
+    MoE ids are drawn from [0, E') (E' = E unless elastic), special ids from
+    [E, E + zero + copy + const) with the original E (spec §7)."""
     T = tp_span(sc.config())
     ep_rank = world_rank // T
     g = torch.Generator().manual_seed(sc.seed * 1_000_003 + world_rank)
     bs, k, h, xt = sc.rank_bs(ep_rank), sc.k, sc.h, sc.xt
-    x = torch.randn(bs, h, generator=g).to(xt)
-    ids = torch.rand(bs, sc.moe, generator=g).argsort(dim=1)[:, :k].to(torch.int32)
     special = sc.zero + sc.copy + sc.const
-    if special and sc.special_frac > 0:
-        pick = torch.rand(bs, k, generator=g) < sc.special_frac
-        ids = torch.where(pick, sc.moe + torch.randint(0, special, (bs, k), generator=g).to(torch.int32), ids)
+    if sc.data == "doc":
+        x = torch.ones(bs, h, dtype=xt)
+        ids = (torch.arange(k, dtype=torch.int32) % sc.moe_now).repeat(bs, 1)
+        if special and sc.special_frac > 0:                # odd tokens: last slot to a special expert
+            odd = torch.arange(bs) % 2 == 1
+            ids[odd, k - 1] = sc.moe + (torch.arange(bs, dtype=torch.int32)[odd] // 2) % special
+        expert_scales = torch.full((bs, k), 0.1, dtype=torch.float32)
+    else:
+        x = torch.randn(bs, h, generator=g).to(xt)
+        ids = torch.rand(bs, sc.moe_now, generator=g).argsort(dim=1)[:, :k].to(torch.int32)
+        if special and sc.special_frac > 0:
+            pick = torch.rand(bs, k, generator=g) < sc.special_frac
+            ids = torch.where(pick, sc.moe + torch.randint(0, special, (bs, k), generator=g).to(torch.int32), ids)
+        expert_scales = torch.rand(bs, k, generator=g).to(torch.float32)
     mask = None
     if sc.mask == "1d":
         n = int(torch.randint(0, bs + 1, (1,), generator=g))
@@ -109,11 +157,10 @@ def make_rank_data(sc: Scenario, world_rank: int) -> RankData:
     if sc.quant == 2 and sc.smooth:
         ns = sc.config().shared_num
         scales = (torch.rand(ns + sc.moe, h, generator=g) + 0.5).to(torch.float32)
-    expert_scales = torch.rand(bs, k, generator=g).to(torch.float32)
     data = RankData(dispatch=DispatchInputs(x=x, expert_ids=ids, scales=scales, x_active_mask=mask),
                     expert_scales=expert_scales)
     if sc.copy or sc.const:
-        data.ori_x = torch.randn(bs, h, generator=g).to(xt)
+        data.ori_x = x.clone() if sc.data == "doc" else torch.randn(bs, h, generator=g).to(xt)
     if sc.const:
         data.alpha1 = torch.rand(sc.const, generator=g).to(xt)
         data.alpha2 = torch.rand(sc.const, generator=g).to(xt)
@@ -125,7 +172,8 @@ def make_rank_data(sc: Scenario, world_rank: int) -> RankData:
 
 def expert_outputs(sc: Scenario, geom: Geometry, ep_rank: int, out: DispatchOutputs) -> torch.Tensor:
     """The per-expert function: row i of expand_x -> XT(dequantised row * (1 + e/64)), where
-    e is the row's expert (global MoE id, or -1 - j for shared expert j); halved with tp 2
+    e is the row's expert (global MoE id, or -1 - j for shared expert j; factor 1 with
+    ``experts="identity"``); ``geom``/``ep_rank`` are the routing geometry and logical id; halved with tp 2
     (each TP rank holds half of the expert, combine adds the halves).  Rows past the valid
     counts stay zero.  Returns (rows, H) XT, the expand_x that combine takes."""
     W = geom.W
@@ -141,7 +189,7 @@ def expert_outputs(sc: Scenario, geom: Geometry, ep_rank: int, out: DispatchOutp
         e = ((ep_rank - geom.S) * geom.L + local).to(torch.float32)
         e = torch.cat([e, torch.full((n_peer,), float((ep_rank - geom.S) * geom.L))])
     n = n_own + n_peer
-    factor[:n] = 1 + e / 64
+    factor[:n] = 1 + e / 64 if sc.experts == "scaled" else 1.0
     if geom.tp_active:
         factor = factor * 0.5
     vals = out.expand_x.to(torch.float32)
@@ -160,8 +208,14 @@ def combine_inputs(sc: Scenario, data: RankData, out: DispatchOutputs, y: torch.
                          const_expert_alpha_2=data.alpha2, const_expert_v=data.const_v)
 
 
-def _geom(sc: Scenario, ep_rank: int) -> Geometry:
-    return Geometry.of(sc.config(), sc.rank_bs(ep_rank), sc.k, sc.h)
+def _route(sc: Scenario, ep_rank: int) -> tuple[Geometry, int]:
+    """Routing geometry and logical id of EP rank ``ep_rank`` (new id space when elastic)."""
+    geom = Geometry.of(sc.config(), sc.rank_bs(ep_rank), sc.k, sc.h)
+    info = sc.elastic_info()
+    if info is None:
+        return geom, ep_rank
+    remap = Remap.parse(info, sc.ep)
+    return remap.routing(geom), int(remap.to_new[ep_rank]) if remap.active else ep_rank
 
 
 @dataclass
@@ -173,16 +227,21 @@ class RankResult:
     seconds: dict = field(default_factory=dict)
 
 
-def run_reference(sc: Scenario) -> list[RankResult]:
-    """The whole world in one process; list indexed by world rank."""
+def run_reference(sc: Scenario) -> list[RankResult | None]:
+    """The whole world in one process; list indexed by world rank (None for removed ranks)."""
     cfg = sc.config()
     T = tp_span(cfg)
-    data = [make_rank_data(sc, g) for g in range(sc.world_size)]
-    outs = reference_dispatch(cfg, [d.dispatch for d in data])
-    comb = [combine_inputs(sc, data[g], outs[g], expert_outputs(sc, _geom(sc, g // T), g // T, outs[g]))
+    info = sc.elastic_info()
+    alive = set(sc.survivors())
+    data = [make_rank_data(sc, g) if g in alive else None for g in range(sc.world_size)]
+    outs = reference_dispatch(cfg, [d.dispatch if d is not None else None for d in data], info)
+    comb: list[CombineInputs | None] = [None] * sc.world_size
+    for g in alive:
+        geom, me = _route(sc, g // T)
+        comb[g] = combine_inputs(sc, data[g], outs[g], expert_outputs(sc, geom, me, outs[g]))
+    x_outs = reference_combine(cfg, comb, info)
+    return [RankResult(dispatch=outs[g].as_tuple(), x_out=x_outs[g]) if g in alive else None
             for g in range(sc.world_size)]
-    x_outs = reference_combine(cfg, comb)
-    return [RankResult(dispatch=outs[g].as_tuple(), x_out=x_outs[g]) for g in range(sc.world_size)]
 
 
 def run_rank(sc: Scenario, world_rank: int, group_ep, group_tp="") -> RankResult:
@@ -194,12 +253,12 @@ def run_rank(sc: Scenario, world_rank: int, group_ep, group_tp="") -> RankResult
     ep_rank, tp_rank = divmod(world_rank, T)
     data = make_rank_data(sc, world_rank)
     d = data.dispatch
-    geom = _geom(sc, ep_rank)
+    geom, me = _route(sc, ep_rank)
     common = dict(group_ep=group_ep, ep_world_size=sc.ep, ep_rank_id=ep_rank, moe_expert_num=sc.moe,
                   group_tp=group_tp, tp_world_size=sc.tp, tp_rank_id=tp_rank,
                   shared_expert_num=sc.shared, shared_expert_rank_num=sc.shared_ranks,
                   global_bs=sc.effective_global_bs, zero_expert_num=sc.zero, copy_expert_num=sc.copy,
-                  const_expert_num=sc.const)
+                  const_expert_num=sc.const, elastic_info=sc.elastic_info())
     perf = torch.zeros(sc.ep, dtype=torch.int64)
     result = None
     for _ in range(sc.calls):
@@ -209,7 +268,7 @@ def run_rank(sc: Scenario, world_rank: int, group_ep, group_tp="") -> RankResult
                                           performance_info=perf, **common)
         t1 = time.perf_counter()
         out = DispatchOutputs(*outs)
-        y = expert_outputs(sc, geom, ep_rank, out)
+        y = expert_outputs(sc, geom, me, out)
         ci = combine_inputs(sc, data, out, y)
         x_out = moe_distribute_combine_v2(ci.expand_x, ci.expert_ids, ci.assist_info, ci.ep_send_counts,
                                           ci.expert_scales, tp_send_counts=ci.tp_send_counts,

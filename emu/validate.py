@@ -135,26 +135,60 @@ def _window(c: Checker, geom: Geometry) -> None:
              f"window of {win} bytes is smaller than the {need} bytes this call needs")
 
 
-def check_ids(c: Checker, geom: Geometry, rank: int, expert_ids: torch.Tensor, slots: np.ndarray) -> None:
+def check_ids(c: Checker, rank: int, expert_ids: torch.Tensor, slots: np.ndarray, moe_now: int,
+              moe_orig: int, special: int) -> None:
     """Emulator data checks (spec §15): id ranges and duplicate MoE ids in a token's row.
 
-    ``slots``: (Bs, K) bool, the active slots; inactive slots are never read by the kernel.
+    Valid ids: MoE ``[0, moe_now)`` (E' under elastic scaling) and, with special experts,
+    ``[moe_orig, moe_orig + special)`` (the ORIGINAL E, spec §7).  ``slots``: (Bs, K) bool, the
+    active slots; inactive slots are never read by the kernel.
     """
     ids = expert_ids.detach().cpu().numpy().astype(np.int64)
-    limit = geom.E + geom.special if geom.special else geom.E
-    bad = slots & ((ids < 0) | (ids >= limit))
+    ok = (ids >= 0) & (ids < moe_now)
+    if special:
+        ok |= (ids >= moe_orig) & (ids < moe_orig + special)
+    bad = slots & ~ok
     if bad.any():
         t, k = map(int, np.argwhere(bad)[0])
-        rule = (f"ids must be in [0, {limit}) (moe_expert_num={geom.E} + special={geom.special})"
-                if geom.special else f"ids must be in [0, moe_expert_num={geom.E})")
-        c.tiling(False, f"expert_ids[{t}, {k}] on EP rank {rank}", int(ids[t, k]), rule)
-    moe = np.where(slots & (ids < geom.E), ids, -1 - np.arange(ids.shape[1])[None, :])
+        v = int(ids[t, k])
+        if moe_now < moe_orig and moe_now <= v < moe_orig:
+            rule = (f"ids in [E'={moe_now}, E={moe_orig}) are dropped by dispatch but awaited by combine "
+                    f"under elastic scaling (spec §7)")
+        elif special:
+            rule = (f"ids must be in [0, {moe_now}) or in the special range [{moe_orig}, {moe_orig + special})")
+        else:
+            rule = f"ids must be in [0, {moe_now})"
+        c.tiling(False, f"expert_ids[{t}, {k}] on EP rank {rank}", v, rule)
+    moe = np.where(slots & (ids >= 0) & (ids < moe_now), ids, -1 - np.arange(ids.shape[1])[None, :])
     srt = np.sort(moe, axis=1)
     dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
     if dup.any():
         t = int(np.argwhere(dup)[0][0])
         c.tiling(False, f"expert_ids[{t}] on EP rank {rank}", ids[t].tolist(),
                  "a token may not choose the same MoE expert twice")
+
+
+def check_remap(c: Checker, remap, cfg: MoeConfig, ep_rank_id: int) -> None:
+    """Consistency of an active elastic table (emulator checks; the hardware trusts it)."""
+    W, ns = cfg.ep_world_size, cfg.shared_num
+    w2, s2, e2 = remap.new_world, remap.new_shared, remap.new_moe
+    c.tiling(1 <= w2 <= W, "elastic_info[1] (W')", w2, f"must be in [1, ep_world_size={W}]")
+    c.tiling(0 <= s2 < w2, "elastic_info[2] (S')", s2, f"must be in [0, W'={w2})")
+    c.tiling((ns == 0) == (s2 == 0) and (ns == 0 or s2 % ns == 0), "elastic_info[2] (S')", s2,
+             f"must be a non-zero multiple of shared_expert_num={ns} (or 0 when it is 0)")
+    c.tiling(0 < e2 <= cfg.moe_expert_num and e2 % (w2 - s2) == 0, "elastic_info[3] (E')", e2,
+             f"must be in (0, moe_expert_num={cfg.moe_expert_num}] and a multiple of W' - S' = {w2 - s2}")
+    local = cfg.moe_expert_num // (W - cfg.shared_expert_rank_num)
+    c.tiling(e2 // (w2 - s2) == local, "elastic_info[3] (E')", e2,
+             f"must keep {local} MoE experts per MoE rank (the doc requires L' == L)")
+    me = int(remap.to_new[ep_rank_id])
+    c.tiling(0 <= me < w2, f"elastic_info[4 + {ep_rank_id}]", me,
+             "this rank is removed by the elastic table: removed ranks must not call the op")
+    old = remap.survivors()
+    ok = bool(((old >= 0) & (old < W)).all()) and len(set(old.tolist())) == w2 \
+        and bool((remap.to_new[old] == np.arange(w2)).all()) and int((remap.to_new >= 0).sum()) == w2
+    c.tiling(ok, "elastic_info tables", remap.to_new.tolist() + remap.to_old.tolist(),
+             "table 1 (rank -> new id) and table 2 (new id -> rank) must be inverse permutations of the W' survivors")
 
 
 def validate_dispatch(*, x, expert_ids, ep_name: str, tp_name: str, cfg: MoeConfig, ep_rank_id: int,

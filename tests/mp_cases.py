@@ -118,3 +118,21 @@ def delayed_dispatch(rank: int, late_rank: int, delay_s: float, **fields) -> lis
             time.sleep(delay_s)
         _call(emu.moe_distribute_dispatch_v2, dict(kw, performance_info=perf))
     return perf.tolist()
+
+
+def elastic(rank: int, removed_mode: str = "idle", warmup: bool = True, **fields):
+    """The doc's elastic flow on this rank: an optional non-elastic warm-up on every rank, then
+    only the survivors run the scenario.  Removed ranks idle (return "idle") or die: they report
+    "dead" and their process exits with code 0 before the survivors are done."""
+    import time
+    sc = Scenario(**fields)
+    if warmup:
+        full = Scenario(**{**fields, "removed": "", "elastic_flag0": False})
+        scenario(rank, **full.asdict())
+    if rank in sc.survivors():
+        return scenario(rank, **fields)
+    if removed_mode == "dead":
+        import world
+        world.reply_and_exit(rank, "dead")
+    time.sleep(0.2)                                                # idle: doing something else
+    return "idle"

@@ -224,3 +224,62 @@ def test_combine_tokens_matches_numpy_float32_loop():
             acc = acc + yf[t, k + j]
         want[t] = acc
     assert torch.equal(got, torch.from_numpy(want).to(BF))
+
+
+def _doc_elastic_info():
+    """The operator doc's example: W=8, ranks 2..5 removed, new 0..3 = old 0, 1, 6, 7."""
+    return torch.tensor([1, 4, 1, 3, 0, 1, -1, -1, -1, -1, 2, 3, 0, 1, 6, 7, -1, -1, -1, -1], dtype=torch.int32)
+
+
+@pytest.mark.timeout(30)
+def test_elastic_doc_example_layout_and_result():
+    """W=8, S=1, E=7, K=3, zero/copy/const one each (ids 7, 8, 9 with the ORIGINAL E), Bs=2.
+
+    Survivors' tokens: t0 ids [0, 1, 7] (zero expert), t1 ids [0, 8, 2] (copy expert, oriX = 2).
+    Old rank 6 = new id 2 hosts new expert 1: rows (src, 0, 1) for every new source src.
+    x = 1, weights 0.1, identity experts, one shared expert (unweighted, +1):
+    t0 = bf16(0.1 + 0.1 + 1) = 1.203125, t1 = bf16(0.1 + 0.1*2 + 0.1 + 1) = 1.3984375."""
+    cfg = MoeConfig(ep_world_size=8, moe_expert_num=7, shared_expert_rank_num=1, zero_expert_num=1,
+                    copy_expert_num=1, const_expert_num=1)
+    info = _doc_elastic_info()
+    ids = _ids([[0, 1, 7], [0, 8, 2]])
+    alive = [0, 1, 6, 7]
+    inputs = [DispatchInputs(torch.ones(2, 4, dtype=BF), ids) if g in alive else None for g in range(8)]
+    outs = reference_dispatch(cfg, inputs, info)
+    assert [o is not None for o in outs] == [g in alive for g in range(8)]
+    r6 = outs[6]
+    assert _triples(r6, 4) == [[0, 0, 1], [1, 0, 1], [2, 0, 1], [3, 0, 1]]
+    assert r6.ep_recv_counts.tolist() == [1, 2, 3, 4, 0, 0, 0, 0]      # max(W, W*L) = 8, W'*L' written
+    assert r6.expert_token_nums.tolist() == [4]
+    assert r6.expand_x.shape == (16, 4)                                # A = max(2*8, 16*1) = 16
+    assert _triples(outs[0], 8) == [[s, t, 3] for s in range(4) for t in range(2)]   # new id 0: shared
+    assert _triples(outs[7], 4) == [[0, 1, 2], [1, 1, 2], [2, 1, 2], [3, 1, 2]]      # new expert 2
+    comb = [CombineInputs(expand_x=o.expand_x, expert_ids=ids, assist_info=o.assist_info_for_combine,
+                          ep_send_counts=o.ep_recv_counts, expert_scales=torch.full((2, 3), 0.1),
+                          ori_x=torch.full((2, 4), 2.0, dtype=BF),
+                          const_expert_alpha_1=torch.ones(1, dtype=BF), const_expert_alpha_2=torch.ones(1, dtype=BF),
+                          const_expert_v=torch.ones(1, 4, dtype=BF)) if o is not None else None for o in outs]
+    x_out = reference_combine(cfg, comb, info)
+    for g in alive:
+        assert x_out[g][:, 0].tolist() == [1.203125, 1.3984375], g
+    assert x_out[2] is None
+
+
+@pytest.mark.timeout(30)
+def test_elastic_flag_zero_keeps_routing_but_elastic_shapes():
+    """Flag 0: tables ignored (all 8 ranks route as usual) but every rank gets the elastic
+    shapes: A = max(shared A, MoE A), ep_recv_counts max(W, W*L), token nums max(L, 1)."""
+    cfg = MoeConfig(ep_world_size=8, moe_expert_num=14, shared_expert_rank_num=1)
+    info = _doc_elastic_info().clone()
+    info[0] = 0
+    inputs = [DispatchInputs(_x(g, 2), _ids([[0, 1], [2, 3]])) for g in range(8)]
+    plain = reference_dispatch(cfg, inputs)
+    flag0 = reference_dispatch(cfg, inputs, info)
+    for g in range(8):
+        assert flag0[g].expand_x.shape == (32, 4)                      # max(2*8, 16*min(2,2)) = 32
+        assert flag0[g].ep_recv_counts.shape == (16,) and flag0[g].expert_token_nums.shape == (2,)
+        n = plain[g].ep_recv_counts.numel()
+        assert torch.equal(flag0[g].ep_recv_counts[:n], plain[g].ep_recv_counts)
+        rows = plain[g].expand_x.shape[0]
+        assert torch.equal(flag0[g].expand_x[:rows], plain[g].expand_x)
+    assert flag0[0].expert_token_nums.tolist() == [16, 0]              # shared rank writes element 0 only

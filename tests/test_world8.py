@@ -41,4 +41,25 @@ def test_scenario_matches_reference(world, name):
 
 
 def test_group_objects_instead_of_names(world):
-    check_scenario(world, by_name=False, h=H, seed=20)
+    check_scenario(world, run_kwargs={"by_name": False}, h=H, seed=20)
+
+
+ELASTIC = {
+    "doc-example": dict(moe=7, k=3, zero=1, copy=1, const=1, data="doc", experts="identity", removed="2,3,4,5"),
+    "doc-example-special": dict(moe=7, k=3, zero=1, copy=1, const=1, data="doc", experts="identity",
+                                special_frac=1.0, removed="2,3,4,5", h=H),
+    "L1-random-special-mask2d": dict(moe=7, k=3, zero=1, copy=1, const=1, special_frac=0.3, mask="2d",
+                                     removed="3,6", h=H, seed=30),
+    "L2-shared": dict(moe=14, k=4, removed="1,5", h=H, seed=31),
+    "L2-quant-uneven": dict(moe=14, k=3, quant=2, smooth=True, uneven=True, removed="4,5,6", h=H, seed=32),
+    "no-shared-L1": dict(shared_ranks=0, moe=8, k=2, removed="0,2", h=H, seed=33),
+    "shared-replicas": dict(shared_ranks=2, moe=6, k=2, removed="3", h=H, seed=34),
+    "several-calls": dict(moe=7, k=2, calls=3, comm_quant=2, removed="2,7", h=H, seed=35),
+    "flag0-shapes": dict(moe=14, k=2, elastic_flag0=True, h=H, seed=36),
+}
+
+
+@pytest.mark.parametrize("name", list(ELASTIC))
+def test_elastic_removed_ranks_idle(world, name):
+    """Warm-up on all 8 ranks, then only the survivors call with elastic_info; removed ranks idle."""
+    check_scenario(world, target="mp_cases:elastic", run_kwargs={"removed_mode": "idle"}, **ELASTIC[name])

@@ -11,7 +11,6 @@ import importlib
 import multiprocessing as mp
 import os
 import queue
-import socket
 import sys
 import traceback
 from dataclasses import dataclass
@@ -34,20 +33,16 @@ class Raised:
         return self.kind == name or name in self.bases
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, size: int, port: int, inbox, outbox, timeout_s: float) -> None:
     sys.path[:0] = [ROOT, TESTS_DIR]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
-                            timeout=timedelta(seconds=timeout_s))
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=size, timeout=timedelta(seconds=timeout_s))
+    global _outbox
+    _outbox = outbox
     while True:
         cmd = inbox.get()
         if cmd is None:
@@ -66,15 +61,31 @@ def _worker(rank: int, size: int, port: int, inbox, outbox, timeout_s: float) ->
     os._exit(0)
 
 
+_outbox = None
+
+
+def reply_and_exit(rank: int, value) -> None:
+    """Worker side: answer the current command, then end this process with code 0
+    (a removed rank that leaves, as torchrun requires)."""
+    _outbox.put((rank, True, value))
+    _outbox.close()
+    _outbox.join_thread()
+    os._exit(0)
+
+
 class World:
     """n ranks, started once; ``run`` broadcasts one command and gathers every result."""
 
     def __init__(self, n: int, timeout_s: float = 60.0):
+        import torch.distributed as dist
         ctx = mp.get_context("spawn")
         self.n = n
+        # the rendezvous store lives here, so ranks may die without taking it with them
+        self.store = dist.TCPStore("127.0.0.1", 0, world_size=n + 1, is_master=True,
+                                   wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
+        port = self.store.port
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(n)]
-        port = _free_port()
         self.procs = [ctx.Process(target=_worker, args=(r, n, port, self.inboxes[r], self.outbox, timeout_s),
                                   daemon=True) for r in range(n)]
         for p in self.procs:
