@@ -31,7 +31,7 @@ def _dispatch_kwargs(sc: Scenario, rank: int) -> dict:
                 ep_rank_id=ep_rank, moe_expert_num=sc.moe, scales=d.scales, x_active_mask=d.x_active_mask,
                 group_tp=emu.group_name(tp_g) if tp_g is not None else "", tp_world_size=sc.tp,
                 tp_rank_id=tp_rank, shared_expert_num=sc.shared, shared_expert_rank_num=sc.shared_ranks,
-                quant_mode=sc.quant, global_bs=sc.effective_global_bs,
+                quant_mode=sc.quant, global_bs=sc.effective_global_bs, elastic_info=sc.elastic_info(),
                 zero_expert_num=sc.zero, copy_expert_num=sc.copy, const_expert_num=sc.const)
 
 
@@ -62,13 +62,17 @@ def _call(fn, kw: dict):
 
 
 def bad_call(rank: int, op: str, change: dict, bad_ranks: list[int] | None = None, env: dict | None = None,
-             **fields) -> str:
+             callers: list[int] | None = None, **fields) -> str:
     """One call of ``op`` where ``bad_ranks`` (None = all) apply ``change`` to their kwargs.
+
+    Only ``callers`` (default: the scenario's survivors) call the op; the others answer "idle".
 
     ``change`` maps a keyword to a new value; the value may be a string "@expr" evaluated with
     the original kwargs as ``kw`` and torch as ``torch`` (to derive a bad tensor from a good one).
     """
     sc = Scenario(**fields)
+    if rank not in (callers if callers is not None else sc.survivors()):
+        return "idle"
     kw = _dispatch_kwargs(sc, rank)
     fn = emu.moe_distribute_dispatch_v2
     if op == "combine":

@@ -129,3 +129,47 @@ def test_tp2_bad_rank_fails_both_domains(world):
     res = world.run("mp_cases:bad_call", op="combine", change={"tp_send_counts": None}, bad_ranks=[3], **fields)
     assert_all_raise(res, TILING, "tp_send_counts", bad_ranks=[3])
     check_scenario(world, **fields, seed=5)
+
+
+ELASTIC_BASE = dict(ep=4, moe=6, shared_ranks=1, k=2, bs=4, h=1024, removed="2")   # survivors 0, 1, 3
+
+
+def _survivors(res):
+    return [r for g, r in enumerate(res) if g != 2]
+
+
+@pytest.mark.parametrize("change,code,text", [
+    ({"elastic_info": "@kw['elastic_info'][:-1]"}, TILING, "elastic_info.shape[0]"),
+    ({"elastic_info": "@kw['elastic_info'].long()"}, INVALID, "elastic_info.dtype"),
+    ({"elastic_info": "@torch.cat([kw['elastic_info'][:8], torch.tensor([1, 0, 3, -1], dtype=torch.int32)])"},
+     TILING, "inverse permutations"),
+    ({"elastic_info": "@torch.cat([kw['elastic_info'][:3], torch.tensor([5], dtype=torch.int32), "
+                      "kw['elastic_info'][4:]])"}, TILING, "E'"),
+    # E' = 4 < E = 6: id 5 is dropped by dispatch but awaited by combine
+    ({"expert_ids": "@torch.cat([kw['expert_ids'][:, :1] * 0 + 5, kw['expert_ids'][:, 1:]], 1)"}, TILING, "[E'="),
+])
+def test_elastic_errors_on_every_survivor(world, change, code, text):
+    res = world.run("mp_cases:bad_call", op="dispatch", change=change, **ELASTIC_BASE)
+    assert res[2] == "idle"
+    assert_all_raise(_survivors(res), code, text)
+
+
+def test_elastic_removed_rank_calling_is_rejected(world):
+    """Rank 2 is removed by the table but calls anyway: it raises on its own, naming the rule."""
+    res = world.run("mp_cases:bad_call", op="dispatch", change={}, callers=[2], **ELASTIC_BASE)
+    assert_all_raise([res[2]], TILING, "removed ranks must not call")
+    assert res[0] == res[1] == res[3] == "idle"
+
+
+def test_elastic_with_tp2_rejected(world):
+    res = world.run("mp_cases:bad_call", op="dispatch", callers=[0, 1, 2, 3],
+                    change={"elastic_info": "@torch.tensor([1, 2, 0, 2, 0, 1, 0, 1], dtype=torch.int32)"},
+                    ep=2, tp=2, moe=2, shared_ranks=0, k=1, h=1024)
+    assert_all_raise(res, TILING, "elastic_info")
+
+
+def test_elastic_combine_error_on_every_survivor(world):
+    res = world.run("mp_cases:bad_call", op="combine", change={"expert_scales": "@kw['expert_scales'][:, :1]"},
+                    **ELASTIC_BASE)
+    assert_all_raise(_survivors(res), TILING, "expert_scales.shape")
+    check_scenario(world, target="mp_cases:elastic", run_kwargs={"warmup": False}, **ELASTIC_BASE, seed=9)
