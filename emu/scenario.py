@@ -300,6 +300,22 @@ def compare(got: RankResult, want: RankResult) -> list[str]:
     return bad
 
 
+def summary(sc: Scenario, world_rank: int, got: RankResult, diff: list[str]) -> dict:
+    """One printable row about what ``world_rank`` received and combined (JSON-friendly)."""
+    geom, me = _route(sc, world_rank // tp_span(sc.config()))
+    out = DispatchOutputs(*got.dispatch)
+    counts = out.ep_recv_counts[:geom.recv_blocks(me)].tolist()
+    n = int(counts[-1]) if counts else 0
+    tri = out.assist_info_for_combine[:3 * min(n, 3)].view(-1, 3).tolist()
+    return dict(rank=world_rank, id=me, role="shared" if geom.is_shared(me) else "moe",
+                token_nums=out.expert_token_nums.tolist(),
+                counts=str(counts[:5])[:-1] + (", ...]" if len(counts) > 5 else "]"),
+                triples=" ".join("(%d,%d,%d)" % tuple(t) for t in tri) + (" ..." if n > 3 else ""),
+                x_out=[round(float(v), 6) for v in got.x_out[0, :3].float()] if got.x_out.numel() else [],
+                ms=1e3 * (got.seconds.get("dispatch", 0) + got.seconds.get("combine", 0)),
+                ok=not diff, verdict="OK (bit-exact)" if not diff else "MISMATCH " + ", ".join(diff))
+
+
 def rank_groups(sc: Scenario):
     """Create this scenario's EP and TP groups on every world rank (spec §6 convention).
 

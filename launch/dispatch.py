@@ -1,76 +1,117 @@
-"""Main job: one scenario through dispatch -> per-expert function -> combine on every rank,
-verified bit for bit against the single-process reference.
+"""Main job: the operator doc's example, verified bit for bit on every rank.
 
-    torchrun --nproc-per-node 8 launch/dispatch.py [--tp 2 --quant 2 --mask 2d ...]
+    torchrun --nproc-per-node 8 launch/dispatch.py [--removed idle|dead] [--special] [--no-elastic] ...
 
-EP size = world size / (2 if --tp 2 else 1).  Exits non-zero if any rank differs.
+By default (the doc example): EP 8, TP 1, Bs 8, H 7168, K 3, one shared expert on rank 0,
+7 MoE experts, zero/copy/const one each, bf16, x = 1, every token picks experts 0, 1, 2
+with weight 0.1, identity experts.  Every rank first runs a non-elastic warm-up dispatch +
+combine; then only ranks {0, 1, 6, 7} run dispatch + combine with
+elastic_info = [1, 4, 1, 3, 0, 1, -1, -1, -1, -1, 2, 3, 0, 1, 6, 7, -1, -1, -1, -1]
+while ranks 2-5 idle (--removed idle) or exit with code 0 (--removed dead).  Every rank that
+calls the op is compared with the single-process reference; exit status 0 only if all match.
+Any other configuration: --data random --no-elastic plus the attribute flags (--tp 2, --quant 2 ...).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
+import time
 from datetime import timedelta
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch.distributed import distributed_c10d as c10d  # noqa: E402
 
 from emu import group_name  # noqa: E402
-from emu.scenario import Scenario, compare, rank_groups, run_rank, run_reference  # noqa: E402
+from emu.scenario import Scenario, compare, rank_groups, run_rank, run_reference, summary  # noqa: E402
+
+DOC_EXAMPLE = dict(moe=7, shared=1, shared_ranks=1, bs=8, h=7168, k=3, zero=1, copy=1, const=1,
+                   data="doc", experts="identity")
 
 
-def parse_args(world: int) -> Scenario:
+def parse_args(world: int) -> tuple[Scenario, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--removed", choices=["idle", "dead"], default="idle",
+                   help="what the ranks removed by elastic scaling do (default idle)")
+    p.add_argument("--removed-ranks", default=None,
+                   help="EP ranks removed by elastic scaling (default: the middle half, 2-5 of 8)")
+    p.add_argument("--no-elastic", action="store_true", help="only the warm-up call on every rank")
+    p.add_argument("--special", action="store_true", help="send odd tokens' last slot to the special experts")
     for f in dataclasses.fields(Scenario):
-        if f.name == "ep":
+        if f.name in ("ep", "removed", "elastic_flag0"):
             continue
-        if f.type in ("bool", bool):
-            p.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", help=f"(default {f.default})")
+        default = DOC_EXAMPLE.get(f.name, f.default)
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action="store_true", default=default, help=f"(default {default})")
         else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default, help=f"(default {f.default})")
-    args = vars(p.parse_args())
-    tp = args["tp"]
-    args["ep"] = world // (2 if tp == 2 else 1)
-    return Scenario(**args)
+            p.add_argument(flag, type=type(f.default), default=default, help=f"(default {default})")
+    a = p.parse_args()
+    fields = {f.name: getattr(a, f.name) for f in dataclasses.fields(Scenario)
+              if f.name not in ("ep", "removed", "elastic_flag0")}
+    fields["ep"] = world // (2 if a.tp == 2 else 1)
+    if a.special:
+        fields["special_frac"] = 1.0
+    return Scenario(**fields), a
 
 
-def run_and_verify(sc: Scenario) -> bool:
-    """Run the scenario on this rank, compare with the reference, print on rank 0."""
-    me, world = dist.get_rank(), dist.get_world_size()
-    ep_group, tp_group = rank_groups(sc)
-    got = run_rank(sc, me, group_name(ep_group), group_name(tp_group) if tp_group is not None else "")
+def removed_ranks(sc: Scenario, args: argparse.Namespace) -> str:
+    if args.no_elastic or sc.tp == 2:
+        return ""
+    if args.removed_ranks is not None:
+        return args.removed_ranks
+    return ",".join(map(str, range(sc.ep // 4, sc.ep - sc.ep // 4)))
+
+
+def run_phase(sc: Scenario, label: str, store, group_ep, group_tp) -> bool:
+    """Run ``sc`` on the ranks that call the op, verify each, report through the store; the
+    lowest calling rank prints the table.  Returns whether every calling rank matched."""
+    me = dist.get_rank()
+    callers = sc.survivors()
+    got = run_rank(sc, me, group_ep, group_tp)
     want = run_reference(sc)[me]
-    bad = compare(got, want)
-    gathered = [None] * world
-    dist.all_gather_object(gathered, (me, got.dispatch[3].tolist(), got.dispatch[4].tolist(),
-                                      got.seconds, bad, float(got.x_out.float().abs().sum())))
-    if me == 0:
-        print(f"scenario: {sc}")
-        print(f"{'rank':>4} {'role':>6} {'rows/local expert':>20} {'ep_recv_counts (head)':>28} "
-              f"{'bytes in':>10} {'disp ms':>8} {'comb ms':>8}  verdict")
-        T = 2 if sc.tp == 2 else 1
-        for rank, nums, counts, secs, diff, _ in gathered:
-            ep_rank = rank // T
-            role = "shared" if ep_rank < sc.shared_ranks else "moe"
-            rows = sum(nums) if len(nums) > 1 else nums[0]
-            nbytes = rows * sc.h * (1 if sc.quant == 2 else 2)
-            head = str(counts[:6])[:-1] + (", ...]" if len(counts) > 6 else "]")
-            verdict = "OK (bit-exact)" if not diff else "MISMATCH " + ", ".join(diff)
-            print(f"{rank:>4} {role:>6} {str(nums):>20} {head:>28} {nbytes:>10} "
-                  f"{secs['dispatch'] * 1e3:>8.1f} {secs['combine'] * 1e3:>8.1f}  {verdict}")
-        ok = all(not g[4] for g in gathered)
-        print(f"VERDICT: {'PASS' if ok else 'FAIL'}: {sum(not g[4] for g in gathered)}/{world} ranks match the reference")
-    return all(not g[4] for g in gathered)
+    row = summary(sc, me, got, compare(got, want))
+    store.set(f"emu_main/{label}/{me}", json.dumps(row))
+    if me == callers[0]:
+        rows = [json.loads(store.get(f"emu_main/{label}/{g}")) for g in callers]
+        print(f"\n== {label}: {len(callers)} ranks call the op: {callers}")
+        print(f"{'rank':>4} {'id':>3} {'role':>6} {'expert_token_nums':>18} {'ep_recv_counts (head)':>26} "
+              f"{'first triples':>28} {'x_out[0,:3]':>28} {'ms':>6}  verdict")
+        for r in rows:
+            print(f"{r['rank']:>4} {r['id']:>3} {r['role']:>6} {str(r['token_nums']):>18} {r['counts']:>26} "
+                  f"{r['triples']:>28} {str(r['x_out']):>28} {r['ms']:>6.1f}  {r['verdict']}")
+        ok = all(r["ok"] for r in rows)
+        print(f"{label}: {'PASS' if ok else 'FAIL'}: {sum(r['ok'] for r in rows)}/{len(rows)} ranks match the reference")
+        store.set(f"emu_main/{label}/verdict", "1" if ok else "0")
+    return store.get(f"emu_main/{label}/verdict") == b"1"
 
 
 def main() -> int:
     dist.init_process_group("gloo", timeout=timedelta(seconds=float(os.environ.get("EMU_TIMEOUT_S", "60"))))
-    ok = run_and_verify(parse_args(dist.get_world_size()))
-    # no process-group object may outlive this call, or the interpreter aborts at exit
+    me = dist.get_world_size() and dist.get_rank()
+    sc, args = parse_args(dist.get_world_size())
+    store = c10d._get_default_store()
+    ep_group, tp_group = rank_groups(sc)
+    ep_name, tp_name = group_name(ep_group), group_name(tp_group) if tp_group is not None else ""
+    del ep_group, tp_group                  # no group object may outlive destroy_process_group()
+    ok = run_phase(sc, "warm-up (every rank, no elastic_info)", store, ep_name, tp_name)
+    gone = removed_ranks(sc, args)
+    if gone:
+        elastic = dataclasses.replace(sc, removed=gone)
+        if me in elastic.survivors():
+            ok = run_phase(elastic, f"elastic (ranks {gone} removed, {args.removed})", store, ep_name, "") and ok
+        elif args.removed == "dead":
+            print(f"rank {me}: removed, exiting with code 0", flush=True)
+            os._exit(0)
+        else:
+            label = f"elastic (ranks {gone} removed, {args.removed})"
+            store.wait([f"emu_main/{label}/verdict"], timedelta(seconds=float(os.environ.get("EMU_TIMEOUT_S", "60"))))
+            ok = store.get(f"emu_main/{label}/verdict") == b"1" and ok
+    time.sleep(0.05)
     dist.destroy_process_group()
     return 0 if ok else 1
 

@@ -86,28 +86,34 @@ class World:
         port = self.store.port
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(n)]
+        self.dead: set[int] = set()
         self.procs = [ctx.Process(target=_worker, args=(r, n, port, self.inboxes[r], self.outbox, timeout_s),
                                   daemon=True) for r in range(n)]
         for p in self.procs:
             p.start()
 
     def run(self, target: str, deadline_s: float = 120.0, **kwargs) -> list:
-        for q in self.inboxes:
-            q.put((target, kwargs))
-        results: list = [None] * self.n
-        for _ in range(self.n):
+        """Run ``target`` on every live rank; ranks that left answer "dead" from then on."""
+        live = [r for r in range(self.n) if r not in self.dead]
+        for r in live:
+            self.inboxes[r].put((target, kwargs))
+        results: list = ["dead"] * self.n
+        for _ in live:
             try:
                 rank, _ok, value = self.outbox.get(timeout=deadline_s)
             except queue.Empty:
                 self.close(force=True)
                 raise TimeoutError(f"{target} did not finish on every rank within {deadline_s} s") from None
             results[rank] = value
+            if isinstance(value, str) and value == "dead":
+                self.dead.add(rank)
         return results
 
     def close(self, force: bool = False) -> None:
         if not force:
-            for q in self.inboxes:
-                q.put(None)
+            for r, q in enumerate(self.inboxes):
+                if r not in self.dead:
+                    q.put(None)
             for p in self.procs:
                 p.join(timeout=20)
         for p in self.procs:
