@@ -1,0 +1,29 @@
+"""The README's main job under torchrun, as a user runs it (8 processes)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("flags", [["--removed", "dead", "--special"], ["--removed", "idle", "--h", "1024"]],
+                         ids=["dead-special", "idle"])
+def test_main_job_doc_example(flags):
+    env = dict(os.environ, EMU_TIMEOUT_S="60", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "8",
+                           os.path.join(ROOT, "launch", "dispatch.py"), *flags],
+                          capture_output=True, text=True, env=env, timeout=220)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr[-3000:]
+    assert "warm-up (every rank, no elastic_info): PASS: 8/8 ranks match the reference" in out, out
+    assert f"removed, {flags[1]}): PASS: 4/4 ranks match the reference" in out, out
+    # the survivors are old ranks 0, 1, 6, 7 with new ids 0..3
+    survivors = [line.split()[:2] for line in out.splitlines()[-6:-1] if line.strip()[:1].isdigit()]
+    assert survivors == [["0", "0"], ["1", "1"], ["6", "2"], ["7", "3"]], out
+    if "--special" not in flags:
+        assert out.count("[1.296875, 1.296875, 1.296875]") == 12, out    # bf16(0.3 + 1.0) everywhere
