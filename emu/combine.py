@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .attrs import Geometry, MoeConfig
-from .comm import H_EXPECT, H_ROWS, Call, all_to_all_rows
+from .comm import H_EXPECT, H_ROWS, Call
 from .errors import TILING_ERROR, AclnnError, PeerError
 from .numerics import COMM_QUANT_GROUP, comm_dequant, comm_quant, combine_tokens, tp_add
 from .plan import ActiveSet, send_plan
@@ -86,7 +86,7 @@ def combine(call: Call, geom: Geometry, cfg: MoeConfig, inp: CombineInputs, act:
     meta = torch.from_numpy(tri[order, 1:])
     parts = list(comm_quant(rows)) + [meta] if quant else [rows, meta]
     hdr = call.exchange_header("EP", send_counts, row_bytes(fields), expected)
-    buf = all_to_all_rows(call.ep, pack(parts, fields), send_counts, hdr[:, H_ROWS], "combine rows")
+    buf = call.exchange_rows("EP", pack(parts, fields), send_counts, hdr[:, H_ROWS], "rows")
     _cross_check(call, hdr, send_counts, expected)
     got = unpack(buf, fields)
     recv = comm_dequant(got[0], got[1], xt) if quant else got[0]
@@ -131,11 +131,11 @@ def _tp_reduce(call: Call, geom: Geometry, inp: CombineInputs, own: int) -> torc
     hdr = call.exchange_header("TP", sc, row_bytes(fields), expect)
     if int(hdr[peer, H_ROWS]) != own or int(hdr[peer, H_EXPECT]) != peer_count:
         rc = hdr[:, H_ROWS]
-        all_to_all_rows(tp, pack([inp.expand_x[own:own + peer_count]], fields), sc, rc, "combine TP reduce-scatter")
+        call.exchange_rows("TP", pack([inp.expand_x[own:own + peer_count]], fields), sc, rc, "reduce-scatter")
         call.abort(PeerError(TILING_ERROR, f"combine call #{call.call_no}: TP rank {tp.rank} holds {own} own rows and "
                         f"{peer_count} for its peer, but TP rank {peer} sends {int(hdr[peer, H_ROWS])} and "
                         f"expects {int(hdr[peer, H_EXPECT])}"))
-    buf = all_to_all_rows(tp, pack([inp.expand_x[own:own + peer_count]], fields), sc, hdr[:, H_ROWS],
-                          "combine TP reduce-scatter")
+    buf = call.exchange_rows("TP", pack([inp.expand_x[own:own + peer_count]], fields), sc, hdr[:, H_ROWS],
+                            "reduce-scatter")
     partial = unpack(buf, fields)[0]
     return tp_add(inp.expand_x[:own], partial)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from . import flight, trace
 from .errors import TILING_ERROR, AclnnError, PeerError
 from .groups import group_label, group_ranks, survivor_group
 
@@ -110,36 +112,66 @@ class Domain:
         return per_group if self.order is None else per_group[self.order]
 
 
-def _wait(work, dom: Domain, what: str) -> None:
+_group_seq: dict[str, int] = {}
+
+
+def _spans(ranks: list[int]) -> str:
+    """[0, 1, 2, 4, 5] -> "0-2, 4-5"."""
+    out, start = [], None
+    for i, r in enumerate(ranks):
+        if start is None:
+            start = r
+        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
+            out.append(f"{start}" if start == r else f"{start}-{r}")
+            start = None
+    return ", ".join(out)
+
+
+def _who(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {_spans(ranks)}"
+
+
+def _issue(call: "Call", dom: Domain, phase: str, out: torch.Tensor, inp: torch.Tensor,
+           send_rows: np.ndarray, recv_rows: np.ndarray, row_bytes: int, equal: bool = False,
+           extra: Callable[[int, int], dict] | None = None) -> tuple[int, int]:
+    """Issue one all_to_all_single on ``dom`` and wait for it (at most EMU_TIMEOUT_S).
+
+    ``send_rows`` / ``recv_rows``: rows per peer in logical order (for the trace); ``inp`` /
+    ``out`` are already in group-rank order.  Every collective goes through here: per-group
+    sequence number, flight recorder, optional fault injection, trace record, and on failure
+    an error naming this rank, the collective and the peers that never finished it.
+    Returns (t0, t1) in CLOCK_MONOTONIC ns.
+    """
+    seq = _group_seq.get(dom.name, 0) + 1
+    _group_seq[dom.name] = seq
+    flight.entered(dom.name, seq, call.op, call.call_no, phase)
+    splits_out = None if equal else [int(c) for c in dom.to_group(recv_rows)]
+    splits_in = None if equal else [int(c) for c in dom.to_group(send_rows)]
     limit = timeout_s()
+    t0 = time.monotonic_ns()
+    error = None
     try:
+        work = dom.all_to_all(out, inp, splits_out, splits_in)
         work.wait(timeout=timedelta(seconds=limit))
     except RuntimeError as exc:
-        raise CollectiveError(
-            f"rank {dist.get_rank()}: {what} on {dom.describe()} did not complete within "
-            f"{limit:g} s (EMU_TIMEOUT_S): {exc}") from exc
-
-
-def all_to_all_rows(dom: Domain, send: torch.Tensor, send_counts: np.ndarray,
-                    recv_counts: np.ndarray, what: str) -> torch.Tensor:
-    """Uneven all-to-all of packed rows.
-
-    send: (n, B) uint8, blocks in logical destination order; send_counts / recv_counts: rows
-    per logical peer.  Returns (sum(recv_counts), B) uint8, blocks in group-rank order.
-    """
-    width = send.shape[1]
-    if dom.order is not None:                       # move blocks into group-rank order
-        starts = np.concatenate([[0], np.cumsum(send_counts)[:-1]])
-        by_group = np.argsort(dom.order)            # logical id at each group rank
-        idx = np.concatenate([np.arange(starts[i], starts[i] + send_counts[i]) for i in by_group]
-                             ) if send.shape[0] else np.zeros(0, np.int64)
-        send = send[torch.from_numpy(idx.astype(np.int64))]
-        send_counts, recv_counts = dom.to_group(send_counts), dom.to_group(recv_counts)
-    out = torch.empty(int(recv_counts.sum()), width, dtype=torch.uint8)
-    work = dom.all_to_all(out, send.contiguous(), [int(c) for c in recv_counts], [int(c) for c in send_counts])
-    _wait(work, dom, f"all_to_all_single ({what}, {int(send_counts.sum())} rows out, "
-                     f"{int(recv_counts.sum())} in)")
-    return out
+        what = f"{call.op} #{call.call_no} {phase}"
+        error = CollectiveError(
+            f"rank {dist.get_rank()}: all_to_all_single '{what}' (seq {seq}) on {dom.describe()} failed or did "
+            f"not complete within {limit:g} s (EMU_TIMEOUT_S). "
+            f"{flight.diagnose(dom.name, dom.ranks, seq, repr(what))}. Cause: {str(exc).splitlines()[0][:300]}")
+    t1 = time.monotonic_ns()
+    more = extra(t0, t1) if extra is not None and error is None else {}
+    tracer = trace.active()
+    if tracer is not None:
+        tracer.record({"rank": dist.get_rank(), "pid": os.getpid(), "op": call.op, "call": call.call_no,
+                       "phase": phase, "group": dom.name, "group_ranks": list(map(int, dom.ranks)), "seq": seq,
+                       "kind": "all_to_all_single", "send_rows": send_rows.tolist(), "recv_rows": recv_rows.tolist(),
+                       "row_bytes": row_bytes, "bytes_out": int(send_rows.sum()) * row_bytes,
+                       "bytes_in": int(recv_rows.sum()) * row_bytes, "dtype": str(inp.dtype).replace("torch.", ""),
+                       "t0": t0, "t1": t1, "error": str(error) if error else None, **more})
+    if error is not None:
+        raise error
+    return t0, t1
 
 
 @dataclass
@@ -197,54 +229,88 @@ class Call:
         if dom.order is not None:
             send = send[torch.from_numpy(np.argsort(dom.order))]
         recv = torch.empty_like(send)
-        t0 = time.monotonic_ns()
-        work = dom.all_to_all(recv, send, None, None)
-        _wait(work, dom, f"{self.op} header exchange")
-        t1 = time.monotonic_ns()
+        ones = np.ones(dom.size, dtype=np.int64)
+
+        def waits(t0: int, t1: int) -> dict:
+            # microseconds this rank waited for each source: from entering the exchange to that
+            # source's own entry clock (carried in its header), within [0, duration]
+            clocks = dom.from_group(recv.numpy())[:, H_CLOCK]
+            w = (np.clip(clocks - t0, 0, t1 - t0) // 1000).astype(np.int64)
+            if kind == "EP":
+                self.wait_us = w
+            return {"wait_us": w.tolist()}
+        _issue(self, dom, f"{kind} header", recv, send, ones, ones, HEADER_LEN * 8, equal=True, extra=waits)
         hdr = dom.from_group(recv.numpy())
-        if kind == "EP":
-            waited = np.clip(hdr[:, H_CLOCK] - t0, 0, t1 - t0) // 1000
-            self.wait_us = waited.astype(np.int64)
         if error == 0:
             problem = self._check_peers(dom, hdr)
             if problem is not None:
                 self.abort(problem)
         return hdr
 
+    def exchange_rows(self, kind: str, send: torch.Tensor, send_counts: np.ndarray, recv_counts: np.ndarray,
+                      phase: str) -> torch.Tensor:
+        """Uneven all-to-all of packed rows on domain ``kind``.
+
+        send: (n, B) uint8, blocks in logical destination order; send_counts / recv_counts: rows
+        per logical peer.  Returns (sum(recv_counts), B) uint8, blocks in group-rank order.
+        """
+        dom = self.domain(kind)
+        width = send.shape[1]
+        if dom.order is not None and send.shape[0]:         # move blocks into group-rank order
+            starts = np.concatenate([[0], np.cumsum(send_counts)[:-1]])
+            idx = np.concatenate([np.arange(starts[i], starts[i] + send_counts[i]) for i in np.argsort(dom.order)])
+            send = send[torch.from_numpy(idx.astype(np.int64))]
+        out = torch.empty(int(recv_counts.sum()), width, dtype=torch.uint8)
+        _issue(self, dom, f"{kind} {phase}", out, send.contiguous(), np.asarray(send_counts, np.int64),
+               np.asarray(recv_counts, np.int64), width)
+        return out
+
     def _check_peers(self, dom: Domain, hdr: np.ndarray) -> AclnnError | None:
+        """The same verdict on every rank: a peer's error, a call mismatch or an attribute
+        mismatch (each rank sees every peer's header), else None."""
         ranks = dom.ranks
+        me = dist.get_rank()
         bad = np.flatnonzero(hdr[:, H_MAGIC] != MAGIC)
         if bad.size:
-            return PeerError(TILING_ERROR, f"rank {dist.get_rank()}: ranks {[ranks[i] for i in bad]} "
-                             f"sent data that is not an mc2-emu header on {dom.describe()}")
+            return PeerError(TILING_ERROR, f"rank {me}: {_who([ranks[i] for i in bad])} sent data that is not "
+                             f"an mc2-emu header on {dom.describe()} (a collective outside the op?)")
         err = np.flatnonzero(hdr[:, H_ERR] != 0)
         if err.size:
             origins = sorted({int(hdr[i, H_ORIGIN]) for i in err})
-            who = ", ".join(f"rank {o} ({int(hdr[err[0], H_ERR])})" for o in origins)
             via = sorted({ranks[i] for i in err} - set(origins))
+            details = []
+            for o in origins:
+                text = flight.store_message(f"emu_err/{o}/{int(hdr[err[0], H_CALL])}")
+                details.append(f"rank {o}: {text}" if text else f"rank {o}: error {int(hdr[err[0], H_ERR])}")
             return PeerError(int(hdr[err[0], H_ERR]),
-                             f"rank {dist.get_rank()}: {self.op} call #{self.call_no} aborted: {who} rejected "
-                             f"its input" + (f" (reported through rank {via})" if via else "")
-                             + f"; seen on {dom.describe()}", origins=origins)
-        calls = [(OPS.get(int(o), "?"), int(c)) for o, c in zip(hdr[:, H_OP], hdr[:, H_CALL])]
-        if len(set(calls)) > 1:
-            desc = "; ".join(f"rank {ranks[i]} called {op} #{no}" for i, (op, no) in enumerate(calls))
-            return PeerError(TILING_ERROR, f"rank {dist.get_rank()}: mismatched calls on "
-                             f"{dom.describe()}: {desc}")
+                             f"rank {me}: {self.op} call #{self.call_no} aborted because {_who(origins)} "
+                             f"rejected its input" + (f" (reported through {_who(via)})" if via else "")
+                             + f" on {dom.describe()}: " + " | ".join(details), origins=origins)
+        calls: dict[tuple[str, int], list[int]] = {}
+        for i in range(dom.size):
+            calls.setdefault((OPS.get(int(hdr[i, H_OP]), "?"), int(hdr[i, H_CALL])), []).append(ranks[i])
+        if len(calls) > 1:
+            groups = sorted(calls.items(), key=lambda kv: len(kv[1]))
+            desc = " while ".join(f"{_who(sorted(rs))} called {op} #{no}" for (op, no), rs in groups)
+            return PeerError(TILING_ERROR, f"rank {me}: mismatched calls on {dom.describe()}: {desc}")
         for idx, (name, value) in enumerate(self.attrs):
             col = hdr[:, H_ATTRS + idx]
-            diff = np.flatnonzero(col != value)
-            if diff.size:
-                vals = ", ".join(f"rank {ranks[i]}: {int(col[i])}" for i in range(dom.size))
-                return PeerError(TILING_ERROR, f"rank {dist.get_rank()}: attribute {name} differs "
-                                 f"between ranks of {self.op} call #{self.call_no} on "
-                                 f"{dom.describe()} ({vals})")
+            if (col != value).any():
+                by_value: dict[int, list[int]] = {}
+                for i in range(dom.size):
+                    by_value.setdefault(int(col[i]), []).append(ranks[i])
+                desc = " while ".join(f"{_who(sorted(rs))} passed {v}"
+                                      for v, rs in sorted(by_value.items(), key=lambda kv: len(kv[1])))
+                return PeerError(TILING_ERROR, f"rank {me}: attribute {name} differs between the ranks of "
+                                 f"{self.op} call #{self.call_no} on {dom.describe()}: {desc}")
         return None
 
     def abort(self, err: AclnnError) -> None:
         """Tell every domain whose header is still due that this call failed, then raise."""
         code = err.code if isinstance(err, AclnnError) else TILING_ERROR
         origins = getattr(err, "origins", None) or [dist.get_rank()]
+        if not isinstance(err, PeerError):          # peers quote this rank's own message
+            flight.store_message(f"emu_err/{dist.get_rank()}/{self.call_no}", str(err)[:2000])
         for kind in list(self.pending):
             dom = self.domain(kind)
             if dom is None:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .attrs import Geometry, MoeConfig
-from .comm import H_ROWS, Call, all_to_all_rows
+from .comm import H_ROWS, Call
 from .layout import DispatchOutputs, DispatchShapes, expert_token_nums, recv_layout
 from .numerics import dynamic_quant
 from .plan import ActiveSet, send_plan
@@ -52,7 +52,7 @@ def dispatch(call: Call, geom: Geometry, shapes: DispatchShapes, cfg: MoeConfig,
     parts = [rows] + ([scale] if quant else []) + [torch.from_numpy(meta)]
     hdr = call.exchange_header("EP", plan.counts, width, np.zeros(geom.W, np.int64))
     recv_counts = hdr[:, H_ROWS]
-    got = unpack(all_to_all_rows(call.ep, pack(parts, fields), plan.counts, recv_counts, "dispatch rows"), fields)
+    got = unpack(call.exchange_rows("EP", pack(parts, fields), plan.counts, recv_counts, "rows"), fields)
     rmeta = got[-1].to(torch.int64).numpy()
     lay = recv_layout(geom, me, rmeta[:, 0], rmeta[:, 3])
     order = torch.from_numpy(lay.order)
@@ -95,7 +95,7 @@ def _tp_gather(call: Call, geom: Geometry, out: DispatchOutputs, own: int, own_c
     send = torch.cat([pack(parts, fields), counts_bytes.view(tail, width)])
     sc, rc = np.zeros(2, np.int64), np.zeros(2, np.int64)
     sc[peer], rc[peer] = own + tail, peer_rows + tail
-    buf = all_to_all_rows(tp, send, sc, rc, "dispatch TP all-gather")
+    buf = call.exchange_rows("TP", send, sc, rc, "all-gather")
     got = unpack(buf[:peer_rows], fields)
     out.expand_x[own:own + peer_rows] = got[0]
     if quant:

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch.distributed as dist  # noqa: E402
 from torch.distributed import distributed_c10d as c10d  # noqa: E402
 
-from emu import group_name  # noqa: E402
+from emu import group_name, trace  # noqa: E402
 from emu.scenario import Scenario, compare, rank_groups, run_rank, run_reference, summary  # noqa: E402
 
 DOC_EXAMPLE = dict(moe=7, shared=1, shared_ranks=1, bs=8, h=7168, k=3, zero=1, copy=1, const=1,
@@ -41,6 +41,8 @@ def parse_args(world: int) -> tuple[Scenario, argparse.Namespace]:
                    help="EP ranks removed by elastic scaling (default: the middle half, 2-5 of 8)")
     p.add_argument("--no-elastic", action="store_true", help="only the warm-up call on every rank")
     p.add_argument("--special", action="store_true", help="send odd tokens' last slot to the special experts")
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="record every collective into DIR (per-rank JSONL + DIR/trace.json for Perfetto)")
     for f in dataclasses.fields(Scenario):
         if f.name in ("ep", "removed", "elastic_flag0"):
             continue
@@ -94,6 +96,8 @@ def main() -> int:
     dist.init_process_group("gloo", timeout=timedelta(seconds=float(os.environ.get("EMU_TIMEOUT_S", "60"))))
     me = dist.get_world_size() and dist.get_rank()
     sc, args = parse_args(dist.get_world_size())
+    if args.trace:
+        trace.enable(args.trace)
     store = c10d._get_default_store()
     ep_group, tp_group = rank_groups(sc)
     ep_name, tp_name = group_name(ep_group), group_name(tp_group) if tp_group is not None else ""
@@ -111,6 +115,13 @@ def main() -> int:
             label = f"elastic (ranks {gone} removed, {args.removed})"
             store.wait([f"emu_main/{label}/verdict"], timedelta(seconds=float(os.environ.get("EMU_TIMEOUT_S", "60"))))
             ok = store.get(f"emu_main/{label}/verdict") == b"1" and ok
+    if args.trace:
+        trace.disable()
+        store.set(f"emu_main/traced/{me}", "1")
+        if me == 0:
+            callers = elastic.survivors() if gone and args.removed == "dead" else range(dist.get_world_size())
+            store.wait([f"emu_main/traced/{g}" for g in callers])
+            print(f"\ntrace: {trace.merge(args.trace)} (python scripts/trace_report.py {args.trace})")
     time.sleep(0.05)
     dist.destroy_process_group()
     return 0 if ok else 1

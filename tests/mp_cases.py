@@ -124,7 +124,7 @@ def delayed_dispatch(rank: int, late_rank: int, delay_s: float, **fields) -> lis
     return perf.tolist()
 
 
-def elastic(rank: int, removed_mode: str = "idle", warmup: bool = True, **fields):
+def elastic(rank: int, removed_mode: str = "idle", warmup: bool = True, directory: str | None = None, **fields):
     """The doc's elastic flow on this rank: an optional non-elastic warm-up on every rank, then
     only the survivors run the scenario.  Removed ranks idle (return "idle") or die: they report
     "dead" and their process exits with code 0 before the survivors are done."""
@@ -134,9 +134,34 @@ def elastic(rank: int, removed_mode: str = "idle", warmup: bool = True, **fields
         full = Scenario(**{**fields, "removed": "", "elastic_flag0": False})
         scenario(rank, **full.asdict())
     if rank in sc.survivors():
-        return scenario(rank, **fields)
+        return traced(rank, directory, **fields) if directory else scenario(rank, **fields)
     if removed_mode == "dead":
         import world
         world.reply_and_exit(rank, "dead")
     time.sleep(0.2)                                                # idle: doing something else
     return "idle"
+
+
+def with_fault(rank: int, fault: str, **fields):
+    """Run a scenario with ``EMU_FAULT=fault`` set (the named rank exits mid-call);
+    returns (result or raise, seconds until this rank returned or raised)."""
+    import time
+    os.environ["EMU_FAULT"] = fault
+    t0 = time.monotonic()
+    try:
+        scenario(rank, **fields)
+        return "finished", time.monotonic() - t0
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        return f"{type(exc).__name__}: {exc}", time.monotonic() - t0
+    finally:
+        os.environ.pop("EMU_FAULT", None)
+
+
+def traced(rank: int, directory: str, **fields):
+    """Run a scenario with tracing into ``directory`` (then tracing off again)."""
+    from emu import trace
+    trace.enable(directory)
+    try:
+        return scenario(rank, **fields)
+    finally:
+        trace.disable()

@@ -104,10 +104,23 @@ def test_one_bad_rank_fails_every_rank(world, op, change, code, text):
     assert_all_raise(res, code, text, bad_ranks=[2])
 
 
-def test_attribute_mismatch_names_the_attribute(world):
-    res = world.run("mp_cases:bad_call", op="dispatch", change={"quant_mode": 2}, bad_ranks=[1], **BASE)
-    assert_all_raise(res, TILING, "quant_mode", bad_ranks=None)
-    assert all("quant_mode" in r.message for r in res)
+@pytest.mark.parametrize("op,change,attribute", [
+    ("dispatch", {"quant_mode": 2}, "quant_mode"),
+    ("dispatch", {"moe_expert_num": 9}, "moe_expert_num"),
+    ("dispatch", {"x": "@kw['x'].half()"}, "activation dtype"),
+    ("dispatch", {"x": "@torch.cat([kw['x'], kw['x'][:, :8]], 1)"}, "H (hidden size)"),
+    ("dispatch", {"global_bs": 32}, "global_bs"),
+    ("dispatch", {"expert_ids": "@kw['expert_ids'][:, :1]"}, "K (expert_ids.shape[1])"),
+    ("dispatch", {"shared_expert_rank_num": 2}, "shared_expert_rank_num"),
+    ("combine", {"comm_quant_mode": 2}, "comm_quant_mode"),
+    ("combine", {"zero_expert_num": 1}, "zero_expert_num"),
+])
+def test_attribute_mismatch_names_the_attribute(world, op, change, attribute):
+    """Rank 1 passes a different (but locally valid) attribute: every rank raises, naming it
+    and which ranks passed what."""
+    res = world.run("mp_cases:bad_call", op=op, change=change, bad_ranks=[1], **BASE)
+    assert_all_raise(res, TILING, attribute, bad_ranks=None)
+    assert all(f"attribute {attribute}" in r.message and "rank 1 passed" in r.message for r in res), res[0].message
 
 
 def test_mismatched_call_sequence(world):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import world_fixture
-from mp_check import check_scenario
+from mp_check import assert_all_raise, check_scenario
 
 world = world_fixture(8)
 pytestmark = pytest.mark.timeout(300)
@@ -69,3 +69,15 @@ ELASTIC = {
 def test_elastic_removed_ranks_idle(world, name):
     """Warm-up on all 8 ranks, then only the survivors call with elastic_info; removed ranks idle."""
     check_scenario(world, target="mp_cases:elastic", run_kwargs={"removed_mode": "idle"}, **ELASTIC[name])
+
+
+def test_one_bad_rank_among_8_fails_all_with_its_message(world):
+    res = world.run("mp_cases:bad_call", op="dispatch", change={"quant_mode": 1}, bad_ranks=[5], h=H)
+    assert_all_raise(res, 561002, "quant_mode", bad_ranks=[5])
+    for g, r in enumerate(res):
+        if g != 5:
+            assert "static quant (1) is not supported" in r.message, r.message    # the bad rank's own words
+    res = world.run("mp_cases:mismatched_calls", odd_rank=3, h=H)
+    assert_all_raise(res, 561002, "rank 3 called dispatch #")
+    assert all("while ranks 0-2, 4-7 called combine #" in r.message for r in res), res[0].message
+    check_scenario(world, h=H, seed=50)

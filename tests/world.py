@@ -11,6 +11,7 @@ import importlib
 import multiprocessing as mp
 import os
 import queue
+import time
 import sys
 import traceback
 from dataclasses import dataclass
@@ -98,12 +99,22 @@ class World:
         for r in live:
             self.inboxes[r].put((target, kwargs))
         results: list = ["dead"] * self.n
-        for _ in live:
+        waiting = set(live)
+        deadline = time.monotonic() + deadline_s
+        while waiting:
             try:
-                rank, _ok, value = self.outbox.get(timeout=deadline_s)
+                rank, _ok, value = self.outbox.get(timeout=0.2)
             except queue.Empty:
-                self.close(force=True)
-                raise TimeoutError(f"{target} did not finish on every rank within {deadline_s} s") from None
+                for r in list(waiting):                 # a rank that died without answering
+                    if not self.procs[r].is_alive():
+                        waiting.discard(r)
+                        self.dead.add(r)
+                        results[r] = f"exited({self.procs[r].exitcode})"
+                if time.monotonic() > deadline:
+                    self.close(force=True)
+                    raise TimeoutError(f"{target} did not finish on ranks {sorted(waiting)} within {deadline_s} s")
+                continue
+            waiting.discard(rank)
             results[rank] = value
             if isinstance(value, str) and value == "dead":
                 self.dead.add(rank)

@@ -1,0 +1,125 @@
+"""Flight recorder and dead-peer diagnosis through the rendezvous store.
+
+Before every collective a rank writes, under ``emu_fr/<group>/<global rank>``, the sequence
+number it reached in that group with the call and phase; once per process it writes its
+host and pid under ``emu_pid/<global rank>``.  When a collective fails or times out, the
+live ranks read those keys to say which peers never reached the collective, which of them
+are dead (same host: their pid is gone or a zombie) and what each member reached.
+
+``EMU_FAULT=rank:op:phase`` (e.g. ``3:dispatch:EP rows``) makes that global rank exit with
+code 1 just before issuing that collective: a fault injection for tests and for users who
+want to see what their job does when a rank dies.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from datetime import timedelta
+
+import torch.distributed as dist
+
+_store = None
+_pid_written = False
+
+
+def _get_store():
+    global _store
+    if _store is None:
+        from torch.distributed import distributed_c10d as c10d
+        try:
+            _store = c10d._get_default_store()
+        except (RuntimeError, ValueError):
+            _store = None
+    return _store
+
+
+def _fault_spec() -> tuple[int, str, str] | None:
+    raw = os.environ.get("EMU_FAULT")
+    if not raw:
+        return None
+    parts = raw.split(":", 2)
+    return (int(parts[0]), parts[1], parts[2]) if len(parts) == 3 and parts[0].isdigit() else None
+
+
+def entered(group: str, seq: int, op: str, call: int, phase: str) -> None:
+    """Record that this rank is about to issue collective ``seq`` of ``group``."""
+    global _pid_written
+    me = dist.get_rank()
+    fault = _fault_spec()
+    if fault is not None and fault[0] == me and fault[1] == op and fault[2] == phase:
+        os._exit(1)
+    store = _get_store()
+    if store is None:
+        return
+    if not _pid_written:
+        store.set(f"emu_pid/{me}", f"{socket.gethostname()}:{os.getpid()}")
+        _pid_written = True
+    store.set(f"emu_fr/{group}/{me}", json.dumps({"seq": seq, "op": op, "call": call, "phase": phase}))
+
+
+def _alive(rank: int) -> bool | None:
+    """True/False when ``rank`` runs on this host and its pid can be checked, else None."""
+    store = _get_store()
+    key = f"emu_pid/{rank}"
+    try:
+        if store is None or not store.check([key]):
+            return None
+        host, pid = store.get(key).decode().rsplit(":", 1)
+    except RuntimeError:
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def reached(group: str, ranks: list[int]) -> dict[int, dict | None]:
+    """What each global rank of ``group`` last recorded (None: nothing yet)."""
+    store = _get_store()
+    out: dict[int, dict | None] = {}
+    for r in ranks:
+        key = f"emu_fr/{group}/{r}"
+        try:
+            out[r] = json.loads(store.get(key)) if store is not None and store.check([key]) else None
+        except RuntimeError:
+            out[r] = None
+    return out
+
+
+def diagnose(group: str, ranks: list[int], seq: int, what: str) -> str:
+    """Sentence naming the peers that never finished ``what`` (collective ``seq`` of group)."""
+    me = dist.get_rank()
+    state = reached(group, ranks)
+    dead = [r for r in ranks if r != me and _alive(r) is False]
+    behind = [r for r in ranks if r != me and (state[r] is None or state[r]["seq"] < seq)]
+    parts = []
+    if dead:
+        parts.append("dead: " + ", ".join(f"rank {r}" + (f" (last in {state[r]['op']} #{state[r]['call']} "
+                                                             f"{state[r]['phase']}, seq {state[r]['seq']})"
+                                                             if state[r] else "") for r in dead)
+                     + f"; it never finished {what} (seq {seq})" + ";")
+    if behind:
+        parts.append("never reached it: " + ", ".join(f"rank {r}" for r in behind))
+    table = "; ".join(f"rank {r}: " + (f"seq {s['seq']} ({s['op']} #{s['call']} {s['phase']})" if s else "none")
+                      for r, s in state.items())
+    return (" ".join(parts) + ". " if parts else "") + f"Flight recorder for {group}: {table}"
+
+
+def store_message(key: str, message: str | None = None, wait_s: float = 0.0) -> str | None:
+    """Set (message given) or read a short text under ``key`` in the rendezvous store."""
+    store = _get_store()
+    if store is None:
+        return None
+    try:
+        if message is not None:
+            store.set(key, message)
+            return message
+        if wait_s:
+            store.wait([key], timedelta(seconds=wait_s))
+        return store.get(key).decode() if store.check([key]) else None
+    except RuntimeError:
+        return None

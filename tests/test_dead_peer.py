@@ -1,0 +1,34 @@
+"""A rank dies in the middle of a call: every live rank raises within EMU_TIMEOUT_S, naming
+the dead rank and the collective it never finished (4 real processes, a world per case)."""
+from __future__ import annotations
+
+import pytest
+
+from world import World
+
+pytestmark = pytest.mark.timeout(120)
+TIMEOUT_S = 8.0
+FIELDS = dict(ep=4, moe=6, shared_ranks=1, k=2, bs=4, h=1024)
+
+
+@pytest.mark.parametrize("fault,collective", [
+    ("2:dispatch:EP rows", "'dispatch #1 EP rows'"),
+    ("1:combine:EP header", "'combine #2 EP header'"),
+    ("3:combine:EP rows", "'combine #2 EP rows'"),
+], ids=["mid-dispatch", "combine-header", "mid-combine"])
+def test_dead_rank_named_by_every_live_rank(fault, collective):
+    dead = int(fault.split(":")[0])
+    world = World(4, timeout_s=TIMEOUT_S)
+    try:
+        res = world.run("mp_cases:with_fault", fault=fault, deadline_s=60, **FIELDS)
+    finally:
+        world.close(force=True)
+    assert res[dead] == "exited(1)", res
+    for g, r in enumerate(res):
+        if g == dead:
+            continue
+        message, seconds = r
+        assert message.startswith("CollectiveError"), (g, message)
+        assert collective in message, (g, message)
+        assert f"dead: rank {dead}" in message, (g, message)
+        assert seconds < TIMEOUT_S + 2, (g, seconds)
