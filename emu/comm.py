@@ -113,6 +113,7 @@ class Domain:
 
 
 _group_seq: dict[str, int] = {}
+collectives_issued = 0          # every collective of this process (benchmarks count them)
 
 
 def _spans(ranks: list[int]) -> str:
@@ -142,6 +143,8 @@ def _issue(call: "Call", dom: Domain, phase: str, out: torch.Tensor, inp: torch.
     an error naming this rank, the collective and the peers that never finished it.
     Returns (t0, t1) in CLOCK_MONOTONIC ns.
     """
+    global collectives_issued
+    collectives_issued += 1
     seq = _group_seq.get(dom.name, 0) + 1
     _group_seq[dom.name] = seq
     flight.entered(dom.name, seq, call.op, call.call_no, phase)
