@@ -15,9 +15,9 @@ import torch
 from .attrs import Geometry, MoeConfig
 from .comm import H_EXPECT, H_ROWS, Call
 from .errors import TILING_ERROR, AclnnError, PeerError
-from .numerics import COMM_QUANT_GROUP, comm_dequant, comm_quant, combine_tokens, tp_add
+from .numerics import COMM_QUANT_GROUP, comm_dequant, comm_quant, combine_rows, tp_add
 from .plan import ActiveSet, send_plan
-from .wire import Field, pack, row_bytes, unpack
+from .wire import Field, Segments, pack, scratch, pack_meta, row_bytes, unpack, unpack_meta
 
 
 @dataclass
@@ -59,50 +59,68 @@ def check_own_rows(geom: Geometry, rank: int, inp: CombineInputs, own: int, cap:
                          f"{tri[i].tolist()} on EP rank {rank} is not a dispatch triple")
 
 
-def return_fields(geom: Geometry, quant: bool, xt: torch.dtype) -> list[Field]:
-    if quant:
-        return [Field(torch.int8, geom.H), Field(xt, -(-geom.H // COMM_QUANT_GROUP)), Field(torch.int32, 2)]
-    return [Field(xt, geom.H), Field(torch.int32, 2)]
-
-
 def combine(call: Call, geom: Geometry, cfg: MoeConfig, inp: CombineInputs, act: ActiveSet) -> torch.Tensor:
     """Run combine for this rank; returns x_out (Bs, H) XT (inactive tokens zero).
 
     ``geom``: routing geometry (new id space under elastic scaling); the special-expert
-    ranges of the weighted sum use the ORIGINAL ``cfg.moe_expert_num`` (spec §7, §9.3)."""
-    me = call.ep.rank
+    ranges of the weighted sum use the ORIGINAL ``cfg.moe_expert_num`` (spec §7, §9.3).
+    Wire rows: the expert output row (H of XT, or H int8 + ceil(H/8) XT group scales with
+    comm_quant_mode 2), metadata (t, k) in each segment's tail (``wire.Segments``)."""
+    dom = call.ep
+    me = dom.rank
     xt = inp.expand_x.dtype
     own = own_rows(geom, me, inp)
     y = inp.expand_x[:own]
     if geom.tp_active:
         y = _tp_reduce(call, geom, inp, own)
     tri = inp.assist_info[:3 * own].to(torch.int64).view(own, 3).numpy()
-    order = np.argsort(tri[:, 0], kind="stable")
+    dest = tri[:, 0] if dom.order is None else dom.order[tri[:, 0]]
+    order = np.argsort(dest, kind="stable")
     send_counts = np.bincount(tri[:, 0], minlength=geom.W).astype(np.int64)
     expected = send_plan(geom, me, inp.expert_ids, act).counts
     quant = cfg.comm_quant_mode == 2
-    fields = return_fields(geom, quant, xt)
-    rows = y[torch.from_numpy(order)]
-    meta = torch.from_numpy(tri[order, 1:])
-    parts = list(comm_quant(rows)) + [meta] if quant else [rows, meta]
-    hdr = call.exchange_header("EP", send_counts, row_bytes(fields), expected)
-    buf = call.exchange_rows("EP", pack(parts, fields), send_counts, hdr[:, H_ROWS], "rows")
+    groups = -(-geom.H // COMM_QUANT_GROUP)
+    width = geom.H + groups * inp.expand_x.element_size() if quant else geom.H * inp.expand_x.element_size()
+    sent = Segments(dom.to_group(send_counts), width)
+    hdr = call.exchange_header("EP", send_counts, width, expected)
+    received = Segments(dom.to_group(hdr[:, H_ROWS]), width)
+
+    send = scratch("send", sent.total, width)
+    order_t = torch.from_numpy(order)
+    if quant:
+        q, scale = comm_quant(y.index_select(0, order_t))
+        pos = torch.from_numpy(sent.payload_index())
+        send[pos, :geom.H] = q.view(torch.uint8)
+        send[pos, geom.H:] = scale.contiguous().view(torch.uint8)
+    else:
+        rows_out = send.view(xt)
+        done = 0
+        for p in np.flatnonzero(sent.n):
+            n, s = int(sent.n[p]), int(sent.start[p])
+            torch.index_select(y, 0, order_t[done:done + n], out=rows_out[s:s + n])
+            done += n
+    sent.write_meta(send, pack_meta(tri[order, 1], tri[order, 2], np.zeros(own, np.int64)))
+    recv = call.exchange_segments("EP", send, sent, received, "rows")
     _cross_check(call, hdr, send_counts, expected)
-    got = unpack(buf, fields)
-    recv = comm_dequant(got[0], got[1], xt) if quant else got[0]
-    tk = got[-1].to(torch.int64)
-    bs, k = inp.expert_ids.shape
-    if tk.numel() and (int(tk[:, 0].max()) >= bs or int(tk[:, 1].max()) >= k + geom.Ns):
+
+    t, k, _ = unpack_meta(received.read_meta(recv))
+    bs, k_num = inp.expert_ids.shape
+    if t.size and (int(t.max()) >= bs or int(k.max()) >= k_num + geom.Ns):
         raise PeerError(TILING_ERROR, f"combine call #{call.call_no} on EP rank {me}: a peer returned a row for "
-                        f"(token, slot) outside (Bs={bs}, K+N_s={k + geom.Ns}); its assist_info is not from "
+                        f"(token, slot) outside (Bs={bs}, K+N_s={k_num + geom.Ns}); its assist_info is not from "
                         f"this dispatch")
-    slots = torch.zeros(bs, k + geom.Ns, geom.H, dtype=xt)
-    slots[tk[:, 0], tk[:, 1]] = recv
-    acc = combine_tokens(slots, inp.expert_ids, inp.expert_scales,
-                         None if act.slot_mask is None else torch.from_numpy(act.slot_mask),
-                         cfg.moe_expert_num, geom.zero, geom.copy, geom.const, geom.Ns, inp.ori_x,
-                         inp.const_expert_alpha_1, inp.const_expert_alpha_2, inp.const_expert_v,
-                         inp.shared_expert_x)
+    rows_idx = torch.from_numpy(received.payload_index())
+    if quant:
+        got = recv.index_select(0, rows_idx)
+        rows = comm_dequant(got[:, :geom.H].view(torch.int8), got[:, geom.H:].contiguous().view(xt), xt)
+        rows_idx = None
+    else:                                            # payload rows straight from the wire buffer
+        rows = recv.view(xt)
+    acc = combine_rows(rows, torch.from_numpy(t), torch.from_numpy(k), inp.expert_ids, inp.expert_scales,
+                       None if act.slot_mask is None else torch.from_numpy(act.slot_mask), geom.Ns,
+                       cfg.moe_expert_num, geom.zero, geom.copy, geom.const, inp.ori_x,
+                       inp.const_expert_alpha_1, inp.const_expert_alpha_2, inp.const_expert_v,
+                       inp.shared_expert_x, row_index=rows_idx)
     x_out = acc.to(xt)
     x_out[torch.from_numpy(~act.tokens)] = 0
     return x_out

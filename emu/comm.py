@@ -28,6 +28,7 @@ from torch.distributed import ProcessGroup
 from . import flight, trace
 from .errors import TILING_ERROR, AclnnError, PeerError
 from .groups import group_label, group_ranks, survivor_group
+from .wire import Segments, scratch
 
 MAGIC = 0x4D43325F454D55          # "MC2_EMU"
 OPS = {1: "dispatch", 2: "combine"}
@@ -147,7 +148,9 @@ def _issue(call: "Call", dom: Domain, phase: str, out: torch.Tensor, inp: torch.
     collectives_issued += 1
     seq = _group_seq.get(dom.name, 0) + 1
     _group_seq[dom.name] = seq
-    flight.entered(dom.name, seq, call.op, call.call_no, phase)
+    flight.maybe_fail(call.op, phase)
+    if equal:                  # header exchanges only: the rows exchange follows at seq + 1
+        flight.entered(dom.name, seq, call.op, call.call_no, phase)
     splits_out = None if equal else [int(c) for c in dom.to_group(recv_rows)]
     splits_in = None if equal else [int(c) for c in dom.to_group(send_rows)]
     limit = timeout_s()
@@ -249,6 +252,18 @@ class Call:
             if problem is not None:
                 self.abort(problem)
         return hdr
+
+    def exchange_segments(self, kind: str, send: torch.Tensor, sent: Segments, received: Segments,
+                          phase: str) -> torch.Tensor:
+        """All-to-all of a segment buffer (``wire.Segments``, peers in group-rank order).
+
+        send: (sent.total, width) uint8.  Returns (received.total, width) uint8.
+        """
+        dom = self.domain(kind)
+        out = scratch("recv", received.total, sent.width)
+        _issue(self, dom, f"{kind} {phase}", out, send, dom.from_group(sent.rows), dom.from_group(received.rows),
+               sent.width)
+        return out
 
     def exchange_rows(self, kind: str, send: torch.Tensor, send_counts: np.ndarray, recv_counts: np.ndarray,
                       phase: str) -> torch.Tensor:

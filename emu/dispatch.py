@@ -14,27 +14,7 @@ from .comm import H_ROWS, Call
 from .layout import DispatchOutputs, DispatchShapes, expert_token_nums, recv_layout
 from .numerics import dynamic_quant
 from .plan import ActiveSet, send_plan
-from .wire import Field, pack, row_bytes, unpack
-
-
-def _ep_fields(geom: Geometry, quant: bool, xt: torch.dtype) -> list[Field]:
-    fields = [Field(torch.int8 if quant else xt, geom.H)]
-    if quant:
-        fields.append(Field(torch.float32, 1))
-    fields.append(Field(torch.int32, 4))
-    return fields
-
-
-def send_rows(geom: Geometry, cfg: MoeConfig, src: int, x: torch.Tensor, expert_ids: torch.Tensor,
-              scales: torch.Tensor | None, act: ActiveSet):
-    """Plan and payload of this source: (plan, rows (n, H), scale (n,) fp32 or None)."""
-    plan = send_plan(geom, src, expert_ids, act)
-    rows = x[torch.from_numpy(plan.token)]
-    if cfg.quant_mode == 2:
-        smooth = scales[torch.from_numpy(plan.smooth_row)] if scales is not None else None
-        q, scale = dynamic_quant(rows, smooth)
-        return plan, q, scale
-    return plan, rows, None
+from .wire import Field, Segments, pack, scratch, pack_meta, row_bytes, unpack, unpack_meta
 
 
 def dispatch(call: Call, geom: Geometry, shapes: DispatchShapes, cfg: MoeConfig, x: torch.Tensor,
@@ -42,27 +22,55 @@ def dispatch(call: Call, geom: Geometry, shapes: DispatchShapes, cfg: MoeConfig,
     """Run dispatch for this rank; ``call`` holds its EP (and TP) domain.
 
     ``geom``: the routing geometry (new id space under elastic scaling); ``shapes``: the eager
-    output shapes (from the original attributes)."""
-    me = call.ep.rank
+    output shapes (from the original attributes).  Wire rows: the token row (H of XT, or H
+    int8 + a 4-byte fp32 scale with quant 2), metadata (t, k, local expert) in each segment's
+    tail (``wire.Segments``); the source is the segment."""
+    dom = call.ep
+    me = dom.rank
     quant = cfg.quant_mode == 2
-    plan, rows, scale = send_rows(geom, cfg, me, x, expert_ids, scales, act)
-    fields = _ep_fields(geom, quant, x.dtype)
-    width = row_bytes(fields)
-    meta = np.stack([np.full_like(plan.token, me), plan.token, plan.slot, plan.local], axis=1)
-    parts = [rows] + ([scale] if quant else []) + [torch.from_numpy(meta)]
+    plan = send_plan(geom, me, expert_ids, act)
+    token, slot, local, smooth_row = plan.token, plan.slot, plan.local, plan.smooth_row
+    if dom.order is not None:                     # wire order: destinations by group rank
+        by_group = np.argsort(dom.order[plan.dest], kind="stable")
+        token, slot, local, smooth_row = token[by_group], slot[by_group], local[by_group], smooth_row[by_group]
+    width = geom.H + 4 if quant else geom.H * x.element_size()
+    sent = Segments(dom.to_group(plan.counts), width)
     hdr = call.exchange_header("EP", plan.counts, width, np.zeros(geom.W, np.int64))
-    recv_counts = hdr[:, H_ROWS]
-    got = unpack(call.exchange_rows("EP", pack(parts, fields), plan.counts, recv_counts, "rows"), fields)
-    rmeta = got[-1].to(torch.int64).numpy()
-    lay = recv_layout(geom, me, rmeta[:, 0], rmeta[:, 3])
-    order = torch.from_numpy(lay.order)
-    own = int(order.numel())
+    received = Segments(dom.to_group(hdr[:, H_ROWS]), width)
 
-    out = DispatchOutputs.allocate(shapes, geom.H, torch.int8 if quant else x.dtype)
-    out.expand_x[:own] = got[0][order]
+    send = scratch("send", sent.total, width)
+    tok = torch.from_numpy(token)
     if quant:
-        out.dynamic_scales[:own] = got[1][order, 0]
-    out.assist_info_for_combine[:3 * own] = torch.from_numpy(rmeta[lay.order, :3].reshape(-1).astype(np.int32))
+        smooth = scales[torch.from_numpy(smooth_row)] if scales is not None else None
+        q, scale = dynamic_quant(x.index_select(0, tok), smooth)
+        pos = torch.from_numpy(sent.payload_index())
+        send[pos, :geom.H] = q.view(torch.uint8)
+        send[pos, geom.H:] = scale.view(torch.uint8).view(-1, 4)
+    else:
+        rows_out = send.view(x.dtype)             # (total, H): gather x rows straight into each segment
+        done = 0
+        for p in np.flatnonzero(sent.n):
+            n, s = int(sent.n[p]), int(sent.start[p])
+            torch.index_select(x, 0, tok[done:done + n], out=rows_out[s:s + n])
+            done += n
+    sent.write_meta(send, pack_meta(token, slot, local))
+    recv = call.exchange_segments("EP", send, sent, received, "rows")
+
+    t, k, loc = unpack_meta(received.read_meta(recv))
+    group_to_logical = np.argsort(dom.order) if dom.order is not None else np.arange(dom.size)
+    src = np.repeat(group_to_logical, received.n)
+    lay = recv_layout(geom, me, src, loc)
+    own = int(lay.order.size)
+    rows_idx = torch.from_numpy(received.payload_index()[lay.order])
+    out = DispatchOutputs.allocate(shapes, geom.H, torch.int8 if quant else x.dtype, zero=False)
+    if quant:
+        got = recv.index_select(0, rows_idx)
+        out.expand_x[:own] = got[:, :geom.H].view(torch.int8)
+        out.dynamic_scales[:own] = got[:, geom.H:].contiguous().view(torch.float32).view(-1)
+    else:
+        torch.index_select(recv.view(x.dtype), 0, rows_idx, out=out.expand_x[:own])
+    tri = np.stack([src, t, k], axis=1)[lay.order]
+    out.assist_info_for_combine[:3 * own] = torch.from_numpy(tri.reshape(-1).astype(np.int32))
     blocks = geom.recv_blocks(me)
     out.ep_recv_counts[:blocks] = torch.from_numpy(lay.ep_recv_counts.astype(np.int32))
     total = own
@@ -70,6 +78,7 @@ def dispatch(call: Call, geom: Geometry, shapes: DispatchShapes, cfg: MoeConfig,
         total += _tp_gather(call, geom, out, own, lay.ep_recv_counts, quant)
     nums = expert_token_nums(geom, me, lay.ep_recv_counts, total, cfg.expert_token_nums_type)
     out.expert_token_nums[:nums.size] = torch.from_numpy(nums)        # shared ranks: element 0 only
+    out.zero_beyond(total, own, scales_written=quant)
     return out
 
 

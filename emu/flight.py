@@ -1,7 +1,9 @@
 """Flight recorder and dead-peer diagnosis through the rendezvous store.
 
-Before every collective a rank writes, under ``emu_fr/<group>/<global rank>``, the sequence
-number it reached in that group with the call and phase; once per process it writes its
+Before every header exchange (the first collective of each group in a call; the rows
+exchange follows at the next sequence number) a rank writes, under
+``emu_fr/<group>/<global rank>``, the sequence number it reached in that group with the call
+and phase; once per process it writes its
 host and pid under ``emu_pid/<global rank>``.  When a collective fails or times out, the
 live ranks read those keys to say which peers never reached the collective, which of them
 are dead (same host: their pid is gone or a zombie) and what each member reached.
@@ -42,13 +44,17 @@ def _fault_spec() -> tuple[int, str, str] | None:
     return (int(parts[0]), parts[1], parts[2]) if len(parts) == 3 and parts[0].isdigit() else None
 
 
+def maybe_fail(op: str, phase: str) -> None:
+    """Exit with code 1 here if EMU_FAULT names this rank, op and phase."""
+    fault = _fault_spec()
+    if fault is not None and fault[0] == dist.get_rank() and fault[1] == op and fault[2] == phase:
+        os._exit(1)
+
+
 def entered(group: str, seq: int, op: str, call: int, phase: str) -> None:
     """Record that this rank is about to issue collective ``seq`` of ``group``."""
     global _pid_written
     me = dist.get_rank()
-    fault = _fault_spec()
-    if fault is not None and fault[0] == me and fault[1] == op and fault[2] == phase:
-        os._exit(1)
     store = _get_store()
     if store is None:
         return

@@ -117,3 +117,61 @@ def combine_tokens(y: torch.Tensor, expert_ids: torch.Tensor, expert_scales: tor
     if shared_expert_x is not None:
         acc = acc + shared_expert_x.reshape(bs, h).to(F32)
     return acc
+
+
+def combine_rows(rows: torch.Tensor, token: torch.Tensor, slot: torch.Tensor, expert_ids: torch.Tensor,
+                 expert_scales: torch.Tensor, slot_mask: torch.Tensor | None, shared_num: int,
+                 moe_expert_num: int, zero: int, copy: int, const: int, ori_x: torch.Tensor | None,
+                 alpha1: torch.Tensor | None, alpha2: torch.Tensor | None, const_v: torch.Tensor | None,
+                 shared_expert_x: torch.Tensor | None, row_index: torch.Tensor | None = None) -> torch.Tensor:
+    """The same sum as :func:`combine_tokens`, computed from the received rows directly.
+
+    rows: (n, H) XT received rows (any row-indexable tensor) for the (token, slot) pairs
+    ``token`` / ``slot`` (int64, (n,)), entry i being ``rows[row_index[i]]`` when ``row_index``
+    is given (rows straight from a wire buffer); slot k < K is a MoE expert, weighted by
+    expert_scales[t, k]; slot K + j is shared expert j, unweighted.  Slot by slot in order,
+    each slot's terms (received rows, or copy / const expert terms) are added to their tokens'
+    fp32 sums with ``index_add_``: a token gets at most one term per slot, so every element
+    gets exactly one rounded add per contributing slot, in slot order, as in spec §9.3.
+    Returns acc (Bs, H) fp32.
+    """
+    bs, k_num = expert_ids.shape
+    h = rows.shape[1]
+    w = expert_scales.to(F32)
+    acc = torch.zeros(bs, h, dtype=F32)
+    order = torch.argsort(slot, stable=True)
+    bounds = torch.searchsorted(slot[order], torch.arange(k_num + shared_num + 1))
+    special = (copy or const) and ori_x is not None
+    if special:
+        ids = expert_ids.to(torch.int64) & 0xFFFFFFFF
+        on = torch.ones(bs, k_num, dtype=torch.bool) if slot_mask is None else slot_mask
+        ori = ori_x.to(F32)
+        copy_lo, const_lo = moe_expert_num + zero, moe_expert_num + zero + copy
+        if const and const_v is not None:
+            a1, a2 = alpha1.to(F32), alpha2.to(F32)
+            v2 = const_v.to(F32) * a2[:, None]
+    most = int((bounds[1:] - bounds[:-1]).max()) if bounds.numel() > 1 else 0
+    work = torch.empty(most * h, dtype=F32)           # one scratch for every slot's terms
+    one = torch.ones(1, dtype=F32)
+    for k in range(k_num + shared_num):
+        sel = order[int(bounds[k]):int(bounds[k + 1])]
+        if sel.numel():
+            t = token.index_select(0, sel)
+            picked = rows.index_select(0, sel if row_index is None else row_index.index_select(0, sel))
+            term = work[:sel.numel() * h].view(-1, h)
+            # XT * fp32 computes in fp32: the exact widening and one rounded multiply (x 1 for shared)
+            torch.mul(picked, w[t, k][:, None] if k < k_num else one, out=term)
+            acc.index_add_(0, t, term)
+        if special and k < k_num:
+            e = ids[:, k]
+            cp = torch.nonzero(on[:, k] & (e >= copy_lo) & (e < copy_lo + copy)).squeeze(1)
+            if cp.numel():
+                acc.index_add_(0, cp, ori[cp] * w[cp, k][:, None])
+            if const and const_v is not None:
+                ct = torch.nonzero(on[:, k] & (e >= const_lo) & (e < const_lo + const)).squeeze(1)
+                if ct.numel():
+                    c = e[ct] - const_lo
+                    acc.index_add_(0, ct, (ori[ct] * a1[c][:, None] + v2[c]) * w[ct, k][:, None])
+    if shared_expert_x is not None:
+        acc.add_(shared_expert_x.reshape(bs, h).to(F32))
+    return acc

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -46,3 +47,75 @@ def unpack(buf: torch.Tensor, fields: list[Field]) -> list[torch.Tensor]:
         out.append(chunk.view(f.dtype).reshape(n, f.width))
         off += f.nbytes
     return out
+
+
+META_BYTES = 4           # one int32 of metadata per row, see pack_meta
+
+
+def pack_meta(token: np.ndarray, slot: np.ndarray, local: np.ndarray) -> np.ndarray:
+    """(token t < 2^16, slot k < 32, local expert < 1024) -> one int32 per row."""
+    return ((token.astype(np.int64) << 15) | (slot.astype(np.int64) << 10) | local.astype(np.int64)).astype(np.int32)
+
+
+def unpack_meta(meta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    m = meta.astype(np.int64)
+    return m >> 15, (m >> 10) & 31, m & 1023
+
+
+class Segments:
+    """A packed all-to-all buffer of uniform rows of ``width`` bytes, one segment per peer
+    (in group-rank order): the peer's ``n`` payload rows, then ``ceil(4n / width)`` rows that
+    carry its ``n`` int32 metadata words.  Payload rows can then be gathered straight from or
+    into the buffer, with no per-row interleaving of metadata.
+
+    counts: (P,) payload rows per peer (group order); width: payload bytes per row.
+    """
+
+    def __init__(self, counts: np.ndarray, width: int):
+        self.n = np.asarray(counts, dtype=np.int64)
+        self.width = width
+        self.meta_rows = -(-META_BYTES * self.n // max(width, 1))
+        self.rows = self.n + self.meta_rows
+        self.start = np.concatenate([[0], np.cumsum(self.rows)[:-1]]).astype(np.int64)
+        self.total = int(self.rows.sum())
+
+    def payload_index(self) -> np.ndarray:
+        """Buffer row of every payload row, peers in order, each peer's rows in order."""
+        if not self.n.sum():
+            return np.zeros(0, np.int64)
+        seg = np.repeat(np.arange(self.n.size), self.n)
+        first = np.concatenate([[0], np.cumsum(self.n)[:-1]])
+        return self.start[seg] + np.arange(int(self.n.sum())) - first[seg]
+
+    def write_meta(self, buf: torch.Tensor, meta: np.ndarray) -> None:
+        """Store ``meta`` (int32, payload rows in peer order) into each segment's tail rows."""
+        off = 0
+        for p in np.flatnonzero(self.n):
+            n, s = int(self.n[p]), int(self.start[p] + self.n[p])
+            tail = buf[s:s + int(self.meta_rows[p])].view(-1)[:META_BYTES * n]
+            tail.copy_(torch.from_numpy(meta[off:off + n]).view(torch.uint8))
+            off += n
+
+    def read_meta(self, buf: torch.Tensor) -> np.ndarray:
+        """The int32 metadata of every payload row, peers in order."""
+        parts = []
+        for p in np.flatnonzero(self.n):
+            n, s = int(self.n[p]), int(self.start[p] + self.n[p])
+            parts.append(buf[s:s + int(self.meta_rows[p])].reshape(-1)[:META_BYTES * n].clone().view(torch.int32).numpy())
+        return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+
+_pool: dict[str, torch.Tensor] = {}
+
+
+def scratch(tag: str, rows: int, width: int) -> torch.Tensor:
+    """A reusable (rows, width) uint8 buffer for wire data, one per ``tag``, grown on demand.
+
+    Fresh large tensors cost page faults on every call; wire buffers never leave the op, so
+    they are kept between calls (outputs handed to the user are always fresh tensors)."""
+    need = rows * width
+    buf = _pool.get(tag)
+    if buf is None or buf.numel() < need:
+        buf = torch.empty(max(need, 1), dtype=torch.uint8)
+        _pool[tag] = buf
+    return buf[:need].view(rows, width)
