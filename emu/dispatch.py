@@ -17,6 +17,22 @@ from .plan import ActiveSet, send_plan
 from .wire import Field, Segments, pack, scratch, pack_meta, row_bytes, unpack, unpack_meta
 
 
+def _quantise_copies(x: torch.Tensor, scales: torch.Tensor | None, token: np.ndarray,
+                     smooth_row: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic int8 copies for the rows to send (spec §5): (n, H) int8 and (n,) fp32.
+
+    A copy depends only on (token, smooth row) (only on the token without smooth scales), so
+    each distinct pair is quantised once and the results gathered: bit-identical, K times less work."""
+    key = token * (scales.shape[0] if scales is not None else 1) + (smooth_row if scales is not None else 0)
+    uniq, inverse = np.unique(key, return_inverse=True)
+    per = scales.shape[0] if scales is not None else 1
+    u_tok = torch.from_numpy(uniq // per)
+    smooth = scales[torch.from_numpy(uniq % per)] if scales is not None else None
+    q, scale = dynamic_quant(x.index_select(0, u_tok), smooth)
+    inv = torch.from_numpy(inverse.reshape(-1))
+    return q.index_select(0, inv), scale.index_select(0, inv)
+
+
 def dispatch(call: Call, geom: Geometry, shapes: DispatchShapes, cfg: MoeConfig, x: torch.Tensor,
              expert_ids: torch.Tensor, scales: torch.Tensor | None, act: ActiveSet) -> DispatchOutputs:
     """Run dispatch for this rank; ``call`` holds its EP (and TP) domain.
@@ -41,11 +57,13 @@ def dispatch(call: Call, geom: Geometry, shapes: DispatchShapes, cfg: MoeConfig,
     send = scratch("send", sent.total, width)
     tok = torch.from_numpy(token)
     if quant:
-        smooth = scales[torch.from_numpy(smooth_row)] if scales is not None else None
-        q, scale = dynamic_quant(x.index_select(0, tok), smooth)
-        pos = torch.from_numpy(sent.payload_index())
-        send[pos, :geom.H] = q.view(torch.uint8)
-        send[pos, geom.H:] = scale.view(torch.uint8).view(-1, 4)
+        q, scale = _quantise_copies(x, scales, token, smooth_row)
+        done = 0
+        for p in np.flatnonzero(sent.n):          # contiguous segment slices, no scattered writes
+            n, s = int(sent.n[p]), int(sent.start[p])
+            send[s:s + n, :geom.H].copy_(q[done:done + n].view(torch.uint8))
+            send[s:s + n, geom.H:].copy_(scale[done:done + n].view(torch.uint8).view(n, 4))
+            done += n
     else:
         rows_out = send.view(x.dtype)             # (total, H): gather x rows straight into each segment
         done = 0

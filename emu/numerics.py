@@ -21,14 +21,15 @@ def dynamic_quant(rows: torch.Tensor, smooth: torch.Tensor | None) -> tuple[torc
     Returns q (n, H) int8 and scale (n,) fp32 with ``scale = 1 / (127 / amax)``.
     An all-zero row gives q = 0, scale = 0 (spec §15).
     """
-    row = rows.to(F32)
+    row = rows.to(F32, copy=True)                    # exact widening; worked on in place below
     if smooth is not None:
-        row = row * smooth
+        row.mul_(smooth)
     amax = row.abs().amax(dim=1) if row.shape[1] else torch.zeros(row.shape[0], dtype=F32)
     d = torch.full_like(amax, 127.0) / amax
-    q = torch.round(row * d[:, None])
+    q = row.mul_(d[:, None]).round_()                # fp32 multiply (RNE), then round half to even
     zero = amax == 0
-    q[zero] = 0
+    if bool(zero.any()):
+        q[zero] = 0
     scale = torch.ones_like(d) / d                    # 1/inf = 0 for all-zero rows
     return q.to(torch.int8), scale
 
