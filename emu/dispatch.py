@@ -80,7 +80,7 @@ def dispatch(call: Call, geom: Geometry, shapes: DispatchShapes, cfg: MoeConfig,
     lay = recv_layout(geom, me, src, loc)
     own = int(lay.order.size)
     rows_idx = torch.from_numpy(received.payload_index()[lay.order])
-    out = DispatchOutputs.allocate(shapes, geom.H, torch.int8 if quant else x.dtype, zero=False)
+    out = DispatchOutputs.allocate(shapes, geom.H, torch.int8 if quant else x.dtype)
     if quant:
         got = recv.index_select(0, rows_idx)
         out.expand_x[:own] = got[:, :geom.H].view(torch.int8)
@@ -96,7 +96,6 @@ def dispatch(call: Call, geom: Geometry, shapes: DispatchShapes, cfg: MoeConfig,
         total += _tp_gather(call, geom, out, own, lay.ep_recv_counts, quant)
     nums = expert_token_nums(geom, me, lay.ep_recv_counts, total, cfg.expert_token_nums_type)
     out.expert_token_nums[:nums.size] = torch.from_numpy(nums)        # shared ranks: element 0 only
-    out.zero_beyond(total, own, scales_written=quant)
     return out
 
 

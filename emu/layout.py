@@ -85,6 +85,16 @@ def dispatch_shapes(geom: Geometry, rank: int, bs: int, elastic: bool = False) -
                           assist=max(bs * geom.K, 128 * a), token_nums=lr, ep_recv=ep_recv, tp_recv=tp)
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A fresh zero tensor whose memory comes from calloc (numpy), so the OS zeroes pages only
+    when they are first touched: outputs of A*H rows cost what is written, not their size."""
+    n = 1
+    for d in shape:
+        n *= d
+    raw = np.zeros(n * torch.empty(0, dtype=dtype).element_size(), dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)
+
+
 @dataclass
 class DispatchOutputs:
     """The 7 outputs of dispatch_v2, in torch_npu's order.
@@ -103,26 +113,19 @@ class DispatchOutputs:
     tp_recv_counts: torch.Tensor
     expand_scales: torch.Tensor
 
-    def zero_beyond(self, rows: int, own: int, scales_written: bool = True) -> None:
-        """Zero expand_x / dynamic_scales past ``rows`` valid rows and the triples past ``own``."""
-        self.expand_x[rows:] = 0
-        self.dynamic_scales[rows if scales_written else 0:] = 0
-        self.assist_info_for_combine[3 * own:] = 0
-
     def as_tuple(self) -> tuple[torch.Tensor, ...]:
         return (self.expand_x, self.dynamic_scales, self.assist_info_for_combine,
                 self.expert_token_nums, self.ep_recv_counts, self.tp_recv_counts,
                 self.expand_scales)
 
     @classmethod
-    def allocate(cls, shapes: DispatchShapes, h: int, dtype: torch.dtype, zero: bool = True) -> "DispatchOutputs":
-        """Outputs at the eager shapes, zero-filled (regions the hardware leaves unwritten stay
-        0, spec §15).  ``zero=False`` leaves the three large ones uninitialised: the caller fills
-        their valid prefixes and then calls :meth:`zero_beyond`."""
-        big = torch.zeros if zero else torch.empty
-        return cls(expand_x=big(shapes.rows, h, dtype=dtype),
-                   dynamic_scales=big(shapes.dynamic_scales, dtype=torch.float32),
-                   assist_info_for_combine=big(shapes.assist, dtype=torch.int32),
+    def allocate(cls, shapes: DispatchShapes, h: int, dtype: torch.dtype) -> "DispatchOutputs":
+        """Zero-filled outputs at the eager shapes (regions the hardware leaves unwritten stay
+        0, spec §15); the large ones come zeroed from the OS, so only what is written is touched."""
+        big = lazy_zeros
+        return cls(expand_x=big((shapes.rows, h), dtype),
+                   dynamic_scales=big((shapes.dynamic_scales,), torch.float32),
+                   assist_info_for_combine=big((shapes.assist,), torch.int32),
                    expert_token_nums=torch.zeros(shapes.token_nums, dtype=torch.int64),
                    ep_recv_counts=torch.zeros(shapes.ep_recv, dtype=torch.int32),
                    tp_recv_counts=torch.zeros(shapes.tp_recv, dtype=torch.int32),

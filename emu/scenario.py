@@ -13,7 +13,7 @@ import torch
 
 from .attrs import Geometry, MoeConfig
 from .combine import CombineInputs
-from .layout import DispatchOutputs
+from .layout import DispatchOutputs, lazy_zeros
 from .placement import Remap
 from .reference import DispatchInputs, reference_combine, reference_dispatch, tp_span
 
@@ -192,10 +192,12 @@ def expert_outputs(sc: Scenario, geom: Geometry, ep_rank: int, out: DispatchOutp
     factor[:n] = 1 + e / 64 if sc.experts == "scaled" else 1.0
     if geom.tp_active:
         factor = factor * 0.5
-    vals = out.expand_x.to(torch.float32)
+    vals = out.expand_x[:n].to(torch.float32)
     if out.expand_x.dtype == torch.int8:
-        vals = vals * out.dynamic_scales[:rows, None]
-    return (vals * factor[:, None]).to(sc.xt)
+        vals = vals * out.dynamic_scales[:n, None]
+    y = lazy_zeros(tuple(out.expand_x.shape), sc.xt)
+    y[:n] = (vals * factor[:n, None]).to(sc.xt)
+    return y
 
 
 def combine_inputs(sc: Scenario, data: RankData, out: DispatchOutputs, y: torch.Tensor) -> CombineInputs:
