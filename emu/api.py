@@ -204,10 +204,11 @@ def moe_distribute_combine_v2(expand_x: torch.Tensor, expert_ids: torch.Tensor,
                               shared_expert_num: int = 1, shared_expert_rank_num: int = 0,
                               global_bs: int = 0, comm_quant_mode: int = 0, comm_alg: str = "",
                               zero_expert_num: int = 0, copy_expert_num: int = 0,
-                              const_expert_num: int = 0) -> torch.Tensor:
+                              const_expert_num: int = 0, _expand_idx: torch.Tensor | None = None) -> torch.Tensor:
     """Combine expert outputs back to their tokens (aclnnMoeDistributeCombineV3 on A3).
 
     expand_x (>= A*tp, H) bf16/fp16 expert outputs aligned with dispatch's expand_x;
+    (``_expand_idx``: the V1 entry point passes its expand_idx here, and no triples);
     expert_ids (Bs, K) int32 and x_active_mask as given to dispatch; assist_info_for_combine,
     ep_send_counts (= dispatch's ep_recv_counts) and tp_send_counts from dispatch;
     expert_scales (Bs, K) fp32.  Returns x_out (Bs, H) of expand_x's dtype (inactive tokens 0).
@@ -218,7 +219,8 @@ def moe_distribute_combine_v2(expand_x: torch.Tensor, expert_ids: torch.Tensor,
                     shared_expert_rank_num=shared_expert_rank_num, global_bs=global_bs,
                     comm_quant_mode=comm_quant_mode, zero_expert_num=zero_expert_num,
                     copy_expert_num=copy_expert_num, const_expert_num=const_expert_num)
-    op = "aclnnMoeDistributeCombineV3"
+    op = "aclnnMoeDistributeCombineV3" if _expand_idx is None else "aclnnMoeDistributeCombine"
+    v1 = _expand_idx is not None
     inp = _combine.CombineInputs(expand_x=expand_x, expert_ids=expert_ids, assist_info=assist_info_for_combine,
                                  ep_send_counts=ep_send_counts, expert_scales=expert_scales,
                                  tp_send_counts=tp_send_counts, x_active_mask=x_active_mask,
@@ -227,7 +229,8 @@ def moe_distribute_combine_v2(expand_x: torch.Tensor, expert_ids: torch.Tensor,
                                  const_expert_alpha_2=const_expert_alpha_2, const_expert_v=const_expert_v)
 
     def validate():
-        geom = validate_combine(expand_x=expand_x, expert_ids=expert_ids, assist_info=assist_info_for_combine,
+        geom = validate_combine(expand_x=expand_x, expert_ids=expert_ids,
+                                assist_info=_expand_idx if v1 else assist_info_for_combine, v1=v1,
                                 ep_send_counts=ep_send_counts, expert_scales=expert_scales,
                                 ep_name=group_label(group_ep),
                                 tp_name=group_label(group_tp) if tp_world_size > 1 else "", cfg=cfg,
@@ -238,12 +241,13 @@ def moe_distribute_combine_v2(expand_x: torch.Tensor, expert_ids: torch.Tensor,
         prep = prepare(geom, expand_x.dtype, cfg, ep_rank_id, expert_ids.shape[0], elastic_info, op, expert_ids,
                        x_active_mask)
         me = int(prep.remap.to_new[ep_rank_id]) if prep.remap.active else ep_rank_id
-        _combine.check_own_rows(prep.route, me, inp, _combine.own_rows(prep.route, me, inp), prep.shapes.capacity)
+        _combine.check_own_rows(prep.route, me, inp, _combine.own_rows(prep.route, me, inp), prep.shapes.capacity,
+                                positional=v1)
         return prep
 
     def body(call: Call, prep: Prepared):
         act = active_set(*expert_ids.shape, x_active_mask)
-        out = _combine.combine(call, prep.route, cfg, inp, act)
+        out = _combine.combine(call, prep.route, cfg, inp, act, positional=v1)
         _add_wait(performance_info, call)
         return out
 

@@ -43,13 +43,16 @@ def own_rows(geom: Geometry, rank: int, inp: CombineInputs) -> int:
     return int(inp.ep_send_counts[geom.recv_blocks(rank) - 1])
 
 
-def check_own_rows(geom: Geometry, rank: int, inp: CombineInputs, own: int, cap: int) -> None:
+def check_own_rows(geom: Geometry, rank: int, inp: CombineInputs, own: int, cap: int,
+                   positional: bool = False) -> None:
     """Data checks on what this rank is asked to return (561002 instead of garbage).
 
     ``geom``: routing geometry; ``cap``: A of this rank's eager shapes."""
     if not 0 <= own <= cap:
         raise AclnnError(TILING_ERROR, f"combine: ep_send_counts[{geom.recv_blocks(rank) - 1}]={own} on EP rank "
                          f"{rank} must be in [0, A={cap}]")
+    if positional:
+        return
     tri = inp.assist_info[:3 * own].to(torch.int64).view(own, 3)
     bad = (tri[:, 0] < 0) | (tri[:, 0] >= geom.W) | (tri[:, 1] < 0) | (tri[:, 2] < 0) \
         | (tri[:, 2] >= geom.K + geom.Ns)
@@ -59,13 +62,16 @@ def check_own_rows(geom: Geometry, rank: int, inp: CombineInputs, own: int, cap:
                          f"{tri[i].tolist()} on EP rank {rank} is not a dispatch triple")
 
 
-def combine(call: Call, geom: Geometry, cfg: MoeConfig, inp: CombineInputs, act: ActiveSet) -> torch.Tensor:
+def combine(call: Call, geom: Geometry, cfg: MoeConfig, inp: CombineInputs, act: ActiveSet,
+            positional: bool = False) -> torch.Tensor:
     """Run combine for this rank; returns x_out (Bs, H) XT (inactive tokens zero).
 
     ``geom``: routing geometry (new id space under elastic scaling); the special-expert
     ranges of the weighted sum use the ORIGINAL ``cfg.moe_expert_num`` (spec §7, §9.3).
     Wire rows: the expert output row (H of XT, or H int8 + ceil(H/8) XT group scales with
-    comm_quant_mode 2), metadata (t, k) in each segment's tail (``wire.Segments``)."""
+    comm_quant_mode 2), metadata (t, k) in each segment's tail (``wire.Segments``).
+    ``positional`` (V1, no triples): a holder finds each row's source from ep_send_counts and
+    the source matches the rows to its own send plan by position (same order both sides)."""
     dom = call.ep
     me = dom.rank
     xt = inp.expand_x.dtype
@@ -73,11 +79,18 @@ def combine(call: Call, geom: Geometry, cfg: MoeConfig, inp: CombineInputs, act:
     y = inp.expand_x[:own]
     if geom.tp_active:
         y = _tp_reduce(call, geom, inp, own)
-    tri = inp.assist_info[:3 * own].to(torch.int64).view(own, 3).numpy()
+    if positional:
+        blocks = geom.recv_blocks(me)
+        sizes = np.diff(inp.ep_send_counts[:blocks].to(torch.int64).numpy(), prepend=0)
+        src = np.repeat(np.arange(blocks) % geom.W, sizes)[:own]
+        tri = np.stack([src, np.zeros_like(src), np.zeros_like(src)], axis=1)
+    else:
+        tri = inp.assist_info[:3 * own].to(torch.int64).view(own, 3).numpy()
     dest = tri[:, 0] if dom.order is None else dom.order[tri[:, 0]]
     order = np.argsort(dest, kind="stable")
     send_counts = np.bincount(tri[:, 0], minlength=geom.W).astype(np.int64)
-    expected = send_plan(geom, me, inp.expert_ids, act).counts
+    plan = send_plan(geom, me, inp.expert_ids, act)
+    expected = plan.counts
     quant = cfg.comm_quant_mode == 2
     groups = -(-geom.H // COMM_QUANT_GROUP)
     width = geom.H + groups * inp.expand_x.element_size() if quant else geom.H * inp.expand_x.element_size()
@@ -103,7 +116,11 @@ def combine(call: Call, geom: Geometry, cfg: MoeConfig, inp: CombineInputs, act:
     recv = call.exchange_segments("EP", send, sent, received, "rows")
     _cross_check(call, hdr, send_counts, expected)
 
-    t, k, _ = unpack_meta(received.read_meta(recv))
+    if positional:                                   # the plan's rows, peers in group order
+        by_group = np.argsort(plan.dest if dom.order is None else dom.order[plan.dest], kind="stable")
+        t, k = plan.token[by_group], plan.slot[by_group]
+    else:
+        t, k, _ = unpack_meta(received.read_meta(recv))
     bs, k_num = inp.expert_ids.shape
     if t.size and (int(t.max()) >= bs or int(k.max()) >= k_num + geom.Ns):
         raise PeerError(TILING_ERROR, f"combine call #{call.call_no} on EP rank {me}: a peer returned a row for "

@@ -241,10 +241,12 @@ def validate_dispatch(*, x, expert_ids, ep_name: str, tp_name: str, cfg: MoeConf
 def validate_combine(*, expand_x, expert_ids, assist_info, ep_send_counts, expert_scales,
                      ep_name: str, tp_name: str, cfg: MoeConfig, ep_rank_id: int, tp_rank_id: int,
                      tp_send_counts, mask, shared_expert_x, elastic, ori_x, alpha1, alpha2,
-                     const_v, comm_alg) -> Geometry:
-    """All checks of combine (spec §10.1, §10.3) in order; returns the geometry."""
-    c = Checker("aclnnMoeDistributeCombineV3")
-    for t, name in ((expand_x, "expand_x"), (expert_ids, "expert_ids"), (assist_info, "assist_info_for_combine"),
+                     const_v, comm_alg, v1: bool = False) -> Geometry:
+    """All checks of combine (spec §10.1, §10.3) in order; returns the geometry.
+    ``v1``: the V1 op, whose ``assist_info`` is expand_idx (Bs*K entries)."""
+    c = Checker("aclnnMoeDistributeCombine" if v1 else "aclnnMoeDistributeCombineV3")
+    assist_name = "expand_idx" if v1 else "assist_info_for_combine"
+    for t, name in ((expand_x, "expand_x"), (expert_ids, "expert_ids"), (assist_info, assist_name),
                     (ep_send_counts, "ep_send_counts"), (expert_scales, "expert_scales")):
         c.not_null(t, name)
     c.need(bool(ep_name), PARAM_NULLPTR, "group_ep", ep_name, "must be a non-empty group name")
@@ -254,6 +256,8 @@ def validate_combine(*, expand_x, expert_ids, assist_info, ep_send_counts, exper
     for t, name in ((shared_expert_x, "shared_expert_x"), (ori_x, "ori_x"), (alpha1, "const_expert_alpha_1"),
                     (alpha2, "const_expert_alpha_2"), (const_v, "const_expert_v")):
         c.dtype(t, name, XT_DTYPES)
+    if cfg.tp_world_size <= 1:
+        tp_send_counts = None     # never read with tp 0/1; clients pass torch.empty(1) (fp32) or None
     for t, name in ((expert_ids, "expert_ids"), (assist_info, "assist_info_for_combine"),
                     (ep_send_counts, "ep_send_counts"), (tp_send_counts, "tp_send_counts"),
                     (elastic, "elastic_info")):
@@ -306,8 +310,11 @@ def validate_combine(*, expand_x, expert_ids, assist_info, ep_send_counts, exper
     tp = cfg.tp_world_size
     a = geom.capacity(ep_rank_id)
     c.tiling(expand_x.shape[0] >= a * tp, "expand_x.shape[0]", expand_x.shape[0], f"must be >= A*tp_world_size = {a * tp}")
-    c.tiling(assist_info.shape[0] >= 128 * a, "assist_info_for_combine.shape[0]", assist_info.shape[0],
-             f"must be >= 128*A = {128 * a}")
+    if v1:
+        c.tiling(assist_info.shape[0] >= bs * k, "expand_idx.shape[0]", assist_info.shape[0], f"must be >= Bs*K = {bs * k}")
+    else:
+        c.tiling(assist_info.shape[0] >= 128 * a, "assist_info_for_combine.shape[0]", assist_info.shape[0],
+                 f"must be >= 128*A = {128 * a}")
     if tp:
         want = geom.recv_blocks(ep_rank_id) * tp
         c.tiling(ep_send_counts.shape[0] >= want, "ep_send_counts.shape[0]", ep_send_counts.shape[0], f"must be >= {want}")

@@ -1,0 +1,65 @@
+"""Drop-in torch_npu on the CPU: unmodified MC2 client code runs on mc2-emu.
+
+    import emu.npu; emu.npu.install()        # or: torchrun ... -m emu.npu.run script.py args
+
+``install()`` (idempotent):
+* registers ``npu`` as PyTorch's privateuse1 device with Python hooks, a device guard and a
+  device module, so torch.distributed keeps working; tensors stay on the CPU;
+* makes ``torch.npu`` that module (``is_available``, ``device_count``, ``current_device``,
+  ``set_device``, ``synchronize``, ``Stream``, ``Event``, ``current_stream().record_event()``,
+  ``stream(...)`` context: honest no-ops on the CPU);
+* puts a ``torch_npu`` module in ``sys.modules`` whose MC2 operators (V2 and V1) are mc2-emu's,
+  with the helpers MoE clients call around them computed on the CPU (``npu_grouped_matmul``,
+  ``npu_swiglu``, ``npu_dynamic_quant``, ``npu_dequant_swiglu_quant``, ``npu_format_cast``);
+  any other name raises a clear "not emulated" error;
+* makes the backends of process groups created with ``"cpu:gloo,npu:gloo"`` answer
+  ``get_hccl_comm_name(rank)`` with ``emu.group_name(pg)``.
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+import torch.distributed as dist
+
+_installed = False
+
+
+def _hccl_comm_name(backend, rank: int = 0) -> str:
+    """``pg._get_backend(torch.device("npu")).get_hccl_comm_name(rank)`` -> the group's name."""
+    from torch.distributed import distributed_c10d as c10d
+
+    from ..groups import group_name
+    for pg in list(c10d._world.pg_map):
+        for device in ("npu", "cpu"):
+            try:
+                if pg._get_backend(torch.device(device)) is backend:
+                    return group_name(pg)
+            except RuntimeError:
+                continue
+    raise RuntimeError("mc2-emu: get_hccl_comm_name: this backend belongs to no known process group")
+
+
+def install() -> types.ModuleType:
+    """Install the npu device, ``torch.npu`` and ``torch_npu``; returns the torch_npu module."""
+    global _installed
+    if _installed:
+        return sys.modules["torch_npu"]
+    from . import device, ops
+    module = device.make_device_module()
+    device.register(module)
+    sys.modules["torch.npu"] = module
+    torch.npu = module
+    tnpu = types.ModuleType("torch_npu", ops.__doc__)
+    for name in dir(ops):
+        if name.startswith("npu_") or name in ("get_npu_format",):
+            setattr(tnpu, name, getattr(ops, name))
+    tnpu.__getattr__ = ops.__getattr__
+    tnpu.npu = module
+    tnpu.__version__ = "2.13.0+mc2emu"
+    sys.modules["torch_npu"] = tnpu
+    sys.modules["torch_npu.npu"] = module
+    dist.ProcessGroupGloo.get_hccl_comm_name = _hccl_comm_name
+    _installed = True
+    return tnpu

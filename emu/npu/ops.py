@@ -1,0 +1,176 @@
+"""The ``torch_npu`` module of mc2-emu: the MC2 operators and the helpers MoE clients call
+around them, computed on the CPU.  Any other attribute raises a clear "not emulated" error.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import api
+from ..errors import AclnnError, TILING_ERROR
+
+npu_moe_distribute_dispatch_v2 = api.moe_distribute_dispatch_v2
+npu_moe_distribute_combine_v2 = api.moe_distribute_combine_v2
+
+
+def npu_moe_distribute_dispatch(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, *,
+                                scales=None, x_active_mask=None, expert_scales=None, group_tp="",
+                                tp_world_size=0, tp_rank_id=0, expert_shard_type=0, shared_expert_num=1,
+                                shared_expert_rank_num=0, quant_mode=0, global_bs=0,
+                                expert_token_nums_type=1):
+    """V1 dispatch (aclnnMoeDistributeDispatch): as V2, but the third output is ``expand_idx``
+    (Bs*K int32): for each of this rank's slots (t, k), how many earlier active slots of this
+    rank chose the same MoE expert (0 for inactive and special slots)."""
+    outs = list(api.moe_distribute_dispatch_v2(
+        x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales=scales,
+        x_active_mask=x_active_mask, expert_scales=expert_scales, group_tp=group_tp, tp_world_size=tp_world_size,
+        tp_rank_id=tp_rank_id, expert_shard_type=expert_shard_type, shared_expert_num=shared_expert_num,
+        shared_expert_rank_num=shared_expert_rank_num, quant_mode=quant_mode, global_bs=global_bs,
+        expert_token_nums_type=expert_token_nums_type))
+    outs[2] = expand_idx(expert_ids, x_active_mask, moe_expert_num)
+    return tuple(outs)
+
+
+def expand_idx(expert_ids: torch.Tensor, mask: torch.Tensor | None, moe_expert_num: int) -> torch.Tensor:
+    """Occurrence index of every (t, k) slot among this rank's active MoE slots, (Bs*K,) int32."""
+    from ..plan import active_set
+    ids = expert_ids.numpy().astype(np.int64).reshape(-1)
+    act = active_set(*expert_ids.shape, mask).slots.reshape(-1) & (ids < moe_expert_num) & (ids >= 0)
+    occ = np.zeros(ids.size, dtype=np.int64)
+    pos = np.flatnonzero(act)
+    if pos.size:
+        e = ids[pos]
+        order = np.argsort(e, kind="stable")
+        first = np.searchsorted(e[order], e[order])                   # start of each expert's run
+        occ[pos[order]] = np.arange(pos.size) - first
+    return torch.from_numpy(occ.astype(np.int32))
+
+
+def npu_moe_distribute_combine(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, group_ep,
+                               ep_world_size, ep_rank_id, moe_expert_num, *, tp_send_counts=None,
+                               x_active_mask=None, activation_scale=None, weight_scale=None, group_list=None,
+                               expand_scales=None, shared_expert_x=None, group_tp="", tp_world_size=0,
+                               tp_rank_id=0, expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0,
+                               global_bs=0, out_dtype=0, comm_quant_mode=0, group_list_type=0):
+    """V1 combine: rows go back by position (the holder's block order is the source's slot
+    order), so ``expand_idx`` is only checked for shape."""
+    for name, value in (("activation_scale", activation_scale), ("weight_scale", weight_scale),
+                        ("group_list", group_list)):
+        if value is not None:
+            raise AclnnError(TILING_ERROR, f"aclnnMoeDistributeCombine: {name} must be null on Atlas A3")
+    return api.moe_distribute_combine_v2(
+        expand_x, expert_ids, None, ep_send_counts, expert_scales, group_ep, ep_world_size, ep_rank_id,
+        moe_expert_num, tp_send_counts=tp_send_counts, x_active_mask=x_active_mask, expand_scales=expand_scales,
+        shared_expert_x=shared_expert_x, group_tp=group_tp, tp_world_size=tp_world_size, tp_rank_id=tp_rank_id,
+        expert_shard_type=expert_shard_type, shared_expert_num=shared_expert_num,
+        shared_expert_rank_num=shared_expert_rank_num, global_bs=global_bs, comm_quant_mode=comm_quant_mode,
+        _expand_idx=expand_idx)
+
+
+def npu_swiglu(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """silu(a) * b with x = [a, b] split in halves along ``dim``, computed in fp32."""
+    a, b = x.float().chunk(2, dim=dim)
+    return (F.silu(a) * b).to(x.dtype)
+
+
+def npu_dynamic_quant(x: torch.Tensor, *, smooth_scales: torch.Tensor | None = None, group_index=None,
+                      dst_type=None, quant_mode: str = "pertoken") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric int8: scale = max|x| / 127 over the last dim, y = round(x / scale)."""
+    xf = x.float()
+    if smooth_scales is not None:
+        xf = xf * smooth_scales.float()
+    scale = xf.abs().amax(dim=-1) / 127.0
+    y = torch.where(scale[..., None] > 0, xf / scale[..., None].clamp_min(1e-30), torch.zeros_like(xf))
+    return y.round().clamp(-128, 127).to(torch.int8), scale
+
+
+def _group_sizes(group_list: torch.Tensor | list | None, n: int, groups: int, group_list_type: int) -> list[int]:
+    if group_list is None:
+        return [n] + [0] * (groups - 1)
+    g = [int(v) for v in (group_list.tolist() if isinstance(group_list, torch.Tensor) else group_list)]
+    if group_list_type == 0:                                      # cumulative ends
+        g = [e - s for s, e in zip([0] + g[:-1], g)]
+    return g + [0] * (groups - len(g))
+
+
+def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiquant_scale=None,
+                       antiquant_offset=None, per_token_scale=None, group_list=None, activation_input=None,
+                       activation_quant_scale=None, activation_quant_offset=None, split_item=0, group_type=None,
+                       group_list_type=0, act_type=0, output_dtype=None, tuning_config=None):
+    """Grouped matmul over consecutive row groups of x[0] (group_type 0): group g's rows times
+    weight[g] (one (E, K, N) tensor or a list of (K, N)); ``group_list`` as counts
+    (group_list_type 1) or cumulative ends (0).  int8 inputs: int32 accumulate, then
+    * scale[g] (per output channel) * per_token_scale (per row), in ``output_dtype``
+    (default bf16).  Returns a list holding one tensor (split_item 2/3) or one per group."""
+    xs = x if isinstance(x, (list, tuple)) else [x]
+    ws = weight if isinstance(weight, (list, tuple)) else [weight]
+    w = ws[0] if len(ws) == 1 and ws[0].dim() == 3 else torch.stack(list(ws))
+    inp = xs[0] if len(xs) == 1 else torch.cat(list(xs))
+    sizes = _group_sizes(group_list, inp.shape[0], w.shape[0], group_list_type)
+    quant = inp.dtype == torch.int8
+    out_dtype = output_dtype or (torch.bfloat16 if quant else inp.dtype)
+    outs, start = [], 0
+    for g, n in enumerate(sizes[:w.shape[0]]):
+        rows = inp[start:start + n]
+        if quant:
+            acc = (rows.to(torch.int32) @ w[g].to(torch.int32)).float()
+            if scale is not None:
+                sc = scale[0] if isinstance(scale, (list, tuple)) else scale
+                acc = acc * sc[g].float()
+            if per_token_scale is not None:
+                pts = per_token_scale[0] if isinstance(per_token_scale, (list, tuple)) else per_token_scale
+                acc = acc * pts[start:start + n].float()[:, None]
+            y = acc
+        else:
+            y = rows.float() @ w[g].float()
+        if bias is not None:
+            b = bias[0] if isinstance(bias, (list, tuple)) else bias
+            y = y + b[g].float()
+        outs.append(y.to(out_dtype))
+        start += n
+    out = torch.cat(outs) if outs else torch.zeros(0, w.shape[-1], dtype=out_dtype)
+    out = torch.cat([out, torch.zeros(inp.shape[0] - out.shape[0], out.shape[1], dtype=out.dtype)])
+    return [out] if split_item in (2, 3) else outs
+
+
+def npu_dequant_swiglu_quant(x, *, weight_scale=None, activation_scale=None, bias=None, quant_scale=None,
+                             quant_offset=None, group_index=None, activate_left=False, quant_mode=0,
+                             **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 x -> fp32 (* weight_scale of the row's group * activation_scale per row) ->
+    swiglu (silu on the left half when ``activate_left``) -> per-token dynamic int8."""
+    xf = x.float()
+    if weight_scale is not None:
+        ws = weight_scale.float()
+        if ws.dim() == 2 and group_index is not None:
+            sizes = _group_sizes(group_index, x.shape[0], ws.shape[0], 1 if kwargs.get("group_list_type", 1) else 0)
+            ws = torch.repeat_interleave(ws[:len(sizes)], torch.tensor(sizes), dim=0, output_size=sum(sizes))
+            ws = torch.cat([ws, torch.ones(x.shape[0] - ws.shape[0], ws.shape[1])])
+        xf = xf * ws
+    if activation_scale is not None:
+        xf = xf * activation_scale.float().reshape(-1, 1)
+    if bias is not None:
+        xf = xf + bias.float()
+    a, b = xf.chunk(2, dim=-1)
+    y = F.silu(a) * b if activate_left else a * F.silu(b)
+    return npu_dynamic_quant(y, smooth_scales=quant_scale)
+
+
+def npu_format_cast(x: torch.Tensor, acl_format: int = 2, **kwargs) -> torch.Tensor:
+    """Formats do not exist on the CPU: identity."""
+    return x
+
+
+def get_npu_format(x: torch.Tensor) -> int:
+    return 2
+
+
+class NotEmulated(AttributeError, NotImplementedError):
+    """A torch_npu name mc2-emu does not provide (``hasattr`` sees False)."""
+
+
+def __getattr__(name: str):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    raise NotEmulated(f"torch_npu.{name} is not emulated by mc2-emu (emulated: "
+                              f"{', '.join(sorted(n for n in globals() if n.startswith('npu_')))})")
