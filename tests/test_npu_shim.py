@@ -78,8 +78,11 @@ def test_expand_idx_occurrences():
 def test_not_emulated_names_and_format_cast():
     x = torch.randn(2, 2)
     assert ops.npu_format_cast(x, 29) is x
-    with pytest.raises(NotImplementedError, match="not emulated"):
-        ops.__getattr__("npu_fused_infer_attention_score")
+    stub = ops.__getattr__("npu_fused_infer_attention_score")      # importable, like the real module
+    with pytest.raises(NotImplementedError, match="npu_fused_infer_attention_score is not emulated"):
+        stub(x)
+    with pytest.raises(AttributeError, match="not emulated"):
+        ops.__getattr__("some_other_name")
 
 
 def test_device_module_streams_and_group_names():
@@ -95,7 +98,12 @@ def test_device_module_streams_and_group_names():
             s.wait_event(e)
         torch.npu.synchronize()
         assert torch.accelerator.current_accelerator().type == "npu"
-        assert not hasattr(torch_npu, "npu_no_such_op")
+        assert not hasattr(torch_npu, "no_such_attribute")
+        try:
+            torch_npu.npu_no_such_op(1)
+            raise SystemExit("a stub did not raise")
+        except NotImplementedError as exc:
+            assert "not emulated" in str(exc)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
         dist.init_process_group("cpu:gloo,npu:gloo", rank=0, world_size=1)
         dist.barrier()

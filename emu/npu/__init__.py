@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 import types
 
@@ -49,6 +50,7 @@ def install() -> types.ModuleType:
     from . import device, ops
     module = device.make_device_module()
     device.register(module)
+    module.__spec__ = importlib.machinery.ModuleSpec("torch.npu", None)
     sys.modules["torch.npu"] = module
     torch.npu = module
     tnpu = types.ModuleType("torch_npu", ops.__doc__)
@@ -58,6 +60,7 @@ def install() -> types.ModuleType:
     tnpu.__getattr__ = ops.__getattr__
     tnpu.npu = module
     tnpu.__version__ = "2.13.0+mc2emu"
+    tnpu.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)
     sys.modules["torch_npu"] = tnpu
     sys.modules["torch_npu.npu"] = module
     dist.ProcessGroupGloo.get_hccl_comm_name = _hccl_comm_name

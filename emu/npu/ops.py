@@ -169,8 +169,18 @@ class NotEmulated(AttributeError, NotImplementedError):
     """A torch_npu name mc2-emu does not provide (``hasattr`` sees False)."""
 
 
+def _not_emulated(name: str) -> str:
+    return (f"torch_npu.{name} is not emulated by mc2-emu (emulated: "
+            f"{', '.join(sorted(n for n in globals() if n.startswith('npu_')))})")
+
+
 def __getattr__(name: str):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    raise NotEmulated(f"torch_npu.{name} is not emulated by mc2-emu (emulated: "
-                              f"{', '.join(sorted(n for n in globals() if n.startswith('npu_')))})")
+    """``npu_*`` names resolve to a stub that raises when called (libraries import many of them
+    at load time, e.g. ``from torch_npu import npu_fusion_attention``); others raise at once."""
+    if name.startswith("npu_"):
+        def stub(*args, **kwargs):
+            raise NotEmulated(_not_emulated(name))
+        stub.__name__ = name
+        stub.__doc__ = _not_emulated(name)
+        return stub
+    raise NotEmulated(_not_emulated(name))
