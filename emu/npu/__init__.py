@@ -42,6 +42,28 @@ def _hccl_comm_name(backend, rank: int = 0) -> str:
     raise RuntimeError("mc2-emu: get_hccl_comm_name: this backend belongs to no known process group")
 
 
+class _NotEmulatedClass:
+    """Stands for a torch_npu class mc2-emu does not provide: importable, fails when used."""
+
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} is not emulated by mc2-emu")
+
+
+def _submodules(tnpu: types.ModuleType) -> None:
+    """Submodules clients import at load time: ``torch_npu._C._distributed_c10d`` (HCCL
+    process-group classes: importable, not usable) and ``torch_npu.contrib`` (empty)."""
+    c = types.ModuleType("torch_npu._C")
+    c10d = types.ModuleType("torch_npu._C._distributed_c10d")
+    for name in ("ProcessGroupHCCL", "ProcessGroupLCCL"):
+        setattr(c10d, name, type(name, (_NotEmulatedClass,), {}))
+    c._distributed_c10d = c10d
+    contrib = types.ModuleType("torch_npu.contrib")
+    tnpu._C, tnpu.contrib = c, contrib
+    for m in (c, c10d, contrib):
+        m.__spec__ = importlib.machinery.ModuleSpec(m.__name__, None)
+        sys.modules[m.__name__] = m
+
+
 def install() -> types.ModuleType:
     """Install the npu device, ``torch.npu`` and ``torch_npu``; returns the torch_npu module."""
     global _installed
@@ -61,8 +83,12 @@ def install() -> types.ModuleType:
     tnpu.npu = module
     tnpu.__version__ = "2.13.0+mc2emu"
     tnpu.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)
+    tnpu.__path__ = []                      # a package, so "torch_npu.x" submodule imports resolve
     sys.modules["torch_npu"] = tnpu
     sys.modules["torch_npu.npu"] = module
+    _submodules(tnpu)
     dist.ProcessGroupGloo.get_hccl_comm_name = _hccl_comm_name
+    if not hasattr(dist, "is_hccl_available"):      # torch_npu adds it; there is no HCCL here
+        dist.is_hccl_available = lambda: False
     _installed = True
     return tnpu

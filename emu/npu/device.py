@@ -102,6 +102,13 @@ def make_device_module() -> types.ModuleType:
     m.memory_allocated = lambda device=None: 0
     m.max_memory_allocated = lambda device=None: 0
     m.mem_get_info = lambda device=None: (0, 0)
+    m.memory_stats = lambda device=None: {}
+    m.memory_reserved = lambda device=None: 0
+    m.max_memory_reserved = lambda device=None: 0
+    m.reset_peak_memory_stats = lambda device=None: None
+    m.get_device_capability = lambda device=None: (0, 0)
+    m.get_device_properties = lambda device=None: types.SimpleNamespace(
+        name="mc2-emu CPU (npu emulated)", total_memory=0, multi_processor_count=1)
 
     @contextlib.contextmanager
     def stream(s: Stream | None = None):

@@ -1,6 +1,8 @@
 """Run a user's script unchanged on mc2-emu's torch_npu:
 
     torchrun --nproc-per-node 4 -m emu.npu.run user_script.py args...
+
+Subprocesses the script starts import the same torch_npu (emu/npu/shim is put on PYTHONPATH).
 """
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import sys
 def main() -> None:
     if len(sys.argv) < 2:
         sys.exit("usage: python -m emu.npu.run script.py [args...]")
+    import os
+    shim = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (shim, os.environ.get("PYTHONPATH")) if p)
     from . import install
     install()
     script = sys.argv[1]
