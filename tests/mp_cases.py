@@ -165,3 +165,26 @@ def traced(rank: int, directory: str, **fields):
         return scenario(rank, **fields)
     finally:
         trace.disable()
+
+
+def v1_matches_v2(rank: int, **fields) -> bool:
+    """The V1 pair (torch_npu names, expand_idx, rows back by position) gives the V2 outputs."""
+    from emu.npu import ops
+    sc = Scenario(**fields)
+    kw = _dispatch_kwargs(sc, rank)
+    for name in ("elastic_info", "zero_expert_num", "copy_expert_num", "const_expert_num"):
+        kw.pop(name)
+    outs2 = _call(emu.moe_distribute_dispatch_v2, dict(kw))
+    args = [kw.pop(n) for n in ["x", "expert_ids", "group_ep", "ep_world_size", "ep_rank_id", "moe_expert_num"]]
+    outs1 = ops.npu_moe_distribute_dispatch(*args, **kw)
+    same = all(torch.equal(a, b) for i, (a, b) in enumerate(zip(outs1, outs2)) if i != 2)
+    ck = _combine_kwargs(sc, rank, outs2)
+    for name in ("elastic_info", "zero_expert_num", "copy_expert_num", "const_expert_num", "ori_x",
+                 "const_expert_alpha_1", "const_expert_alpha_2", "const_expert_v"):
+        ck.pop(name)
+    y2 = _call(emu.moe_distribute_combine_v2, dict(ck))
+    ck.pop("assist_info_for_combine")
+    y1 = ops.npu_moe_distribute_combine(ck.pop("expand_x"), ck.pop("expert_ids"), outs1[2], ck.pop("ep_send_counts"),
+                                        ck.pop("expert_scales"), ck.pop("group_ep"), ck.pop("ep_world_size"),
+                                        ck.pop("ep_rank_id"), ck.pop("moe_expert_num"), **ck)
+    return same and torch.equal(y1, y2) and outs1[2].numel() == sc.rank_bs(rank // (2 if sc.tp == 2 else 1)) * sc.k

@@ -81,3 +81,12 @@ def test_one_bad_rank_among_8_fails_all_with_its_message(world):
     assert_all_raise(res, 561002, "rank 3 called dispatch #")
     assert all("while ranks 0-2, 4-7 called combine #" in r.message for r in res), res[0].message
     check_scenario(world, h=H, seed=50)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(h=H, seed=60),
+    dict(shared=2, shared_ranks=4, moe=8, k=2, quant=2, smooth=True, mask="2d", h=H, seed=61),
+    dict(tp=2, ep=4, moe=3, shared_ranks=1, k=2, uneven=True, h=H, seed=62),
+], ids=["plain", "shared-replicas-quant-mask", "tp2-uneven"])
+def test_v1_api_matches_v2(world, fields):
+    assert world.run("mp_cases:v1_matches_v2", **fields) == [True] * 8
