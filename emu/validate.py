@@ -8,7 +8,6 @@ shapes, which always pass them.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 

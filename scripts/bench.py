@@ -42,7 +42,24 @@ def points(world: int, quick: bool) -> list[dict]:
 
 def run_world(quick: bool, repeats: int) -> None:
     """Under torchrun: every point of this world size; rank 0 writes results/bench_w<N>.json."""
-    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=300))
+    torch.set_num_threads(1)
+    me, world = dist.get_rank(), dist.get_world_size()
+    rows = [bench_point(pt, repeats) for pt in points(world, quick)]
+    if me == 0:
+        os.makedirs(RESULTS, exist_ok=True)
+        with open(os.path.join(RESULTS, f"bench_w{world}{'_quick' if quick else ''}.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+    dist.destroy_process_group()
+
+
+def bench_point(pt: dict, repeats: int) -> dict:
+    """One point on this world: ours, the raw all-to-all and the Megatron-style dispatcher,
+    interleaved; returns the medians (slowest rank per repeat).  Its groups are destroyed on
+    return (no group object may outlive destroy_process_group)."""
     import torch
     import torch.distributed as dist
 
@@ -52,120 +69,111 @@ def run_world(quick: bool, repeats: int) -> None:
     from emu.plan import active_set, send_plan
     from megatron_style import MegatronStyleDispatcher
 
-    dist.init_process_group("gloo", timeout=timedelta(seconds=300))
-    torch.set_num_threads(1)
     me, world = dist.get_rank(), dist.get_world_size()
-    rows = []
-    for pt in points(world, quick):
-        T = 2 if pt["tp"] == 2 else 1
-        ep = world // T
-        ep_rank, tp_rank = divmod(me, T)
-        ep_groups = [dist.new_group([e * T + i for e in range(ep)]) for i in range(T)]
-        tp_groups = [dist.new_group([e * T, e * T + 1]) for e in range(ep)] if T == 2 else []
-        ep_g = ep_groups[tp_rank]
-        tp_g = tp_groups[ep_rank] if T == 2 else None
-        moe = ep if T == 2 else ep * -(-8 // ep)
-        k = min(pt["k"], moe)
-        g = torch.Generator().manual_seed(me)
-        x = torch.randn(pt["bs"], pt["h"], generator=g).to(torch.bfloat16)
-        ids = torch.rand(pt["bs"], moe, generator=g).argsort(1)[:, :k].to(torch.int32)
-        w = torch.rand(pt["bs"], k, generator=g)
-        kw = dict(group_ep=ep_g, ep_world_size=ep, ep_rank_id=ep_rank, moe_expert_num=moe,
-                  group_tp=tp_g if tp_g is not None else "", tp_world_size=pt["tp"], tp_rank_id=tp_rank,
-                  shared_expert_rank_num=0)
-        outs = emu.moe_distribute_dispatch_v2(x, ids, quant_mode=pt["quant"], **kw)
-        y = torch.randn(outs[0].shape, generator=g).to(torch.bfloat16)
-        # bytes each rank sends in dispatch (payload rows) and their split sizes
-        geom = Geometry.of(MoeConfig(ep_world_size=ep, moe_expert_num=moe, tp_world_size=pt["tp"],
-                                     shared_expert_rank_num=0), pt["bs"], k, pt["h"])
-        counts = send_plan(geom, ep_rank, ids, active_set(pt["bs"], k, None)).counts
-        row_bytes = pt["h"] * (1 if pt["quant"] == 2 else 2) + (4 if pt["quant"] == 2 else 0)
-        comb_bytes = pt["h"] * 2
-        recv = torch.empty(ep, dtype=torch.int64)
-        dist.all_to_all_single(recv, torch.from_numpy(counts), group=ep_g)
-        recv = recv.numpy()
-        own = int(recv.sum())
-        peer_own = torch.tensor([own])
-        if T == 2:
-            both = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
-            dist.all_gather(both, peer_own, group=tp_g)
-            peer_own = int(both[1 - tp_rank])
-        d_send = torch.empty(int(counts.sum()) * row_bytes, dtype=torch.uint8)
-        d_recv = torch.empty(own * row_bytes, dtype=torch.uint8)
-        c_send = torch.empty(own * comb_bytes, dtype=torch.uint8)
-        c_recv = torch.empty(int(counts.sum()) * comb_bytes, dtype=torch.uint8)
-        if T == 2:
-            tp_send = torch.empty(own * row_bytes, dtype=torch.uint8)
-            tp_recv = torch.empty(int(peer_own) * row_bytes, dtype=torch.uint8)
+    T = 2 if pt["tp"] == 2 else 1
+    ep = world // T
+    ep_rank, tp_rank = divmod(me, T)
+    ep_groups = [dist.new_group([e * T + i for e in range(ep)]) for i in range(T)]
+    tp_groups = [dist.new_group([e * T, e * T + 1]) for e in range(ep)] if T == 2 else []
+    ep_g = ep_groups[tp_rank]
+    tp_g = tp_groups[ep_rank] if T == 2 else None
+    moe = ep if T == 2 else ep * -(-8 // ep)
+    k = min(pt["k"], moe)
+    g = torch.Generator().manual_seed(me)
+    x = torch.randn(pt["bs"], pt["h"], generator=g).to(torch.bfloat16)
+    ids = torch.rand(pt["bs"], moe, generator=g).argsort(1)[:, :k].to(torch.int32)
+    w = torch.rand(pt["bs"], k, generator=g)
+    kw = dict(group_ep=ep_g, ep_world_size=ep, ep_rank_id=ep_rank, moe_expert_num=moe,
+              group_tp=tp_g if tp_g is not None else "", tp_world_size=pt["tp"], tp_rank_id=tp_rank,
+              shared_expert_rank_num=0)
+    outs = emu.moe_distribute_dispatch_v2(x, ids, quant_mode=pt["quant"], **kw)
+    y = torch.randn(outs[0].shape, generator=g).to(torch.bfloat16)
+    # bytes each rank sends in dispatch (payload rows) and their split sizes
+    geom = Geometry.of(MoeConfig(ep_world_size=ep, moe_expert_num=moe, tp_world_size=pt["tp"],
+                                 shared_expert_rank_num=0), pt["bs"], k, pt["h"])
+    counts = send_plan(geom, ep_rank, ids, active_set(pt["bs"], k, None)).counts
+    row_bytes = pt["h"] * (1 if pt["quant"] == 2 else 2) + (4 if pt["quant"] == 2 else 0)
+    comb_bytes = pt["h"] * 2
+    recv = torch.empty(ep, dtype=torch.int64)
+    dist.all_to_all_single(recv, torch.from_numpy(counts), group=ep_g)
+    recv = recv.numpy()
+    own = int(recv.sum())
+    peer_own = torch.tensor([own])
+    if T == 2:
+        both = [torch.zeros(1, dtype=torch.int64) for _ in range(2)]
+        dist.all_gather(both, peer_own, group=tp_g)
+        peer_own = int(both[1 - tp_rank])
+    d_send = torch.empty(int(counts.sum()) * row_bytes, dtype=torch.uint8)
+    d_recv = torch.empty(own * row_bytes, dtype=torch.uint8)
+    c_send = torch.empty(own * comb_bytes, dtype=torch.uint8)
+    c_recv = torch.empty(int(counts.sum()) * comb_bytes, dtype=torch.uint8)
+    if T == 2:
+        tp_send = torch.empty(own * row_bytes, dtype=torch.uint8)
+        tp_recv = torch.empty(int(peer_own) * row_bytes, dtype=torch.uint8)
 
-        def raw():
-            dist.all_to_all_single(d_recv, d_send, [int(c) * row_bytes for c in recv],
-                                   [int(c) * row_bytes for c in counts], group=ep_g)
-            if T == 2:                                  # TP all-gather and reduce-scatter of the rows
-                dist.all_to_all_single(tp_recv, tp_send, [int(peer_own) * row_bytes if i != tp_rank else 0
-                                                          for i in range(2)],
-                                       [own * row_bytes if i != tp_rank else 0 for i in range(2)], group=tp_g)
-                dist.all_to_all_single(tp_send, tp_recv, [own * row_bytes if i != tp_rank else 0 for i in range(2)],
-                                       [int(peer_own) * row_bytes if i != tp_rank else 0 for i in range(2)],
-                                       group=tp_g)
-            dist.all_to_all_single(c_recv, c_send, [int(c) * comb_bytes for c in counts],
-                                   [int(c) * comb_bytes for c in recv], group=ep_g)
+    def raw():
+        dist.all_to_all_single(d_recv, d_send, [int(c) * row_bytes for c in recv],
+                               [int(c) * row_bytes for c in counts], group=ep_g)
+        if T == 2:                                  # TP all-gather and reduce-scatter of the rows
+            dist.all_to_all_single(tp_recv, tp_send, [int(peer_own) * row_bytes if i != tp_rank else 0
+                                                      for i in range(2)],
+                                   [own * row_bytes if i != tp_rank else 0 for i in range(2)], group=tp_g)
+            dist.all_to_all_single(tp_send, tp_recv, [own * row_bytes if i != tp_rank else 0 for i in range(2)],
+                                   [int(peer_own) * row_bytes if i != tp_rank else 0 for i in range(2)],
+                                   group=tp_g)
+        dist.all_to_all_single(c_recv, c_send, [int(c) * comb_bytes for c in counts],
+                               [int(c) * comb_bytes for c in recv], group=ep_g)
 
-        def ours():
+    def ours():
+        t0 = time.perf_counter()
+        o = emu.moe_distribute_dispatch_v2(x, ids, quant_mode=pt["quant"], **kw)
+        t1 = time.perf_counter()
+        emu.moe_distribute_combine_v2(y, ids, o[2], o[4], w, tp_send_counts=o[5] if T == 2 else None, **kw)
+        return t1 - t0, time.perf_counter() - t1
+
+    mega = MegatronStyleDispatcher(ep_g, moe, tp_g)
+
+    def megatron():
+        expert_rows, r = mega.dispatch(x, ids)
+        mega.combine(expert_rows, w, r, pt["bs"])
+
+    timings: dict[str, list[float]] = {"dispatch": [], "combine": [], "ours": [], "raw": [], "megatron": []}
+    n0 = comm.collectives_issued
+    ours()
+    calls_collectives = (comm.collectives_issued - n0) / 2
+    m0 = mega.collectives
+    megatron()
+    mega_collectives = (mega.collectives - m0) / 2
+    raw()
+    for _ in range(repeats):
+        for name, fn in (("raw", raw), ("ours", ours), ("megatron", megatron)):
+            dist.barrier()
             t0 = time.perf_counter()
-            o = emu.moe_distribute_dispatch_v2(x, ids, quant_mode=pt["quant"], **kw)
-            t1 = time.perf_counter()
-            emu.moe_distribute_combine_v2(y, ids, o[2], o[4], w, tp_send_counts=o[5] if T == 2 else None, **kw)
-            return t1 - t0, time.perf_counter() - t1
-
-        mega = MegatronStyleDispatcher(ep_g, moe, tp_g)
-
-        def megatron():
-            expert_rows, r = mega.dispatch(x, ids)
-            mega.combine(expert_rows, w, r, pt["bs"])
-
-        timings: dict[str, list[float]] = {"dispatch": [], "combine": [], "ours": [], "raw": [], "megatron": []}
-        n0 = comm.collectives_issued
-        ours()
-        calls_collectives = (comm.collectives_issued - n0) / 2
-        m0 = mega.collectives
-        megatron()
-        mega_collectives = (mega.collectives - m0) / 2
-        raw()
-        for _ in range(repeats):
-            for name, fn in (("raw", raw), ("ours", ours), ("megatron", megatron)):
-                dist.barrier()
-                t0 = time.perf_counter()
-                parts = fn()
-                dt = time.perf_counter() - t0
-                both = torch.tensor([dt] + list(parts or (0.0, 0.0)), dtype=torch.float64)
-                dist.all_reduce(both, op=dist.ReduceOp.MAX)
-                timings[name].append(float(both[0]))
-                if name == "ours":
-                    timings["dispatch"].append(float(both[1]))
-                    timings["combine"].append(float(both[2]))
-        med = {n: statistics.median(v) for n, v in timings.items()}
-        moved = torch.tensor([float(d_send.numel() + c_send.numel())])
-        dist.all_reduce(moved)
-        rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
-        dist.all_reduce(rss, op=dist.ReduceOp.MAX)
-        rows.append(dict(ranks=world, **{**pt, "k": k}, moe=moe, repeats=repeats,
-                         dispatch_ms=med["dispatch"] * 1e3, combine_ms=med["combine"] * 1e3,
-                         ours_ms=med["ours"] * 1e3, raw_ms=med["raw"] * 1e3, megatron_ms=med["megatron"] * 1e3,
-                         ratio_vs_a2a=med["ours"] / med["raw"], ratio_vs_megatron=med["ours"] / med["megatron"],
-                         gbps=float(moved) / med["ours"] / 1e9, collectives_per_call=calls_collectives,
-                         megatron_collectives_per_call=mega_collectives,
-                         payload_mb_per_rank=float(moved) / world / 1e6, peak_rss_mb=float(rss)))
-        if me == 0:
-            print(json.dumps(rows[-1]), flush=True)
-        for grp in ep_groups + tp_groups:
-            dist.destroy_process_group(grp)
-        del ep_groups, tp_groups, ep_g, tp_g, kw, mega
+            parts = fn()
+            dt = time.perf_counter() - t0
+            both = torch.tensor([dt] + list(parts or (0.0, 0.0)), dtype=torch.float64)
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)
+            timings[name].append(float(both[0]))
+            if name == "ours":
+                timings["dispatch"].append(float(both[1]))
+                timings["combine"].append(float(both[2]))
+    med = {n: statistics.median(v) for n, v in timings.items()}
+    moved = torch.tensor([float(d_send.numel() + c_send.numel())])
+    dist.all_reduce(moved)
+    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
+    dist.all_reduce(rss, op=dist.ReduceOp.MAX)
+    row = (dict(ranks=world, **{**pt, "k": k}, moe=moe, repeats=repeats,
+                     dispatch_ms=med["dispatch"] * 1e3, combine_ms=med["combine"] * 1e3,
+                     ours_ms=med["ours"] * 1e3, raw_ms=med["raw"] * 1e3, megatron_ms=med["megatron"] * 1e3,
+                     ratio_vs_a2a=med["ours"] / med["raw"], ratio_vs_megatron=med["ours"] / med["megatron"],
+                     gbps=float(moved) / med["ours"] / 1e9, collectives_per_call=calls_collectives,
+                     megatron_collectives_per_call=mega_collectives,
+                     payload_mb_per_rank=float(moved) / world / 1e6, peak_rss_mb=float(rss)))
     if me == 0:
-        os.makedirs(RESULTS, exist_ok=True)
-        with open(os.path.join(RESULTS, f"bench_w{world}{'_quick' if quick else ''}.json"), "w") as f:
-            json.dump(rows, f, indent=1)
-    dist.destroy_process_group()
+        print(json.dumps(row), flush=True)
+    for grp in ep_groups + tp_groups:
+        dist.destroy_process_group(grp)
+    return row
 
 
 def launch(world: int, quick: bool, repeats: int) -> list[dict]:
