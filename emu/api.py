@@ -21,6 +21,7 @@ from .groups import group_label, resolve_group
 from .layout import DispatchShapes, dispatch_shapes
 from .placement import Remap, identity_remap
 from .plan import active_set, warn_non_prefix_mask
+from .soc import current_soc
 from .validate import Checker, check_ids, check_remap, validate_combine, validate_dispatch
 
 GroupLike = ProcessGroup | str
@@ -162,6 +163,14 @@ def moe_distribute_dispatch_v2(x: torch.Tensor, expert_ids: torch.Tensor, group_
     ep_recv_counts (W*L_r*(2 if tp == 2 else 1),) int32; tp_recv_counts (tp,) int32;
     expand_scales (A,) fp32 (not produced on A3: zeros).  Unwritten regions are zero.
     """
+    if current_soc() == "A2":
+        from . import a2
+        return a2.dispatch(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales=scales,
+                           x_active_mask=x_active_mask, expert_scales=expert_scales, elastic_info=elastic_info,
+                           performance_info=performance_info, group_tp=group_tp, quant_mode=quant_mode,
+                           global_bs=global_bs, expert_token_nums_type=expert_token_nums_type, comm_alg=comm_alg,
+                           zero_expert_num=zero_expert_num, copy_expert_num=copy_expert_num,
+                           const_expert_num=const_expert_num)
     del expert_scales                                   # ignored on A3 (spec §4.5)
     cfg = MoeConfig(ep_world_size=ep_world_size, moe_expert_num=moe_expert_num, tp_world_size=tp_world_size,
                     expert_shard_type=expert_shard_type, shared_expert_num=shared_expert_num,
@@ -213,6 +222,15 @@ def moe_distribute_combine_v2(expand_x: torch.Tensor, expert_ids: torch.Tensor,
     ep_send_counts (= dispatch's ep_recv_counts) and tp_send_counts from dispatch;
     expert_scales (Bs, K) fp32.  Returns x_out (Bs, H) of expand_x's dtype (inactive tokens 0).
     """
+    if current_soc() == "A2" and _expand_idx is None:
+        from . import a2
+        return a2.combine(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep,
+                          ep_world_size, ep_rank_id, moe_expert_num, x_active_mask=x_active_mask,
+                          elastic_info=elastic_info, ori_x=ori_x, const_expert_alpha_1=const_expert_alpha_1,
+                          const_expert_alpha_2=const_expert_alpha_2, const_expert_v=const_expert_v,
+                          performance_info=performance_info, group_tp=group_tp, comm_quant_mode=comm_quant_mode,
+                          comm_alg=comm_alg, zero_expert_num=zero_expert_num, copy_expert_num=copy_expert_num,
+                          const_expert_num=const_expert_num, global_bs=global_bs)
     del expand_scales                                   # ignored on A3 (spec §9.1)
     cfg = MoeConfig(ep_world_size=ep_world_size, moe_expert_num=moe_expert_num, tp_world_size=tp_world_size,
                     expert_shard_type=expert_shard_type, shared_expert_num=shared_expert_num,

@@ -50,6 +50,8 @@ class Scenario:
     elastic_flag0: bool = False     # pass elastic_info with flag 0 (tables ignored)
     data: str = "random"            # random | doc (x = 1, ids 0..K-1, weights 0.1: the operator doc's data)
     experts: str = "scaled"         # scaled (row * (1 + e/64)) | identity
+    soc: str = "A3"                 # A3 | A2 (A2: no shared experts, TP, elastic or special experts)
+    comm_alg: str = ""              # A2: fullmesh | hierarchy | "" (HCCL environment decides)
 
     def config(self) -> MoeConfig:
         return MoeConfig(ep_world_size=self.ep, moe_expert_num=self.moe, tp_world_size=self.tp,
@@ -231,6 +233,8 @@ class RankResult:
 def run_reference(sc: Scenario) -> list[RankResult | None]:
     """The whole world in one process; list indexed by world rank (None for removed ranks)."""
     cfg = sc.config()
+    if sc.soc == "A2":
+        return _run_reference_a2(sc)
     T = tp_span(cfg)
     info = sc.elastic_info()
     alive = set(sc.survivors())
@@ -245,8 +249,34 @@ def run_reference(sc: Scenario) -> list[RankResult | None]:
             for g in range(sc.world_size)]
 
 
+def _run_reference_a2(sc: Scenario) -> list[RankResult]:
+    from .reference_a2 import reference_combine_a2, reference_dispatch_a2
+    cfg = sc.config()
+    data = [make_rank_data(sc, g) for g in range(sc.world_size)]
+    outs = reference_dispatch_a2(cfg, [d.dispatch for d in data])
+    comb = [combine_inputs(sc, data[g], outs[g], expert_outputs(sc, _route(sc, g)[0], g, outs[g]))
+            for g in range(sc.world_size)]
+    x_outs = reference_combine_a2(cfg, comb)
+    return [RankResult(dispatch=outs[g].as_tuple(), x_out=x_outs[g]) for g in range(sc.world_size)]
+
+
 def run_rank(sc: Scenario, world_rank: int, group_ep, group_tp="") -> RankResult:
     """This rank's part of the scenario through the public API (``sc.calls`` times)."""
+    import os
+    if sc.soc == "A3":
+        return _run_rank(sc, world_rank, group_ep, group_tp)
+    saved = os.environ.get("EMU_SOC")
+    os.environ["EMU_SOC"] = sc.soc
+    try:
+        return _run_rank(sc, world_rank, group_ep, group_tp)
+    finally:
+        if saved is None:
+            os.environ.pop("EMU_SOC")
+        else:
+            os.environ["EMU_SOC"] = saved
+
+
+def _run_rank(sc: Scenario, world_rank: int, group_ep, group_tp="") -> RankResult:
     import time
 
     from .api import moe_distribute_combine_v2, moe_distribute_dispatch_v2
@@ -259,7 +289,7 @@ def run_rank(sc: Scenario, world_rank: int, group_ep, group_tp="") -> RankResult
                   group_tp=group_tp, tp_world_size=sc.tp, tp_rank_id=tp_rank,
                   shared_expert_num=sc.shared, shared_expert_rank_num=sc.shared_ranks,
                   global_bs=sc.effective_global_bs, zero_expert_num=sc.zero, copy_expert_num=sc.copy,
-                  const_expert_num=sc.const, elastic_info=sc.elastic_info())
+                  const_expert_num=sc.const, elastic_info=sc.elastic_info(), comm_alg=sc.comm_alg)
     perf = torch.zeros(sc.ep, dtype=torch.int64)
     result = None
     for _ in range(sc.calls):
@@ -307,11 +337,15 @@ def summary(sc: Scenario, world_rank: int, got: RankResult, diff: list[str]) -> 
     out = DispatchOutputs(*got.dispatch)
     counts = out.ep_recv_counts[:geom.recv_blocks(me)].tolist()
     n = int(counts[-1]) if counts else 0
-    tri = out.assist_info_for_combine[:3 * min(n, 3)].view(-1, 3).tolist()
+    if sc.soc == "A2":                                   # A2: the third output is the occurrence index
+        triples = "occ " + str(out.assist_info_for_combine[:6].tolist())
+    else:
+        tri = out.assist_info_for_combine[:3 * min(n, 3)].view(-1, 3).tolist()
+        triples = " ".join("(%d,%d,%d)" % tuple(t) for t in tri) + (" ..." if n > 3 else "")
     return dict(rank=world_rank, id=me, role="shared" if geom.is_shared(me) else "moe",
                 token_nums=out.expert_token_nums.tolist(),
                 counts=str(counts[:5])[:-1] + (", ...]" if len(counts) > 5 else "]"),
-                triples=" ".join("(%d,%d,%d)" % tuple(t) for t in tri) + (" ..." if n > 3 else ""),
+                triples=triples,
                 x_out=[round(float(v), 6) for v in got.x_out[0, :3].float()] if got.x_out.numel() else [],
                 ms=1e3 * (got.seconds.get("dispatch", 0) + got.seconds.get("combine", 0)),
                 ok=not diff, verdict="OK (bit-exact)" if not diff else "MISMATCH " + ", ".join(diff))

@@ -53,6 +53,13 @@ def parse_args(world: int) -> tuple[Scenario, argparse.Namespace]:
         else:
             p.add_argument(flag, type=type(f.default), default=default, help=f"(default {default})")
     a = p.parse_args()
+    a.soc = a.soc.upper()
+    if a.soc == "A2":                       # A2: no shared experts, special experts, TP or elastic
+        a.shared_ranks, a.zero, a.copy, a.const, a.no_elastic = 0, 0, 0, 0, True
+        a.comm_alg = a.comm_alg or "fullmesh"
+        if a.moe % world:
+            a.moe = world * max(1, a.moe // world)
+        os.environ["EMU_SOC"] = "A2"
     fields = {f.name: getattr(a, f.name) for f in dataclasses.fields(Scenario)
               if f.name not in ("ep", "removed", "elastic_flag0")}
     fields["ep"] = world // (2 if a.tp == 2 else 1)

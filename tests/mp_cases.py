@@ -32,6 +32,7 @@ def _dispatch_kwargs(sc: Scenario, rank: int) -> dict:
                 group_tp=emu.group_name(tp_g) if tp_g is not None else "", tp_world_size=sc.tp,
                 tp_rank_id=tp_rank, shared_expert_num=sc.shared, shared_expert_rank_num=sc.shared_ranks,
                 quant_mode=sc.quant, global_bs=sc.effective_global_bs, elastic_info=sc.elastic_info(),
+                comm_alg=sc.comm_alg,
                 zero_expert_num=sc.zero, copy_expert_num=sc.copy, const_expert_num=sc.const)
 
 
@@ -73,6 +74,12 @@ def bad_call(rank: int, op: str, change: dict, bad_ranks: list[int] | None = Non
     sc = Scenario(**fields)
     if rank not in (callers if callers is not None else sc.survivors()):
         return "idle"
+    if sc.soc != "A3":                                  # the chip is chosen for the whole call
+        os.environ["EMU_SOC"] = sc.soc
+        try:
+            return bad_call(rank, op, change, bad_ranks, env, callers, **{**fields, "soc": "A3"})
+        finally:
+            os.environ.pop("EMU_SOC", None)
     kw = _dispatch_kwargs(sc, rank)
     fn = emu.moe_distribute_dispatch_v2
     if op == "combine":

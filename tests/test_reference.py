@@ -283,3 +283,32 @@ def test_elastic_flag_zero_keeps_routing_but_elastic_shapes():
         rows = plain[g].expand_x.shape[0]
         assert torch.equal(flag0[g].expand_x[:rows], plain[g].expand_x)
     assert flag0[0].expert_token_nums.tolist() == [16, 0]              # shared rank writes element 0 only
+
+
+@pytest.mark.timeout(30)
+def test_a2_fullmesh_hand_worked():
+    """a2.md §5.1: W=16, E=16 (L=1), Bs=2, K=2, ids[r] = [[r, r+3], [r+3, r+5]] (mod 16).
+    Rank 3 receives r0 (t0,k1), r0 (t1,k0), r3 (t0,k0), r14 (t1,k1); every rank's occ = [0,0,1,0]."""
+    from emu.reference_a2 import reference_combine_a2, reference_dispatch_a2
+    cfg = MoeConfig(ep_world_size=16, moe_expert_num=16, shared_expert_num=0)
+    ids = {r: [[r, (r + 3) % 16], [(r + 3) % 16, (r + 5) % 16]] for r in range(16)}
+    outs = reference_dispatch_a2(cfg, [DispatchInputs(_x(r, 2), _ids(ids[r])) for r in range(16)])
+    r3 = outs[3]
+    assert r3.expand_x[:4, 0].tolist() == [0, 1, 30, 141]            # x0[0], x0[1], x3[0], x14[1]
+    assert r3.ep_recv_counts.tolist() == [2, 2, 2, 3] + [3] * 10 + [4, 4]
+    assert r3.expert_token_nums.tolist() == [4]
+    assert all(o.assist_info_for_combine[:4].tolist() == [0, 0, 1, 0] for o in outs)
+    # mask [T, F] on rank 0: only t0 is sent, assist written for 2 entries
+    masked = [DispatchInputs(_x(r, 2), _ids(ids[r]), x_active_mask=torch.tensor([True, False]) if r == 0 else None)
+              for r in range(16)]
+    m3 = reference_dispatch_a2(cfg, masked)[3]
+    assert m3.ep_recv_counts.tolist() == [1, 1, 1, 2] + [2] * 10 + [3, 3]
+    assert reference_dispatch_a2(cfg, masked)[0].assist_info_for_combine[:4].tolist() == [0, 0, 0, 0]
+    # combine on rank 0 with identity experts: out[0] = XT(0 + x*w00 + x*w01)
+    w = torch.tensor([[0.5, 0.25], [1.0, 2.0]])
+    comb = [CombineInputs(expand_x=o.expand_x, expert_ids=_ids(ids[r]), assist_info=o.assist_info_for_combine,
+                          ep_send_counts=o.ep_recv_counts, expert_scales=w) for r, o in enumerate(outs)]
+    x_out = reference_combine_a2(cfg, comb)
+    assert x_out[0][:, 0].tolist() == [0.0 * 0.5 + 0.0 * 0.25, 1.0 * 1.0 + 1.0 * 2.0]
+    bf = lambda v: torch.tensor(v, dtype=torch.float32).bfloat16().item()   # noqa: E731
+    assert x_out[14][:, 0].tolist() == [bf(140 * 0.5 + 140 * 0.25), bf(141 * 1.0 + 141 * 2.0)]   # 423 -> 424

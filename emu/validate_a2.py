@@ -1,0 +1,133 @@
+"""Atlas A2 parameter checks, in the operator's order (spec a2.md §1.2, §1.3, §7).
+
+Layer 1 (161001) and layer 2 (161002) are those of A3; tiling (561002) then checks commAlg,
+shapes and attributes.  A2 tiling does not look at sharedExpertNum / sharedExpertRankNum /
+tp values (forced to 0), globalBs or output sizes; as a2.md §7 chooses, mc2-emu also rejects
+the limits the doc states but tiling does not check (ep in [16, 256] multiple of 8, hierarchy
+ep <= 64 with 2/4/8 servers, fullmesh L <= 24).
+"""
+from __future__ import annotations
+
+import torch
+
+from .attrs import Geometry, MoeConfig
+from .errors import PARAM_INVALID, PARAM_NULLPTR
+from .soc import a2_comm_alg
+from .validate import XT_DTYPES, Checker
+
+DISPATCH = "aclnnMoeDistributeDispatchV3 (A2)"
+COMBINE = "aclnnMoeDistributeCombineV3 (A2)"
+
+
+def _attrs(c: Checker, cfg: MoeConfig, ep_rank_id: int, ep_name: str, alg: str) -> None:
+    W, E = cfg.ep_world_size, cfg.moe_expert_num
+    c.tiling(0 < len(ep_name) < 128, "group_ep", ep_name, "must be a non-empty name < 128 chars")
+    c.tiling(0 < W <= 256 and W % 8 == 0, "ep_world_size", W, "must be a multiple of 8 in (0, 256]")
+    c.tiling(0 <= ep_rank_id < W, "ep_rank_id", ep_rank_id, f"must be in [0, ep_world_size={W})")
+    c.tiling(0 < E <= 512 and E % W == 0, "moe_expert_num", E, f"must be in (0, 512] and a multiple of ep_world_size={W}")
+
+
+def _doc_limits(c: Checker, cfg: MoeConfig, alg: str) -> None:
+    """Limits of the doc that A2 tiling does not check (a2.md §7: rejected here)."""
+    W = cfg.ep_world_size
+    c.tiling(W >= 16, "ep_world_size", W, "the doc supports ep_world_size in {16, ..., 256} on Atlas A2 "
+             "(8 passes the hardware's tiling; mc2-emu is stricter)")
+    if alg == "hierarchy":
+        c.tiling(W <= 64 and W // 8 in (2, 4, 8), "ep_world_size", W,
+                 "hierarchy supports 2, 4 or 8 servers of 8 ranks (ep_world_size <= 64)")
+    else:
+        L = cfg.moe_expert_num // W
+        c.tiling(L <= 24, "moe_expert_num", cfg.moe_expert_num,
+                 f"fullmesh supports at most 24 experts per rank (got {L}; more corrupts the ready flag)")
+
+
+def validate_dispatch_a2(*, x, expert_ids, ep_name: str, tp_name: str, cfg: MoeConfig, ep_rank_id: int,
+                         scales, mask, expert_scales, elastic, comm_alg) -> tuple[Geometry, str]:
+    """All A2 dispatch checks in order; returns (geometry, "fullmesh" | "hierarchy")."""
+    c = Checker(DISPATCH)
+    c.not_null(x, "x")
+    c.not_null(expert_ids, "expert_ids")
+    c.need(bool(ep_name), PARAM_NULLPTR, "group_ep", ep_name, "must be a non-empty group name")
+    c.need(len(ep_name) < 128, PARAM_NULLPTR, "group_ep", ep_name, "name must be shorter than 128 chars")
+    c.need(len(tp_name) < 128, PARAM_NULLPTR, "group_tp", tp_name, "name must be shorter than 128 chars")
+    c.dtype(x, "x", XT_DTYPES)
+    c.dtype(expert_ids, "expert_ids", (torch.int32,))
+    c.dtype(scales, "scales", (torch.float32,))
+    c.dtype(mask, "x_active_mask", (torch.bool,))
+    c.dtype(expert_scales, "expert_scales", (torch.float32,))
+    alg = a2_comm_alg(comm_alg, DISPATCH)
+    if alg == "hierarchy":
+        c.tiling(expert_scales is not None, "expert_scales", None, "required with comm_alg hierarchy")
+    c.tiling(elastic is None, "elastic_info", "given", "not supported on Atlas A2")
+    c.dim(x, "x", (2,))
+    c.dim(expert_ids, "expert_ids", (2,))
+    h = x.shape[1]
+    hmax = 10240 if alg == "hierarchy" else 7168
+    c.tiling(h % 32 == 0 and 0 < h <= hmax, "H", h, f"must be a non-zero multiple of 32 <= {hmax} ({alg})")
+    bs, k = expert_ids.shape
+    c.tiling(0 < bs <= 256, "expert_ids.shape[0] (Bs)", bs, "must be in [1, 256] on Atlas A2")
+    c.tiling(0 < k <= 16, "expert_ids.shape[1] (K)", k, "must be in [1, 16]")
+    c.tiling(not (cfg.quant_mode == 0 and scales is not None), "scales", "given", "must be null when quant_mode=0")
+    if mask is not None:
+        c.tiling(mask.dim() == 1, "x_active_mask.dim()", mask.dim(), "must be 1-D on Atlas A2")
+        c.tiling(mask.shape[0] == bs, "x_active_mask.shape[0]", mask.shape[0], f"must equal Bs={bs}")
+    _attrs(c, cfg, ep_rank_id, ep_name, alg)
+    c.tiling(cfg.quant_mode in (0, 2), "quant_mode", cfg.quant_mode, "must be 0 or 2 on Atlas A2")
+    c.tiling(cfg.expert_token_nums_type in (0, 1), "expert_token_nums_type", cfg.expert_token_nums_type,
+             "must be 0 or 1")
+    for name in ("zero_expert_num", "copy_expert_num", "const_expert_num"):
+        c.tiling(getattr(cfg, name) == 0, name, getattr(cfg, name), "special experts are not supported on Atlas A2")
+    _doc_limits(c, cfg, alg)
+    if scales is not None:
+        want = (cfg.moe_expert_num, h)
+        c.tiling(tuple(scales.shape) == want, "scales.shape", tuple(scales.shape),
+                 f"must be {want} (smooth row = expert id on Atlas A2)")
+    return Geometry.of(cfg, bs, k, h), alg
+
+
+def validate_combine_a2(*, expand_x, expert_ids, assist_info, ep_send_counts, expert_scales, ep_name: str,
+                        tp_name: str, cfg: MoeConfig, ep_rank_id: int, mask, elastic, ori_x, alpha1, alpha2,
+                        const_v, comm_alg) -> tuple[Geometry, str]:
+    """All A2 combine checks in order; returns (geometry, "fullmesh" | "hierarchy")."""
+    c = Checker(COMBINE)
+    for t, name in ((expand_x, "expand_x"), (expert_ids, "expert_ids"), (assist_info, "assist_info_for_combine"),
+                    (ep_send_counts, "ep_send_counts"), (expert_scales, "expert_scales")):
+        c.not_null(t, name)
+    c.need(bool(ep_name), PARAM_NULLPTR, "group_ep", ep_name, "must be a non-empty group name")
+    c.need(len(ep_name) < 128, PARAM_INVALID, "group_ep", ep_name, "name must be shorter than 128 chars")
+    c.need(len(tp_name) < 128, PARAM_INVALID, "group_tp", tp_name, "name must be shorter than 128 chars")
+    c.dtype(expand_x, "expand_x", XT_DTYPES)
+    c.dtype(expert_ids, "expert_ids", (torch.int32,))
+    c.dtype(ep_send_counts, "ep_send_counts", (torch.int32,))
+    c.dtype(expert_scales, "expert_scales", (torch.float32,))
+    c.dtype(mask, "x_active_mask", (torch.bool,))
+    alg = a2_comm_alg(comm_alg, COMBINE)
+    c.tiling(elastic is None, "elastic_info", "given", "not supported on Atlas A2")
+    for t, name in ((ori_x, "ori_x"), (alpha1, "const_expert_alpha_1"), (alpha2, "const_expert_alpha_2"),
+                    (const_v, "const_expert_v")):
+        c.tiling(t is None, name, "given", "special experts are not supported on Atlas A2")
+    c.dim(expand_x, "expand_x", (2,))
+    h = expand_x.shape[1]
+    hmax = 10240 if alg == "hierarchy" else 7168
+    c.tiling(h % 32 == 0 and 0 < h <= hmax, "H", h, f"must be a non-zero multiple of 32 <= {hmax} ({alg})")
+    c.dim(expert_ids, "expert_ids", (2,))
+    bs, k = expert_ids.shape
+    c.tiling(0 < bs <= 256, "expert_ids.shape[0] (Bs)", bs, "must be in [1, 256] on Atlas A2")
+    c.tiling(0 < k <= 16, "expert_ids.shape[1] (K)", k, "must be in [1, 16]")
+    if mask is not None:
+        c.tiling(mask.dim() == 1, "x_active_mask.dim()", mask.dim(), "must be 1-D on Atlas A2")
+        c.tiling(mask.shape[0] == bs, "x_active_mask.shape[0]", mask.shape[0], f"must equal Bs={bs}")
+    for name in ("zero_expert_num", "copy_expert_num", "const_expert_num"):
+        c.tiling(getattr(cfg, name) == 0, name, getattr(cfg, name), "special experts are not supported on Atlas A2")
+    _attrs(c, cfg, ep_rank_id, ep_name, alg)
+    if alg == "fullmesh":
+        c.tiling(cfg.comm_quant_mode == 0, "comm_quant_mode", cfg.comm_quant_mode, "must be 0 with fullmesh")
+    else:
+        c.tiling(cfg.comm_quant_mode in (0, 2), "comm_quant_mode", cfg.comm_quant_mode, "must be 0 or 2 with hierarchy")
+    _doc_limits(c, cfg, alg)
+    geom = Geometry.of(cfg, bs, k, h)
+    c.tiling(ep_send_counts.shape[0] >= geom.W * geom.L, "ep_send_counts.shape[0]", ep_send_counts.shape[0],
+             f"must be >= ep_world_size * L = {geom.W * geom.L} (its first E entries are read)")
+    c.tiling(expand_x.shape[0] >= int(ep_send_counts[geom.W * geom.L - 1]), "expand_x.shape[0]", expand_x.shape[0],
+             "must hold every row this rank received (mc2-emu: the hardware reads past the end)")
+    return geom, alg
