@@ -179,14 +179,14 @@ def v1_matches_v2(rank: int, **fields) -> bool:
     from emu.npu import ops
     sc = Scenario(**fields)
     kw = _dispatch_kwargs(sc, rank)
-    for name in ("elastic_info", "zero_expert_num", "copy_expert_num", "const_expert_num"):
+    for name in ("elastic_info", "zero_expert_num", "copy_expert_num", "const_expert_num", "comm_alg"):
         kw.pop(name)
     outs2 = _call(emu.moe_distribute_dispatch_v2, dict(kw))
     args = [kw.pop(n) for n in ["x", "expert_ids", "group_ep", "ep_world_size", "ep_rank_id", "moe_expert_num"]]
     outs1 = ops.npu_moe_distribute_dispatch(*args, **kw)
     same = all(torch.equal(a, b) for i, (a, b) in enumerate(zip(outs1, outs2)) if i != 2)
     ck = _combine_kwargs(sc, rank, outs2)
-    for name in ("elastic_info", "zero_expert_num", "copy_expert_num", "const_expert_num", "ori_x",
+    for name in ("elastic_info", "zero_expert_num", "copy_expert_num", "const_expert_num", "comm_alg", "ori_x",
                  "const_expert_alpha_1", "const_expert_alpha_2", "const_expert_v"):
         ck.pop(name)
     y2 = _call(emu.moe_distribute_combine_v2, dict(ck))
