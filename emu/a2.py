@@ -5,12 +5,13 @@ and quantisation, the smooth row being the expert id), but its third output is t
 occurrence index ``occ[t*K + k]`` (how many earlier active slots of this rank chose the same
 expert), and combine returns each row to its source by position: rows of block (l, p) go back
 to p in order, and p reads slot (t, k) at ``windowOffset(e) + occ``, i.e. in its own slot order.
-The hierarchy path (two hops through the servers) is not emulated yet.
+The hierarchy path (two hops through the servers) is in ``a2_hierarchy``.
 """
 from __future__ import annotations
 
 import torch
 
+from . import a2_hierarchy
 from . import combine as _combine
 from . import dispatch as _dispatch
 from .api import Prepared, _run
@@ -30,12 +31,6 @@ def _config(ep_world_size: int, moe_expert_num: int, **kw) -> MoeConfig:
                      shared_expert_num=0, shared_expert_rank_num=0, **kw)
 
 
-def _not_yet(alg: str) -> None:
-    if alg == "hierarchy":
-        raise NotImplementedError("mc2-emu: the Atlas A2 hierarchy path (comm_alg 'hierarchy', or HCCL_INTRA_PCIE_ENABLE=1 "
-                                  "with HCCL_INTRA_ROCE_ENABLE=0) is not emulated yet; use comm_alg='fullmesh'")
-
-
 def dispatch(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, *, scales, x_active_mask,
              expert_scales, elastic_info, performance_info, group_tp, quant_mode, global_bs,
              expert_token_nums_type, comm_alg, zero_expert_num, copy_expert_num, const_expert_num):
@@ -43,6 +38,7 @@ def dispatch(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num,
     (Bs*K entries written), ep_recv_counts has E entries (+ 2*G*K*(W/8) zero tail entries when
     expert_scales is given), expand_scales is not written."""
     from .groups import group_label
+    chosen = ["fullmesh"]
     cfg = _config(ep_world_size, moe_expert_num, quant_mode=quant_mode, global_bs=global_bs,
                   expert_token_nums_type=expert_token_nums_type, zero_expert_num=zero_expert_num,
                   copy_expert_num=copy_expert_num, const_expert_num=const_expert_num)
@@ -52,13 +48,19 @@ def dispatch(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num,
                                          tp_name=group_label(group_tp) if group_tp else "", cfg=cfg,
                                          ep_rank_id=ep_rank_id, scales=scales, mask=x_active_mask,
                                          expert_scales=expert_scales, elastic=elastic_info, comm_alg=comm_alg)
-        _not_yet(alg)
-        act = active_set(x.shape[0], expert_ids.shape[1], x_active_mask)
+        chosen[0] = alg
+        act = active_set(x.shape[0], expert_ids.shape[1], x_active_mask if alg == "fullmesh" else None)
         check_ids(Checker(DISPATCH), ep_rank_id, expert_ids, act.slots, moe_expert_num, moe_expert_num, 0)
         return Prepared(geom=geom, xt=x.dtype, remap=identity_remap(ep_world_size),
                         shapes=dispatch_shapes(geom, ep_rank_id, x.shape[0]))
 
     def body(call: Call, prep: Prepared):
+        from .api import _add_wait
+        if chosen[0] == "hierarchy":                      # mask ignored, two hops (a2.md §3)
+            a2_hierarchy.server_domains(call)
+            out = a2_hierarchy.dispatch(call, prep.route, prep.shapes, cfg, x, expert_ids, expert_scales)
+            _add_wait(performance_info, call)
+            return out.as_tuple()
         act = active_set(x.shape[0], expert_ids.shape[1], x_active_mask)
         out = _dispatch.dispatch(call, prep.route, prep.shapes, cfg, x, expert_ids, scales, act)
         out.assist_info_for_combine.zero_()
@@ -70,7 +72,6 @@ def dispatch(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num,
             tail = lazy_zeros((g.W * g.L + 2 * g.G * g.K * (g.W // 8),), torch.int32)
             tail[:g.W * g.L] = out.ep_recv_counts[:g.W * g.L]
             out.ep_recv_counts = tail
-        from .api import _add_wait
         _add_wait(performance_info, call)
         return out.as_tuple()
 
@@ -78,11 +79,12 @@ def dispatch(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num,
 
 
 def combine(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep, ep_world_size,
-            ep_rank_id, moe_expert_num, *, x_active_mask, elastic_info, ori_x, const_expert_alpha_1,
+            ep_rank_id, moe_expert_num, *, x_active_mask, expand_scales, elastic_info, ori_x, const_expert_alpha_1,
             const_expert_alpha_2, const_expert_v, performance_info, group_tp, comm_quant_mode, comm_alg,
             zero_expert_num, copy_expert_num, const_expert_num, global_bs):
     """A2 fullmesh combine: rows back by position, out[t] = XT(sum_k fp32(y) * w) for active t."""
     from .groups import group_label
+    chosen = ["fullmesh"]
     cfg = _config(ep_world_size, moe_expert_num, global_bs=global_bs, comm_quant_mode=comm_quant_mode,
                   zero_expert_num=zero_expert_num, copy_expert_num=copy_expert_num,
                   const_expert_num=const_expert_num)
@@ -98,16 +100,26 @@ def combine(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, exper
                                         ep_rank_id=ep_rank_id, mask=x_active_mask, elastic=elastic_info,
                                         ori_x=ori_x, alpha1=const_expert_alpha_1, alpha2=const_expert_alpha_2,
                                         const_v=const_expert_v, comm_alg=comm_alg)
-        _not_yet(alg)
-        act = active_set(*expert_ids.shape, x_active_mask)
+        chosen[0] = alg
+        if alg == "hierarchy":
+            Checker(COMBINE).tiling(expand_scales is not None, "expand_scales", None,
+                                    "required with hierarchy (the hardware reads it; null faults the device)")
+            Checker(COMBINE).tiling(cfg.comm_quant_mode == 0, "comm_quant_mode", cfg.comm_quant_mode,
+                                    "mc2-emu does not emulate hierarchy int8 partials yet (a2.md §3.4 is opaque)")
+        act = active_set(*expert_ids.shape, x_active_mask if alg == "fullmesh" else None)
         check_ids(Checker(COMBINE), ep_rank_id, expert_ids, act.slots, moe_expert_num, moe_expert_num, 0)
         return Prepared(geom=geom, xt=expand_x.dtype, remap=identity_remap(ep_world_size),
                         shapes=dispatch_shapes(geom, ep_rank_id, expert_ids.shape[0]))
 
     def body(call: Call, prep: Prepared):
+        from .api import _add_wait
+        if chosen[0] == "hierarchy":
+            a2_hierarchy.server_domains(call)
+            out = a2_hierarchy.combine(call, prep.route, cfg, expand_x, expert_ids, ep_send_counts, expand_scales)
+            _add_wait(performance_info, call)
+            return out
         act = active_set(*expert_ids.shape, x_active_mask)
         out = _combine.combine(call, prep.route, cfg, inp, act, positional=True)
-        from .api import _add_wait
         _add_wait(performance_info, call)
         return out
 

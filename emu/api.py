@@ -226,7 +226,7 @@ def moe_distribute_combine_v2(expand_x: torch.Tensor, expert_ids: torch.Tensor,
         from . import a2
         return a2.combine(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep,
                           ep_world_size, ep_rank_id, moe_expert_num, x_active_mask=x_active_mask,
-                          elastic_info=elastic_info, ori_x=ori_x, const_expert_alpha_1=const_expert_alpha_1,
+                          expand_scales=expand_scales, elastic_info=elastic_info, ori_x=ori_x, const_expert_alpha_1=const_expert_alpha_1,
                           const_expert_alpha_2=const_expert_alpha_2, const_expert_v=const_expert_v,
                           performance_info=performance_info, group_tp=group_tp, comm_quant_mode=comm_quant_mode,
                           comm_alg=comm_alg, zero_expert_num=zero_expert_num, copy_expert_num=copy_expert_num,

@@ -80,6 +80,14 @@ class Domain:
                    ep_index=np.arange(size), name=group_label(pg))
 
     @classmethod
+    def subset(cls, kind: str, full: "Domain", members: list[int]) -> "Domain":
+        """A domain of the EP ranks ``members`` (ascending), made by them alone (bare gloo)."""
+        globals_ = [full.ranks[m] for m in members]
+        pg, name = survivor_group(globals_, timeout_s(), prefix=kind.lower())
+        return cls(kind=kind, pg=pg, rank=members.index(full.rank), size=len(members), ranks=globals_,
+                   ep_index=np.asarray(members, dtype=np.int64), name=name, bare=True)
+
+    @classmethod
     def survivors(cls, full: "Domain", old_ep_ranks: np.ndarray, my_new_id: int) -> "Domain":
         """The EP domain of an elastic call: new id i = original EP rank ``old_ep_ranks[i]``."""
         globals_ = [full.ranks[int(r)] for r in old_ep_ranks]
@@ -191,6 +199,7 @@ class Call:
     call_no: int = 0
     clock_ns: int = 0
     pending: list[str] = field(default_factory=list)     # domains whose header is still due
+    extra: dict = field(default_factory=dict)            # further domains by kind
     wait_us: np.ndarray | None = None                     # (W,) per-source wait of the EP header
 
     @classmethod
@@ -203,7 +212,15 @@ class Call:
                    clock_ns=time.monotonic_ns(), pending=list(order))
 
     def domain(self, kind: str) -> Domain:
-        return self.ep if kind == "EP" else self.tp
+        if kind == "EP":
+            return self.ep
+        if kind == "TP":
+            return self.tp
+        return self.extra[kind]
+
+    def add_domain(self, dom: Domain) -> None:
+        """A further domain of this call (A2 hierarchy: "INTER" / "INTRA" server groups)."""
+        self.extra[dom.kind] = dom
 
     def _header(self, dom: Domain, error: int, rows: np.ndarray, row_bytes: int,
                 expect: np.ndarray, origin: int) -> torch.Tensor:
@@ -230,7 +247,8 @@ class Call:
         the call number or an attribute (after first telling the remaining domains).
         """
         dom = self.domain(kind)
-        self.pending.remove(kind)
+        if kind in self.pending:
+            self.pending.remove(kind)
         send = self._header(dom, error, rows, row_bytes, expect, origin)
         if dom.order is not None:
             send = send[torch.from_numpy(np.argsort(dom.order))]

@@ -64,7 +64,7 @@ _survivor_groups: dict[tuple[int, ...], tuple[ProcessGroup, str]] = {}
 atexit.register(_survivor_groups.clear)      # release them before interpreter teardown
 
 
-def survivor_group(global_ranks: list[int], timeout_s: float) -> tuple[ProcessGroup, str]:
+def survivor_group(global_ranks: list[int], timeout_s: float, prefix: str = "survivors") -> tuple[ProcessGroup, str]:
     """A gloo group of exactly ``global_ranks`` (sorted), built by those ranks alone.
 
     Survivors of an elastic call cannot use ``new_group``: it waits for the whole world, and
@@ -78,13 +78,13 @@ def survivor_group(global_ranks: list[int], timeout_s: float) -> tuple[ProcessGr
     from datetime import timedelta
 
     from torch.distributed import distributed_c10d as c10d
-    key = tuple(sorted(int(r) for r in global_ranks))
+    key = (prefix,) + tuple(sorted(int(r) for r in global_ranks))
     if key not in _survivor_groups:
-        name = "emu_survivors_" + "_".join(map(str, key))
+        name = f"emu_{prefix}_" + "_".join(map(str, key))
         if len(name) >= 100:
-            name = "emu_survivors_" + hashlib.sha1(name.encode()).hexdigest()[:32]
+            name = f"emu_{prefix}_" + hashlib.sha1(name.encode()).hexdigest()[:32]
         me = dist.get_rank()
         store = dist.PrefixStore(name + "/", c10d._get_default_store())
-        pg = dist.ProcessGroupGloo(store, key.index(me), len(key), timedelta(seconds=timeout_s))
+        pg = dist.ProcessGroupGloo(store, key[1:].index(me), len(key) - 1, timedelta(seconds=timeout_s))
         _survivor_groups[key] = (pg, name)
     return _survivor_groups[key]

@@ -71,3 +71,57 @@ def reference_combine_a2(cfg: MoeConfig, inputs: list[CombineInputs]) -> list[to
         x_out[torch.from_numpy(~act.tokens)] = 0
         outs.append(x_out)
     return outs
+
+
+def reference_dispatch_hierarchy(cfg: MoeConfig, inputs: list[DispatchInputs],
+                                 expert_scales: list[torch.Tensor]) -> list[DispatchOutputs]:
+    """a2.md §3.2: the fullmesh layout of every token (mask ignored) quantised once without
+    smoothing, expand_scales[row] = expert_scales_p[t, k], no assist, a zero tail of
+    2*G*K*(W/8) entries after the E counts."""
+    plain = [DispatchInputs(x=d.x, expert_ids=d.expert_ids) for d in inputs]
+    outs = reference_dispatch(cfg, plain)
+    W, E = cfg.ep_world_size, cfg.moe_expert_num
+    for out in outs:
+        n = int(out.ep_recv_counts[E - 1])
+        tri = out.assist_info_for_combine[:3 * n].view(n, 3).to(torch.int64)
+        out.expand_scales[:n] = torch.stack([expert_scales[int(p)][int(t), int(k)] for p, t, k in tri.tolist()]) \
+            if n else torch.zeros(0)
+        out.assist_info_for_combine.zero_()
+        g = cfg.global_bs or inputs[0].x.shape[0] * W
+        tail = torch.zeros(E + 2 * g * inputs[0].expert_ids.shape[1] * (W // 8), dtype=torch.int32)
+        tail[:E] = out.ep_recv_counts[:E]
+        out.ep_recv_counts = tail
+    return outs
+
+
+def reference_combine_hierarchy(cfg: MoeConfig, inputs: list[CombineInputs],
+                                expand_scales: list[torch.Tensor]) -> list[torch.Tensor]:
+    """a2.md §3.3: per server d, P_d = XT(fp32(y_k0)*w_k0 + fp32(y_k)*w_k + ...) over the token's
+    hits on d in k order (w = the holder's expand_scales of the row); out = XT(0 + P_0 + P_1 ...)
+    in increasing server order, for every token (mask ignored)."""
+    W, E = cfg.ep_world_size, cfg.moe_expert_num
+    L = E // W
+    outs = []
+    for p, inp in enumerate(inputs):
+        bs, k = inp.expert_ids.shape
+        ids = inp.expert_ids.numpy().astype(np.int64)
+        occ = occurrences(inp.expert_ids, None).reshape(bs, k)
+        xt = inp.expand_x.dtype
+        out = torch.zeros(bs, inp.expand_x.shape[1], dtype=xt)
+        for t in range(bs):                                  # the definition, token by token
+            acc_out = torch.zeros(inp.expand_x.shape[1], dtype=torch.float32)
+            for d in sorted({int(e // L // 8) for e in ids[t]}):
+                acc = None
+                for kk in range(k):
+                    e = int(ids[t, kk])
+                    if e // L // 8 != d:
+                        continue
+                    m, l = e // L, e % L
+                    counts = inputs[m].ep_send_counts
+                    row = (int(counts[l * W + p - 1]) if l * W + p > 0 else 0) + int(occ[t, kk])
+                    term = inputs[m].expand_x[row].to(torch.float32) * expand_scales[m][row]
+                    acc = term if acc is None else acc + term
+                acc_out = acc_out + acc.to(xt).to(torch.float32)
+            out[t] = acc_out.to(xt)
+        outs.append(out)
+    return outs

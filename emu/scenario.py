@@ -250,13 +250,20 @@ def run_reference(sc: Scenario) -> list[RankResult | None]:
 
 
 def _run_reference_a2(sc: Scenario) -> list[RankResult]:
-    from .reference_a2 import reference_combine_a2, reference_dispatch_a2
+    from . import reference_a2 as ra2
     cfg = sc.config()
     data = [make_rank_data(sc, g) for g in range(sc.world_size)]
-    outs = reference_dispatch_a2(cfg, [d.dispatch for d in data])
+    hier = sc.comm_alg == "hierarchy"
+    if hier:
+        outs = ra2.reference_dispatch_hierarchy(cfg, [d.dispatch for d in data], [d.expert_scales for d in data])
+    else:
+        outs = ra2.reference_dispatch_a2(cfg, [d.dispatch for d in data])
     comb = [combine_inputs(sc, data[g], outs[g], expert_outputs(sc, _route(sc, g)[0], g, outs[g]))
             for g in range(sc.world_size)]
-    x_outs = reference_combine_a2(cfg, comb)
+    if hier:
+        x_outs = ra2.reference_combine_hierarchy(cfg, comb, [o.expand_scales for o in outs])
+    else:
+        x_outs = ra2.reference_combine_a2(cfg, comb)
     return [RankResult(dispatch=outs[g].as_tuple(), x_out=x_outs[g]) for g in range(sc.world_size)]
 
 
@@ -294,8 +301,10 @@ def _run_rank(sc: Scenario, world_rank: int, group_ep, group_tp="") -> RankResul
     result = None
     for _ in range(sc.calls):
         t0 = time.perf_counter()
+        hier = sc.soc == "A2" and sc.comm_alg == "hierarchy"
         outs = moe_distribute_dispatch_v2(d.x, d.expert_ids, scales=d.scales, x_active_mask=d.x_active_mask,
                                           quant_mode=sc.quant, expert_token_nums_type=sc.token_nums_type,
+                                          expert_scales=data.expert_scales if hier else None,
                                           performance_info=perf, **common)
         t1 = time.perf_counter()
         out = DispatchOutputs(*outs)
@@ -307,6 +316,7 @@ def _run_rank(sc: Scenario, world_rank: int, group_ep, group_tp="") -> RankResul
                                           ori_x=ci.ori_x, const_expert_alpha_1=ci.const_expert_alpha_1,
                                           const_expert_alpha_2=ci.const_expert_alpha_2,
                                           const_expert_v=ci.const_expert_v, comm_quant_mode=sc.comm_quant,
+                                          expand_scales=out.expand_scales if hier else None,
                                           performance_info=perf, **common)
         t2 = time.perf_counter()
         result = RankResult(dispatch=outs, x_out=x_out,

@@ -312,3 +312,29 @@ def test_a2_fullmesh_hand_worked():
     assert x_out[0][:, 0].tolist() == [0.0 * 0.5 + 0.0 * 0.25, 1.0 * 1.0 + 1.0 * 2.0]
     bf = lambda v: torch.tensor(v, dtype=torch.float32).bfloat16().item()   # noqa: E731
     assert x_out[14][:, 0].tolist() == [bf(140 * 0.5 + 140 * 0.25), bf(141 * 1.0 + 141 * 2.0)]   # 423 -> 424
+
+
+@pytest.mark.timeout(30)
+def test_a2_hierarchy_hand_worked():
+    """a2.md §5.2 (servers 0-7, 8-15): rank 3 as in §5.1 plus expand_scales
+    [w0[0,1], w0[1,0], w3[0,0], w14[1,1]], ep_recv_counts of 16 + 2*32*2*2 = 272 entries; combine on
+    rank 14: out[0] = XT((0 + P0) + P1) with P0 = XT(y1*w[0,1]) (server 0 first) and P1 = XT(y14*w[0,0])."""
+    from emu.reference_a2 import reference_combine_hierarchy, reference_dispatch_hierarchy
+    cfg = MoeConfig(ep_world_size=16, moe_expert_num=16, shared_expert_num=0)
+    ids = {r: [[r, (r + 3) % 16], [(r + 3) % 16, (r + 5) % 16]] for r in range(16)}
+    w = {r: torch.tensor([[0.5 + r, 0.25], [1.5, 2.0 + r]]) for r in range(16)}
+    outs = reference_dispatch_hierarchy(cfg, [DispatchInputs(_x(r, 2), _ids(ids[r])) for r in range(16)],
+                                        [w[r] for r in range(16)])
+    r3 = outs[3]
+    assert r3.expand_x[:4, 0].tolist() == [0, 1, 30, 141]
+    assert r3.expand_scales[:4].tolist() == [0.25, 1.5, 3.5, 16.0]
+    assert r3.ep_recv_counts.shape == (272,) and r3.ep_recv_counts[:16].tolist() == [2, 2, 2, 3] + [3] * 10 + [4, 4]
+    assert r3.assist_info_for_combine.abs().sum() == 0
+    comb = [CombineInputs(expand_x=o.expand_x, expert_ids=_ids(ids[r]), assist_info=o.assist_info_for_combine,
+                          ep_send_counts=o.ep_recv_counts, expert_scales=w[r]) for r, o in enumerate(outs)]
+    x_out = reference_combine_hierarchy(cfg, comb, [o.expand_scales for o in outs])
+    bf = lambda v: torch.tensor(v, dtype=torch.float32).bfloat16().float().item()   # noqa: E731
+    p0, p1 = bf(140 * 0.25), bf(140 * 14.5)
+    assert x_out[14][0, 0].item() == bf(p0 + p1)
+    # rank 14 token 1: ids [1, 3], both on server 0: one partial XT(141*1.5 + 141*16)
+    assert x_out[14][1, 0].item() == bf(bf(141 * 1.5 + 141 * 16.0))

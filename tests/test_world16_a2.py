@@ -43,3 +43,13 @@ def test_a2_errors_on_every_rank(world, op, change, code, text):
 
 def test_a2_world_usable_after_errors(world):
     check_scenario(world, **{**A2, "seed": 9})
+
+
+@pytest.mark.parametrize("fields", [
+    dict(),
+    dict(mask="1d", seed=11),
+    dict(quant=2, seed=12),
+    dict(moe=32, k=4, token_nums_type=0, dtype="fp16", seed=13),
+], ids=["plain", "mask-ignored", "quant-once", "L2-fp16"])
+def test_a2_hierarchy_matches_reference(world, fields):
+    check_scenario(world, **{**A2, "comm_alg": "hierarchy", **fields})

@@ -1,0 +1,201 @@
+"""Atlas A2 hierarchy path (spec a2.md §3) with its real two-level communication.
+
+A server is 8 consecutive EP ranks; rank p = 8*s + i.  Domains: "EP" (the whole group, for
+the header: call checks, errors and the step-1 counts), "INTER" (the ranks with local index
+i, one per server) and "INTRA" (the 8 ranks of the server), both made by their members alone.
+
+dispatch: each token is quantised once (no smoothing), then
+  1. INTER: p sends, to rank (d, i) of every server d its token hits, the token's struct
+     (row, scale, ids, weights, t), tokens in increasing t;
+  2. INTRA: relay (d, i) copies each struct once per hit on its server to the expert's rank;
+  the expert rank lays the rows out in blocks (l, p), increasing t (the A3/fullmesh layout), with
+  expand_scales[row] = expert_scales_p[t, k].
+combine:
+  1. INTER: p sends, to rank (d, i), the ids of its tokens that hit server d (the relay's routing
+     table; the hardware keeps it in the epRecvCounts tail);
+  2. INTRA: each expert rank returns its rows, with their expand_scales weight, to the relay of
+     the row's source;
+  3. the relay forms, per token, P_d = XT(fp32(y_k0) * w_k0 [+ fp32(y_k) * w_k ...]) over the
+     token's hits on its server in k order (each multiply and add rounded separately, a2.md §7);
+  4. INTER: P_d goes back to p, which adds them in increasing server order: out = XT(0 + P_0 + ...).
+The mask is ignored (every token flows, every x_out row is written), as on the hardware.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .attrs import Geometry, MoeConfig
+from .comm import H_ROWS, Call, Domain
+from .layout import DispatchOutputs, DispatchShapes, expert_token_nums, lazy_zeros, recv_layout
+from .numerics import F32, dynamic_quant
+from .wire import Field, pack, row_bytes, unpack
+
+
+def server_domains(call: Call) -> None:
+    """Add the INTER (same local index) and INTRA (same server) domains of this rank."""
+    ep = call.ep
+    s, i = divmod(ep.rank, 8)
+    call.add_domain(Domain.subset("INTER", ep, list(range(i, ep.size, 8))))
+    call.add_domain(Domain.subset("INTRA", ep, list(range(8 * s, 8 * s + 8))))
+
+
+def _servers_hit(ids: np.ndarray, L: int, n_servers: int) -> np.ndarray:
+    """(Bs, N) bool: token t has an expert on server d."""
+    hit = np.zeros((ids.shape[0], n_servers), bool)
+    hit[np.arange(ids.shape[0])[:, None], (ids // L) // 8] = True
+    return hit
+
+
+def dispatch(call: Call, geom: Geometry, shapes: DispatchShapes, cfg: MoeConfig, x: torch.Tensor,
+             expert_ids: torch.Tensor, expert_scales: torch.Tensor) -> DispatchOutputs:
+    W, L, K, H = geom.W, geom.L, geom.K, geom.H
+    me = call.ep.rank
+    s, i = divmod(me, 8)
+    n_srv = W // 8
+    ids = expert_ids.numpy().astype(np.int64)
+    bs = ids.shape[0]
+    quant = cfg.quant_mode == 2
+    if quant:
+        payload, scale = dynamic_quant(x, None)          # once per token, no smoothing (a2.md §3.1)
+    else:
+        payload, scale = x, torch.zeros(bs, dtype=F32)
+    hit = _servers_hit(ids, L, n_srv)
+    per_server = [np.flatnonzero(hit[:, d]) for d in range(n_srv)]
+    counts = np.array([len(t) for t in per_server], np.int64)
+    ep_rows = np.zeros(W, np.int64)
+    ep_rows[8 * np.arange(n_srv) + i] = counts
+    hdr = call.exchange_header("EP", ep_rows, 0, np.zeros(W, np.int64))
+    incoming = hdr[8 * np.arange(n_srv) + i, H_ROWS]
+
+    # step 1: one struct per (token, server it hits) to the relay of that server
+    f1 = [Field(payload.dtype, H), Field(F32, 1), Field(torch.int32, K), Field(F32, K), Field(torch.int32, 1)]
+    tok = torch.from_numpy(np.concatenate(per_server) if per_server else np.zeros(0, np.int64))
+    parts = [payload[tok], scale[tok], expert_ids[tok], expert_scales.to(F32)[tok], tok.to(torch.int32)]
+    got = unpack(call.exchange_rows("INTER", pack(parts, f1), counts, incoming, "inter-server rows"), f1)
+    r_payload, r_scale, r_ids, r_w, r_t = got
+    r_src = np.repeat(8 * np.arange(n_srv) + i, incoming)          # source p of each struct
+
+    # step 2: the relay copies each struct once per hit on its own server to the expert's rank
+    rid = r_ids.numpy().astype(np.int64)
+    jj, kk = np.nonzero((rid // L) // 8 == s)
+    e = rid[jj, kk]
+    dest, loc = (e // L) % 8, e % L
+    t_of = r_t.numpy().reshape(-1).astype(np.int64)
+    order = np.lexsort((t_of[jj], r_src[jj], loc, dest))
+    jj, kk, dest, loc = jj[order], kk[order], dest[order], loc[order]
+    send_counts = np.bincount(dest, minlength=8).astype(np.int64)
+    f2 = [Field(payload.dtype, H), Field(F32, 1), Field(F32, 1), Field(torch.int32, 4)]
+    jt = torch.from_numpy(jj)
+    meta = torch.from_numpy(np.stack([r_src[jj], t_of[jj], kk, loc], axis=1).astype(np.int32))
+    parts = [r_payload[jt], r_scale[jt], r_w[jt, torch.from_numpy(kk)], meta]
+    hdr2 = call.exchange_header("INTRA", send_counts, row_bytes(f2), np.zeros(8, np.int64))
+    got = unpack(call.exchange_rows("INTRA", pack(parts, f2), send_counts, hdr2[:, H_ROWS], "intra-server rows"), f2)
+    rows, rscale, rw, rmeta = got
+    m = rmeta.numpy().astype(np.int64)
+    lay = recv_layout(geom, me, m[:, 0], m[:, 3])
+    own = int(lay.order.size)
+    idx = torch.from_numpy(lay.order)
+    out = DispatchOutputs.allocate(shapes, H, payload.dtype)
+    out.expand_x[:own] = rows[idx]
+    if quant:
+        out.dynamic_scales[:own] = rscale[idx, 0]
+    out.expand_scales[:own] = rw[idx, 0]
+    E = W * L
+    tail = lazy_zeros((E + 2 * geom.G * K * n_srv,), torch.int32)    # the hardware's tables: zero here
+    tail[:E] = torch.from_numpy(lay.ep_recv_counts.astype(np.int32))
+    out.ep_recv_counts = tail
+    nums = expert_token_nums(geom, me, lay.ep_recv_counts, own, cfg.expert_token_nums_type)
+    out.expert_token_nums[:nums.size] = torch.from_numpy(nums)
+    return out
+
+
+def combine(call: Call, geom: Geometry, cfg: MoeConfig, expand_x: torch.Tensor, expert_ids: torch.Tensor,
+            ep_send_counts: torch.Tensor, expand_scales: torch.Tensor) -> torch.Tensor:
+    W, L, K, H = geom.W, geom.L, geom.K, geom.H
+    me = call.ep.rank
+    s, i = divmod(me, 8)
+    n_srv = W // 8
+    xt = expand_x.dtype
+    ids = expert_ids.numpy().astype(np.int64)
+    bs = ids.shape[0]
+    hit = _servers_hit(ids, L, n_srv)
+    per_server = [np.flatnonzero(hit[:, d]) for d in range(n_srv)]
+    counts = np.array([len(t) for t in per_server], np.int64)
+    ep_rows = np.zeros(W, np.int64)
+    ep_rows[8 * np.arange(n_srv) + i] = counts
+    hdr = call.exchange_header("EP", ep_rows, 0, np.zeros(W, np.int64))
+    incoming = hdr[8 * np.arange(n_srv) + i, H_ROWS]
+
+    # 1: the relay learns the routing of the tokens it reduces
+    f1 = [Field(torch.int32, K), Field(torch.int32, 1)]
+    tok = torch.from_numpy(np.concatenate(per_server) if per_server else np.zeros(0, np.int64))
+    got = unpack(call.exchange_rows("INTER", pack([expert_ids[tok], tok.to(torch.int32)], f1), counts, incoming,
+                                    "inter-server ids"), f1)
+    q_ids = got[0].numpy().astype(np.int64)
+    q_t = got[1].numpy().reshape(-1).astype(np.int64)
+    q_src = np.repeat(8 * np.arange(n_srv) + i, incoming)
+
+    # 2: every expert row goes back, with its weight, to the relay of its source
+    E = W * L
+    own = int(ep_send_counts[E - 1])
+    sizes = np.diff(ep_send_counts[:E].to(torch.int64).numpy(), prepend=0)
+    block = np.repeat(np.arange(E), sizes)[:own]
+    src, loc = block % W, block // W
+    first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    within = np.arange(own) - first[block]
+    order = np.argsort(src % 8, kind="stable")
+    send_counts = np.bincount(src % 8, minlength=8).astype(np.int64)
+    f2 = [Field(xt, H), Field(F32, 1), Field(torch.int32, 3)]
+    meta = torch.from_numpy(np.stack([src, loc, within], axis=1)[order].astype(np.int32))
+    ot = torch.from_numpy(order)
+    parts = [expand_x[:own][ot], expand_scales.to(F32)[:own][ot], meta]
+    # what this relay expects from each expert rank of its server: one row per hit
+    qj, qk = np.nonzero((q_ids // L) // 8 == s)
+    expect = np.bincount((q_ids[qj, qk] // L) % 8, minlength=8).astype(np.int64)
+    hdr2 = call.exchange_header("INTRA", send_counts, row_bytes(f2), expect)
+    got = unpack(call.exchange_rows("INTRA", pack(parts, f2), send_counts, hdr2[:, H_ROWS], "intra-server rows"), f2)
+    rows, rw, rmeta = got
+    rm = rmeta.numpy().astype(np.int64)
+    sender = np.repeat(8 * s + np.arange(8), hdr2[:, H_ROWS])           # expert rank of each row
+    expert = sender * L + rm[:, 1]
+    # row -> (token, k): the `within`-th token of source p (increasing t) that chose this expert
+    key_p, key_e, key_w = rm[:, 0], expert, rm[:, 2]
+    hits = {}
+    for j in np.argsort(q_t, kind="stable"):                             # tokens in increasing t per (p, e)
+        for k in range(K):
+            hits.setdefault((int(q_src[j]), int(q_ids[j, k])), []).append((int(q_t[j]), k, j))
+    tk = np.array([hits[(int(p), int(e))][int(w)] for p, e, w in zip(key_p, key_e, key_w)],
+                  dtype=np.int64).reshape(-1, 3)
+    # 3: partial sums per token over this server's hits, in k order, rounded to XT
+    term = rows.to(F32) * rw                                            # fp32(y) * w, one rounding
+    n_tok = len(q_t)
+    acc = torch.zeros(n_tok, H, dtype=F32)
+    started = torch.zeros(n_tok, dtype=torch.bool)
+    order = np.lexsort((tk[:, 1], tk[:, 2])) if tk.size else np.zeros(0, np.int64)
+    slot = tk[order, 2]
+    rank_in_tok = np.arange(order.size) - np.searchsorted(slot, slot)
+    for r in range(int(rank_in_tok.max()) + 1 if order.size else 0):
+        sel = order[rank_in_tok == r]
+        j = torch.from_numpy(tk[sel, 2])
+        t_sel = term[torch.from_numpy(sel)]
+        if r == 0:
+            acc[j] = t_sel                                               # Muls: the first hit
+            started[j] = True
+        else:
+            acc[j] = acc[j] + t_sel                                      # then one rounded add per hit
+    partial = acc.to(xt)
+    # 4: partials back to the sources, added in increasing server order
+    f3 = [Field(xt, H), Field(torch.int32, 1)]
+    back_counts = np.bincount(q_src // 8, minlength=n_srv).astype(np.int64)
+    got = unpack(call.exchange_rows("INTER", pack([partial, torch.from_numpy(q_t.astype(np.int32))], f3),
+                                    back_counts, counts, "inter-server partials"), f3)
+    p_rows, p_t = got
+    from_server = np.repeat(np.arange(n_srv), counts)
+    out = torch.zeros(bs, H, dtype=F32)
+    pt = p_t.numpy().reshape(-1).astype(np.int64)
+    for d in range(n_srv):
+        sel = np.flatnonzero(from_server == d)
+        if sel.size:
+            out.index_add_(0, torch.from_numpy(pt[sel]), p_rows[torch.from_numpy(sel)].to(F32))
+    return out.to(xt)
