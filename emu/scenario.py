@@ -14,6 +14,7 @@ from .attrs import Geometry, MoeConfig
 from .combine import CombineInputs
 from .layout import DispatchOutputs, lazy_zeros
 from .placement import Remap
+from .soc import a2_comm_alg
 from .reference import DispatchInputs, reference_combine, reference_dispatch, tp_span
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -301,7 +302,7 @@ def _run_rank(sc: Scenario, world_rank: int, group_ep, group_tp="") -> RankResul
     result = None
     for _ in range(sc.calls):
         t0 = time.perf_counter()
-        hier = sc.soc == "A2" and sc.comm_alg == "hierarchy"
+        hier = sc.soc == "A2" and a2_comm_alg(sc.comm_alg, "scenario") == "hierarchy"   # env may choose
         outs = moe_distribute_dispatch_v2(d.x, d.expert_ids, scales=d.scales, x_active_mask=d.x_active_mask,
                                           quant_mode=sc.quant, expert_token_nums_type=sc.token_nums_type,
                                           expert_scales=data.expert_scales if hier else None,
@@ -347,7 +348,9 @@ def summary(sc: Scenario, world_rank: int, got: RankResult, diff: list[str]) -> 
     out = DispatchOutputs(*got.dispatch)
     counts = out.ep_recv_counts[:geom.recv_blocks(me)].tolist()
     n = int(counts[-1]) if counts else 0
-    if sc.soc == "A2":                                   # A2: the third output is the occurrence index
+    if sc.soc == "A2" and sc.comm_alg == "hierarchy":   # no assist; the weights travel with the rows
+        triples = "w " + str([round(float(v), 3) for v in out.expand_scales[:3]])
+    elif sc.soc == "A2":                                 # A2 fullmesh: the occurrence index
         triples = "occ " + str(out.assist_info_for_combine[:6].tolist())
     else:
         tri = out.assist_info_for_combine[:3 * min(n, 3)].view(-1, 3).tolist()

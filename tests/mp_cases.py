@@ -195,3 +195,17 @@ def v1_matches_v2(rank: int, **fields) -> bool:
                                         ck.pop("expert_scales"), ck.pop("group_ep"), ck.pop("ep_world_size"),
                                         ck.pop("ep_rank_id"), ck.pop("moe_expert_num"), **ck)
     return same and torch.equal(y1, y2) and outs1[2].numel() == sc.rank_bs(rank // (2 if sc.tp == 2 else 1)) * sc.k
+
+
+def scenario_with_env(rank: int, env: dict, **fields):
+    """``scenario`` with environment variables set on this rank for the call."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return scenario(rank, **fields)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import world_fixture
 from mp_check import assert_all_raise, check_scenario
@@ -53,3 +55,36 @@ def test_a2_world_usable_after_errors(world):
 ], ids=["plain", "mask-ignored", "quant-once", "L2-fp16"])
 def test_a2_hierarchy_matches_reference(world, fields):
     check_scenario(world, **{**A2, "comm_alg": "hierarchy", **fields})
+
+
+def test_a2_env_selects_hierarchy(world):
+    """comm_alg "" with HCCL_INTRA_PCIE_ENABLE=1 and HCCL_INTRA_ROCE_ENABLE=0 runs hierarchy."""
+    from emu.scenario import RankResult, Scenario, compare, run_reference
+    env = {"HCCL_INTRA_PCIE_ENABLE": "1", "HCCL_INTRA_ROCE_ENABLE": "0"}
+    hier = {**A2, "comm_alg": "hierarchy", "seed": 21}
+    got = world.run("mp_cases:scenario_with_env", env=env, **{**hier, "comm_alg": ""})
+    want = run_reference(Scenario(**hier))
+    assert all(not compare(RankResult(dispatch=g[0], x_out=g[1]), w) for g, w in zip(got, want)), got[0]
+
+
+@pytest.mark.parametrize("change,text", [
+    ({"expert_scales": None}, "expert_scales"),
+    ({"x": "@torch.cat([kw['x'], kw['x'][:, :32]], 1)"}, None),            # H 1056 is fine
+])
+def test_a2_hierarchy_checks(world, change, text):
+    fields = {**A2, "comm_alg": "hierarchy"}
+    res = world.run("mp_cases:bad_call", op="dispatch", change={**change, "expert_scales": change.get(
+        "expert_scales", "@torch.rand(4, 2)")}, **fields)
+    if text is None:
+        assert res == ["ok"] * 16, res[0]
+    else:
+        assert_all_raise(res, 561002, text)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(alg=st.sampled_from(["fullmesh", "hierarchy"]), per_rank=st.sampled_from([1, 2]), k=st.integers(1, 4),
+       bs=st.integers(1, 6), quant=st.sampled_from([0, 2]), mask=st.sampled_from(["none", "1d"]),
+       dtype=st.sampled_from(["bf16", "fp16"]), seed=st.integers(0, 1000))
+def test_a2_random_worlds(world, alg, per_rank, k, bs, quant, mask, dtype, seed):
+    check_scenario(world, **{**A2, "comm_alg": alg, "moe": 16 * per_rank, "k": k, "bs": bs, "quant": quant,
+                             "mask": mask, "dtype": dtype, "seed": seed})
