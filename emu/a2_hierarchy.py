@@ -9,7 +9,9 @@ dispatch: each token is quantised once (no smoothing), then
      (row, scale, ids, weights, t), tokens in increasing t;
   2. INTRA: relay (d, i) copies each struct once per hit on its server to the expert's rank;
   the expert rank lays the rows out in blocks (l, p), increasing t (the A3/fullmesh layout), with
-  expand_scales[row] = expert_scales_p[t, k].
+  expand_scales[row] = expert_scales_p[t, k]; the epRecvCounts tail gets the pre-reduction
+  tables of a2.md §3.2 (relay: innerCnt / innerOff per source server; source: outerCnt / outerOff),
+  their padding zero.
 combine:
   1. INTER: p sends, to rank (d, i), the ids of its tokens that hit server d (the relay's routing
      table; the hardware keeps it in the epRecvCounts tail);
@@ -102,8 +104,13 @@ def dispatch(call: Call, geom: Geometry, shapes: DispatchShapes, cfg: MoeConfig,
         out.dynamic_scales[:own] = rscale[idx, 0]
     out.expand_scales[:own] = rw[idx, 0]
     E = W * L
-    tail = lazy_zeros((E + 2 * geom.G * K * n_srv,), torch.int32)    # the hardware's tables: zero here
+    tail = lazy_zeros((E + 2 * geom.G * K * n_srv,), torch.int32)
     tail[:E] = torch.from_numpy(lay.ep_recv_counts.astype(np.int32))
+    inner = {}
+    for s_src in range(n_srv):                                      # per source server (p = 8*s_src + i)
+        mine = np.flatnonzero(r_src == 8 * s_src + i)
+        inner[s_src] = inner_tables(rid[mine], t_of[mine], s, L, W, geom.G, K)
+    write_tail(tail, E, geom.G, K, n_srv, inner, outer_tables(ids, L, n_srv))
     out.ep_recv_counts = tail
     nums = expert_token_nums(geom, me, lay.ep_recv_counts, own, cfg.expert_token_nums_type)
     out.expert_token_nums[:nums.size] = torch.from_numpy(nums)
@@ -199,3 +206,69 @@ def combine(call: Call, geom: Geometry, cfg: MoeConfig, expand_x: torch.Tensor, 
         if sel.size:
             out.index_add_(0, torch.from_numpy(pt[sel]), p_rows[torch.from_numpy(sel)].to(F32))
     return out.to(xt)
+
+
+def _inner_order(ids: np.ndarray, t: np.ndarray, server: int, L: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens (rows of ids) that hit ``server``, in the hardware's inner order: by the smallest
+    expert id they have on that server, then token index.  Returns (row order, hit mask (n, K))."""
+    on = (ids // L) // 8 == server
+    smallest = np.where(on, ids, np.iinfo(np.int64).max).min(axis=1)
+    rows = np.flatnonzero(on.any(axis=1))
+    return rows[np.lexsort((t[rows], smallest[rows]))], on
+
+
+def outer_tables(ids: np.ndarray, L: int, n_srv: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source-side tail tables (a2.md §3.2): outerCnt (Bs,) = running count of the servers each
+    token goes to; outerOff (Bs*K,) = for each (token, server ascending) ``server*Bs + position of
+    the token in that server's inner order``, zero-padded."""
+    bs, k = ids.shape
+    t = np.arange(bs)
+    hit = _servers_hit(ids, L, n_srv)
+    pos = np.zeros((bs, n_srv), np.int64)
+    for d in range(n_srv):                                   # a loop over servers, not tokens
+        order, _ = _inner_order(ids, t, d, L)
+        pos[order, d] = np.arange(order.size)
+    tt, dd = np.nonzero(hit)                                  # token-major, servers ascending
+    off = np.zeros(bs * k, np.int64)
+    off[:tt.size] = dd * bs + pos[tt, dd]
+    return np.cumsum(hit.sum(axis=1)), off
+
+
+def inner_tables(ids: np.ndarray, t: np.ndarray, server: int, L: int, W: int, G: int, K: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Relay-side tail tables for one source p (its tokens that reached this relay, t order):
+    innerCnt (G,) int16 = running count of this server's hits per token in inner order;
+    innerOff (G*K,) = per hit (inner order, then k order) ``rankInServer*G*K + rows of p for the
+    earlier local experts of that rank + occurrence of the token among p's tokens of that expert``."""
+    order, on = _inner_order(ids, t, server, L)
+    cnt = np.zeros(G, np.int64)
+    cnt[:order.size] = np.cumsum(on[order].sum(axis=1))
+    n = ids.shape[0]
+    jj, kk = np.nonzero(on)                                   # every hit, token order then k
+    e = ids[jj, kk]
+    per_expert = np.bincount(e, minlength=W * L).reshape(W, L)
+    before = (np.cumsum(per_expert, axis=1) - per_expert).reshape(-1)
+    by_expert = np.lexsort((t[jj], e))                        # occurrence: rank among e's tokens by t
+    occ = np.empty(e.size, np.int64)
+    starts = np.searchsorted(e[by_expert], e[by_expert])
+    occ[by_expert] = np.arange(e.size) - starts
+    value = ((e // L) % 8) * G * K + before[e] + occ
+    rank_of_row = np.empty(n, np.int64)
+    rank_of_row[order] = np.arange(order.size)
+    hit_order = np.lexsort((kk, rank_of_row[jj]))            # inner order of tokens, then k
+    off = np.zeros(G * K, np.int64)
+    off[:e.size] = value[hit_order]
+    return cnt, off
+
+
+def write_tail(tail: torch.Tensor, E: int, G: int, K: int, n_srv: int, inner: dict, outer: tuple) -> None:
+    """Place the tables in the int32 ep_recv_counts tail at a2.md §3.2's byte offsets."""
+    as16 = tail.view(torch.int16)
+    for s, (cnt, off) in inner.items():
+        as16[2 * E + G * s: 2 * E + G * (s + 1)] = torch.from_numpy(cnt.astype(np.int16))
+        base = E + G * n_srv // 2 + G * K * s
+        tail[base: base + G * K] = torch.from_numpy(off.astype(np.int32))
+    cnt, off = outer
+    base = E + G * n_srv // 2 + G * K * n_srv
+    tail[base: base + cnt.size] = torch.from_numpy(cnt.astype(np.int32))
+    tail[base + cnt.size: base + cnt.size + off.size] = torch.from_numpy(off.astype(np.int32))

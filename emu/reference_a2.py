@@ -87,11 +87,56 @@ def reference_dispatch_hierarchy(cfg: MoeConfig, inputs: list[DispatchInputs],
         out.expand_scales[:n] = torch.stack([expert_scales[int(p)][int(t), int(k)] for p, t, k in tri.tolist()]) \
             if n else torch.zeros(0)
         out.assist_info_for_combine.zero_()
-        g = cfg.global_bs or inputs[0].x.shape[0] * W
-        tail = torch.zeros(E + 2 * g * inputs[0].expert_ids.shape[1] * (W // 8), dtype=torch.int32)
+    g = cfg.global_bs or inputs[0].x.shape[0] * W
+    k = inputs[0].expert_ids.shape[1]
+    for r, out in enumerate(outs):
+        tail = torch.zeros(E + 2 * g * k * (W // 8), dtype=torch.int32)
         tail[:E] = out.ep_recv_counts[:E]
+        _tail_tables(tail, r, [d.expert_ids.numpy().astype(np.int64) for d in inputs], W, E // W, g, k)
         out.ep_recv_counts = tail
     return outs
+
+
+def _tail_tables(tail: torch.Tensor, r: int, ids: list[np.ndarray], W: int, L: int, G: int, K: int) -> None:
+    """a2.md §3.2's tables on rank r, written from their definitions, token by token."""
+    E, N = W * L, W // 8
+    d, i = divmod(r, 8)
+    srv = lambda e: int(e) // L // 8                                          # noqa: E731
+    c16 = tail.view(torch.int16)
+
+    def inner_order(p_ids: np.ndarray, server: int) -> list[int]:
+        toks = [t for t in range(p_ids.shape[0]) if any(srv(e) == server for e in p_ids[t])]
+        return sorted(toks, key=lambda t: (min(int(e) for e in p_ids[t] if srv(e) == server), t))
+
+    for s_src in range(N):                              # relay tables: source p = 8*s_src + i
+        p_ids = ids[8 * s_src + i]
+        order = inner_order(p_ids, d)
+        running, offs = 0, []
+        for j, t in enumerate(order):
+            for e in p_ids[t]:
+                if srv(e) != d:
+                    continue
+                running += 1
+                rank, l = int(e) // L, int(e) % L
+                before = sum(int((p_ids == rank * L + l2).sum()) for l2 in range(l))
+                occ = int((p_ids[:t] == e).sum())
+                offs.append((rank % 8) * G * K + before + occ)
+            c16[2 * E + G * s_src + j] = running
+        base = E + G * N // 2 + G * K * s_src
+        for h, v in enumerate(offs):
+            tail[base + h] = v
+    own = ids[r]                                          # source tables
+    bs = own.shape[0]
+    pos = {dd: {t: j for j, t in enumerate(inner_order(own, dd))} for dd in range(N)}
+    base = E + G * N // 2 + G * K * N
+    running, h = 0, 0
+    for t in range(bs):
+        servers = sorted({srv(e) for e in own[t]})
+        running += len(servers)
+        tail[base + t] = running
+        for dd in servers:
+            tail[base + bs + h] = dd * bs + pos[dd][t]
+            h += 1
 
 
 def reference_combine_hierarchy(cfg: MoeConfig, inputs: list[CombineInputs],

@@ -330,6 +330,19 @@ def test_a2_hierarchy_hand_worked():
     assert r3.expand_scales[:4].tolist() == [0.25, 1.5, 3.5, 16.0]
     assert r3.ep_recv_counts.shape == (272,) and r3.ep_recv_counts[:16].tolist() == [2, 2, 2, 3] + [3] * 10 + [4, 4]
     assert r3.assist_info_for_combine.abs().sum() == 0
+    # tail tables: source rank 14 (t0 [14, 1] on servers 1, 0; t1 [1, 3] on server 0) and rank 0
+    assert outs[14].ep_recv_counts[176:182].tolist() == [2, 3, 0, 2, 1, 0]          # outerCnt, outerOff
+    assert outs[0].ep_recv_counts[176:182].tolist() == [1, 2, 0, 1, 0, 0]
+    # relay rank 6 for source server 1 (rank 14's tokens that hit server 0)
+    assert outs[6].ep_recv_counts.view(torch.int16)[64:67].tolist() == [1, 3, 0]   # innerCnt[1] at byte 128
+    assert outs[6].ep_recv_counts[48 + 64:48 + 64 + 4].tolist() == [64, 65, 192, 0]              # innerOff[1]
+    # the distributed path's vectorised tables give the same words
+    from emu.a2_hierarchy import inner_tables, outer_tables
+    ids14 = np.array(ids[14])
+    cnt, off = outer_tables(ids14, 1, 2)
+    assert cnt.tolist() == [2, 3] and off.tolist() == [0, 2, 1, 0]
+    icnt, ioff = inner_tables(ids14, np.arange(2), 0, 1, 16, 32, 2)
+    assert icnt[:3].tolist() == [1, 3, 0] and ioff[:4].tolist() == [64, 65, 192, 0]
     comb = [CombineInputs(expand_x=o.expand_x, expert_ids=_ids(ids[r]), assist_info=o.assist_info_for_combine,
                           ep_send_counts=o.ep_recv_counts, expert_scales=w[r]) for r, o in enumerate(outs)]
     x_out = reference_combine_hierarchy(cfg, comb, [o.expand_scales for o in outs])
