@@ -35,6 +35,9 @@ def test_a2_fullmesh_matches_reference(world, fields):
     ("dispatch", {"moe_expert_num": 24}, 561002, "moe_expert_num"),
     ("dispatch", {"elastic_info": "@torch.zeros(36, dtype=torch.int32)"}, 561002, "elastic_info"),
     ("dispatch", {"comm_alg": "hierarchy"}, 561002, "expert_scales"),
+    ("dispatch", {"expert_ids": "@torch.zeros(257, 2, dtype=torch.int32)"}, 561002, "Bs"),
+    ("dispatch", {"expert_ids": "@torch.zeros(4, 17, dtype=torch.int32)"}, 561002, "K"),
+    ("dispatch", {"scales": "@torch.ones(16, 1024)"}, 561002, "scales"),
     ("combine", {"comm_quant_mode": 2}, 561002, "comm_quant_mode"),
     ("combine", {"ori_x": "@torch.zeros(4, 1024, dtype=torch.bfloat16)"}, 561002, "ori_x"),
 ])
@@ -51,8 +54,9 @@ def test_a2_world_usable_after_errors(world):
     dict(),
     dict(mask="1d", seed=11),
     dict(quant=2, seed=12),
+    dict(quant=2, smooth=True, seed=14),                                  # smooth scales ignored
     dict(moe=32, k=4, token_nums_type=0, dtype="fp16", seed=13),
-], ids=["plain", "mask-ignored", "quant-once", "L2-fp16"])
+], ids=["plain", "mask-ignored", "quant-once", "quant-smooth-ignored", "L2-fp16"])
 def test_a2_hierarchy_matches_reference(world, fields):
     check_scenario(world, **{**A2, "comm_alg": "hierarchy", **fields})
 
@@ -70,6 +74,8 @@ def test_a2_env_selects_hierarchy(world):
 @pytest.mark.parametrize("change,text", [
     ({"expert_scales": None}, "expert_scales"),
     ({"x": "@torch.cat([kw['x'], kw['x'][:, :32]], 1)"}, None),            # H 1056 is fine
+    ({"x": "@torch.zeros(4, 10240, dtype=torch.bfloat16)"}, None),         # H 10240: the hierarchy limit
+    ({"x": "@torch.zeros(4, 10272, dtype=torch.bfloat16)"}, "H"),
 ])
 def test_a2_hierarchy_checks(world, change, text):
     fields = {**A2, "comm_alg": "hierarchy"}
