@@ -49,6 +49,20 @@ def _servers_hit(ids: np.ndarray, L: int, n_servers: int) -> np.ndarray:
     return hit
 
 
+def _server_counts(call: Call, ids: np.ndarray, L: int, n_srv: int):
+    """The EP header of a hierarchy call, carrying step 1's counts: to relay (d, i), the number
+    of this rank's tokens that hit server d.  Returns (tokens per server d, those counts, the
+    counts each source p = 8*s + i of this relay's INTER group announced to it)."""
+    W, i = call.ep.size, call.ep.rank % 8
+    hit = _servers_hit(ids, L, n_srv)
+    per_server = [np.flatnonzero(hit[:, d]) for d in range(n_srv)]
+    counts = np.array([len(t) for t in per_server], np.int64)
+    ep_rows = np.zeros(W, np.int64)
+    ep_rows[8 * np.arange(n_srv) + i] = counts
+    hdr = call.exchange_header("EP", ep_rows, 0, np.zeros(W, np.int64))
+    return per_server, counts, hdr[8 * np.arange(n_srv) + i, H_ROWS]
+
+
 def dispatch(call: Call, geom: Geometry, shapes: DispatchShapes, cfg: MoeConfig, x: torch.Tensor,
              expert_ids: torch.Tensor, expert_scales: torch.Tensor) -> DispatchOutputs:
     W, L, K, H = geom.W, geom.L, geom.K, geom.H
@@ -62,13 +76,7 @@ def dispatch(call: Call, geom: Geometry, shapes: DispatchShapes, cfg: MoeConfig,
         payload, scale = dynamic_quant(x, None)          # once per token, no smoothing (a2.md §3.1)
     else:
         payload, scale = x, torch.zeros(bs, dtype=F32)
-    hit = _servers_hit(ids, L, n_srv)
-    per_server = [np.flatnonzero(hit[:, d]) for d in range(n_srv)]
-    counts = np.array([len(t) for t in per_server], np.int64)
-    ep_rows = np.zeros(W, np.int64)
-    ep_rows[8 * np.arange(n_srv) + i] = counts
-    hdr = call.exchange_header("EP", ep_rows, 0, np.zeros(W, np.int64))
-    incoming = hdr[8 * np.arange(n_srv) + i, H_ROWS]
+    per_server, counts, incoming = _server_counts(call, ids, L, n_srv)
 
     # step 1: one struct per (token, server it hits) to the relay of that server
     f1 = [Field(payload.dtype, H), Field(F32, 1), Field(torch.int32, K), Field(F32, K), Field(torch.int32, 1)]
@@ -126,13 +134,7 @@ def combine(call: Call, geom: Geometry, cfg: MoeConfig, expand_x: torch.Tensor, 
     xt = expand_x.dtype
     ids = expert_ids.numpy().astype(np.int64)
     bs = ids.shape[0]
-    hit = _servers_hit(ids, L, n_srv)
-    per_server = [np.flatnonzero(hit[:, d]) for d in range(n_srv)]
-    counts = np.array([len(t) for t in per_server], np.int64)
-    ep_rows = np.zeros(W, np.int64)
-    ep_rows[8 * np.arange(n_srv) + i] = counts
-    hdr = call.exchange_header("EP", ep_rows, 0, np.zeros(W, np.int64))
-    incoming = hdr[8 * np.arange(n_srv) + i, H_ROWS]
+    per_server, counts, incoming = _server_counts(call, ids, L, n_srv)
 
     # 1: the relay learns the routing of the tokens it reduces
     f1 = [Field(torch.int32, K), Field(torch.int32, 1)]

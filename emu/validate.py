@@ -190,10 +190,9 @@ def check_remap(c: Checker, remap, cfg: MoeConfig, ep_rank_id: int) -> None:
              "table 1 (rank -> new id) and table 2 (new id -> rank) must be inverse permutations of the W' survivors")
 
 
-def validate_dispatch(*, x, expert_ids, ep_name: str, tp_name: str, cfg: MoeConfig, ep_rank_id: int,
-                      tp_rank_id: int, scales, mask, elastic, comm_alg) -> Geometry:
-    """All checks of dispatch (spec §10.1-§10.2, §10.4) in order; returns the geometry."""
-    c = Checker("aclnnMoeDistributeDispatchV3")
+def dispatch_wrapper_checks(c: Checker, x, expert_ids, ep_name: str, tp_name: str, scales, mask) -> None:
+    """Layers 1 and 2 of dispatch, the same on A3 and A2: null tensors and group names (161001),
+    then dtypes outside the compiled variants (161002)."""
     c.not_null(x, "x")
     c.not_null(expert_ids, "expert_ids")
     c.need(bool(ep_name), PARAM_NULLPTR, "group_ep", ep_name, "must be a non-empty group name")
@@ -203,6 +202,13 @@ def validate_dispatch(*, x, expert_ids, ep_name: str, tp_name: str, cfg: MoeConf
     c.dtype(expert_ids, "expert_ids", (torch.int32,))
     c.dtype(scales, "scales", (torch.float32,))
     c.dtype(mask, "x_active_mask", (torch.bool,))
+
+
+def validate_dispatch(*, x, expert_ids, ep_name: str, tp_name: str, cfg: MoeConfig, ep_rank_id: int,
+                      tp_rank_id: int, scales, mask, elastic, comm_alg) -> Geometry:
+    """All checks of dispatch (spec §10.1-§10.2, §10.4) in order; returns the geometry."""
+    c = Checker("aclnnMoeDistributeDispatchV3")
+    dispatch_wrapper_checks(c, x, expert_ids, ep_name, tp_name, scales, mask)
     c.dtype(elastic, "elastic_info", (torch.int32,))
     _common_attrs(c, cfg, ep_rank_id, tp_rank_id, tp_name)
     _shared_attrs(c, cfg)

@@ -13,7 +13,7 @@ import torch
 from .attrs import Geometry, MoeConfig
 from .errors import PARAM_INVALID, PARAM_NULLPTR
 from .soc import a2_comm_alg
-from .validate import XT_DTYPES, Checker
+from .validate import XT_DTYPES, Checker, dispatch_wrapper_checks
 
 DISPATCH = "aclnnMoeDistributeDispatchV3 (A2)"
 COMBINE = "aclnnMoeDistributeCombineV3 (A2)"
@@ -25,6 +25,22 @@ def _attrs(c: Checker, cfg: MoeConfig, ep_rank_id: int, ep_name: str, alg: str) 
     c.tiling(0 < W <= 256 and W % 8 == 0, "ep_world_size", W, "must be a multiple of 8 in (0, 256]")
     c.tiling(0 <= ep_rank_id < W, "ep_rank_id", ep_rank_id, f"must be in [0, ep_world_size={W})")
     c.tiling(0 < E <= 512 and E % W == 0, "moe_expert_num", E, f"must be in (0, 512] and a multiple of ep_world_size={W}")
+
+
+def _h_limit(c: Checker, h: int, alg: str) -> None:
+    hmax = 10240 if alg == "hierarchy" else 7168
+    c.tiling(h % 32 == 0 and 0 < h <= hmax, "H", h, f"must be a non-zero multiple of 32 <= {hmax} ({alg})")
+
+
+def _bs_k_limits(c: Checker, bs: int, k: int) -> None:
+    c.tiling(0 < bs <= 256, "expert_ids.shape[0] (Bs)", bs, "must be in [1, 256] on Atlas A2")
+    c.tiling(0 < k <= 16, "expert_ids.shape[1] (K)", k, "must be in [1, 16]")
+
+
+def _mask_rule(c: Checker, mask, bs: int) -> None:
+    if mask is not None:
+        c.tiling(mask.dim() == 1, "x_active_mask.dim()", mask.dim(), "must be 1-D on Atlas A2")
+        c.tiling(mask.shape[0] == bs, "x_active_mask.shape[0]", mask.shape[0], f"must equal Bs={bs}")
 
 
 def _doc_limits(c: Checker, cfg: MoeConfig, alg: str) -> None:
@@ -45,15 +61,7 @@ def validate_dispatch_a2(*, x, expert_ids, ep_name: str, tp_name: str, cfg: MoeC
                          scales, mask, expert_scales, elastic, comm_alg) -> tuple[Geometry, str]:
     """All A2 dispatch checks in order; returns (geometry, "fullmesh" | "hierarchy")."""
     c = Checker(DISPATCH)
-    c.not_null(x, "x")
-    c.not_null(expert_ids, "expert_ids")
-    c.need(bool(ep_name), PARAM_NULLPTR, "group_ep", ep_name, "must be a non-empty group name")
-    c.need(len(ep_name) < 128, PARAM_NULLPTR, "group_ep", ep_name, "name must be shorter than 128 chars")
-    c.need(len(tp_name) < 128, PARAM_NULLPTR, "group_tp", tp_name, "name must be shorter than 128 chars")
-    c.dtype(x, "x", XT_DTYPES)
-    c.dtype(expert_ids, "expert_ids", (torch.int32,))
-    c.dtype(scales, "scales", (torch.float32,))
-    c.dtype(mask, "x_active_mask", (torch.bool,))
+    dispatch_wrapper_checks(c, x, expert_ids, ep_name, tp_name, scales, mask)
     c.dtype(expert_scales, "expert_scales", (torch.float32,))
     alg = a2_comm_alg(comm_alg, DISPATCH)
     if alg == "hierarchy":
@@ -62,15 +70,11 @@ def validate_dispatch_a2(*, x, expert_ids, ep_name: str, tp_name: str, cfg: MoeC
     c.dim(x, "x", (2,))
     c.dim(expert_ids, "expert_ids", (2,))
     h = x.shape[1]
-    hmax = 10240 if alg == "hierarchy" else 7168
-    c.tiling(h % 32 == 0 and 0 < h <= hmax, "H", h, f"must be a non-zero multiple of 32 <= {hmax} ({alg})")
+    _h_limit(c, h, alg)
     bs, k = expert_ids.shape
-    c.tiling(0 < bs <= 256, "expert_ids.shape[0] (Bs)", bs, "must be in [1, 256] on Atlas A2")
-    c.tiling(0 < k <= 16, "expert_ids.shape[1] (K)", k, "must be in [1, 16]")
+    _bs_k_limits(c, bs, k)
     c.tiling(not (cfg.quant_mode == 0 and scales is not None), "scales", "given", "must be null when quant_mode=0")
-    if mask is not None:
-        c.tiling(mask.dim() == 1, "x_active_mask.dim()", mask.dim(), "must be 1-D on Atlas A2")
-        c.tiling(mask.shape[0] == bs, "x_active_mask.shape[0]", mask.shape[0], f"must equal Bs={bs}")
+    _mask_rule(c, mask, bs)
     _attrs(c, cfg, ep_rank_id, ep_name, alg)
     c.tiling(cfg.quant_mode in (0, 2), "quant_mode", cfg.quant_mode, "must be 0 or 2 on Atlas A2")
     c.tiling(cfg.expert_token_nums_type in (0, 1), "expert_token_nums_type", cfg.expert_token_nums_type,
@@ -108,15 +112,11 @@ def validate_combine_a2(*, expand_x, expert_ids, assist_info, ep_send_counts, ex
         c.tiling(t is None, name, "given", "special experts are not supported on Atlas A2")
     c.dim(expand_x, "expand_x", (2,))
     h = expand_x.shape[1]
-    hmax = 10240 if alg == "hierarchy" else 7168
-    c.tiling(h % 32 == 0 and 0 < h <= hmax, "H", h, f"must be a non-zero multiple of 32 <= {hmax} ({alg})")
+    _h_limit(c, h, alg)
     c.dim(expert_ids, "expert_ids", (2,))
     bs, k = expert_ids.shape
-    c.tiling(0 < bs <= 256, "expert_ids.shape[0] (Bs)", bs, "must be in [1, 256] on Atlas A2")
-    c.tiling(0 < k <= 16, "expert_ids.shape[1] (K)", k, "must be in [1, 16]")
-    if mask is not None:
-        c.tiling(mask.dim() == 1, "x_active_mask.dim()", mask.dim(), "must be 1-D on Atlas A2")
-        c.tiling(mask.shape[0] == bs, "x_active_mask.shape[0]", mask.shape[0], f"must equal Bs={bs}")
+    _bs_k_limits(c, bs, k)
+    _mask_rule(c, mask, bs)
     for name in ("zero_expert_num", "copy_expert_num", "const_expert_num"):
         c.tiling(getattr(cfg, name) == 0, name, getattr(cfg, name), "special experts are not supported on Atlas A2")
     _attrs(c, cfg, ep_rank_id, ep_name, alg)
