@@ -169,18 +169,20 @@ def combine(call: Call, geom: Geometry, cfg: MoeConfig, expand_x: torch.Tensor, 
     sender = np.repeat(8 * s + np.arange(8), hdr2[:, H_ROWS])           # expert rank of each row
     expert = sender * L + rm[:, 1]
     # row -> (token, k): the `within`-th token of source p (increasing t) that chose this expert
-    key_p, key_e, key_w = rm[:, 0], expert, rm[:, 2]
-    hits = {}
-    for j in np.argsort(q_t, kind="stable"):                             # tokens in increasing t per (p, e)
-        for k in range(K):
-            hits.setdefault((int(q_src[j]), int(q_ids[j, k])), []).append((int(q_t[j]), k, j))
-    tk = np.array([hits[(int(p), int(e))][int(w)] for p, e, w in zip(key_p, key_e, key_w)],
-                  dtype=np.int64).reshape(-1, 3)
+    # every hit the relay knows (token j of the table, slot k), keyed (source, expert, rank by t)
+    hj, hk = np.nonzero((q_ids // L) // 8 == s)
+    he = q_ids[hj, hk]
+    by = np.lexsort((q_t[hj], he, q_src[hj]))
+    grp = q_src[hj][by] * (W * L) + he[by]
+    within_hit = np.arange(by.size) - np.searchsorted(grp, grp)
+    table_key = grp * (geom.G + 1) + within_hit                          # sorted ascending
+    row_key = (rm[:, 0] * (W * L) + expert) * (geom.G + 1) + rm[:, 2]
+    found = by[np.searchsorted(table_key, row_key)]
+    tk = np.stack([q_t[hj][found], hk[found], hj[found]], axis=1).astype(np.int64).reshape(-1, 3)
     # 3: partial sums per token over this server's hits, in k order, rounded to XT
     term = rows.to(F32) * rw                                            # fp32(y) * w, one rounding
     n_tok = len(q_t)
     acc = torch.zeros(n_tok, H, dtype=F32)
-    started = torch.zeros(n_tok, dtype=torch.bool)
     order = np.lexsort((tk[:, 1], tk[:, 2])) if tk.size else np.zeros(0, np.int64)
     slot = tk[order, 2]
     rank_in_tok = np.arange(order.size) - np.searchsorted(slot, slot)
@@ -190,7 +192,6 @@ def combine(call: Call, geom: Geometry, cfg: MoeConfig, expand_x: torch.Tensor, 
         t_sel = term[torch.from_numpy(sel)]
         if r == 0:
             acc[j] = t_sel                                               # Muls: the first hit
-            started[j] = True
         else:
             acc[j] = acc[j] + t_sel                                      # then one rounded add per hit
     partial = acc.to(xt)
