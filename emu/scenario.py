@@ -269,19 +269,12 @@ def _run_reference_a2(sc: Scenario) -> list[RankResult]:
 
 
 def run_rank(sc: Scenario, world_rank: int, group_ep, group_tp="") -> RankResult:
-    """This rank's part of the scenario through the public API (``sc.calls`` times)."""
+    """This rank's part of the scenario through the public API (``sc.calls`` times), with
+    EMU_SOC set to the scenario's chip for the duration."""
     import os
-    if sc.soc == "A3":
+    from unittest import mock
+    with mock.patch.dict(os.environ, {"EMU_SOC": sc.soc}):
         return _run_rank(sc, world_rank, group_ep, group_tp)
-    saved = os.environ.get("EMU_SOC")
-    os.environ["EMU_SOC"] = sc.soc
-    try:
-        return _run_rank(sc, world_rank, group_ep, group_tp)
-    finally:
-        if saved is None:
-            os.environ.pop("EMU_SOC")
-        else:
-            os.environ["EMU_SOC"] = saved
 
 
 def _run_rank(sc: Scenario, world_rank: int, group_ep, group_tp="") -> RankResult:

@@ -243,14 +243,10 @@ def validate_dispatch(*, x, expert_ids, ep_name: str, tp_name: str, cfg: MoeConf
     return geom
 
 
-def validate_combine(*, expand_x, expert_ids, assist_info, ep_send_counts, expert_scales,
-                     ep_name: str, tp_name: str, cfg: MoeConfig, ep_rank_id: int, tp_rank_id: int,
-                     tp_send_counts, mask, shared_expert_x, elastic, ori_x, alpha1, alpha2,
-                     const_v, comm_alg, v1: bool = False) -> Geometry:
-    """All checks of combine (spec §10.1, §10.3) in order; returns the geometry.
-    ``v1``: the V1 op, whose ``assist_info`` is expand_idx (Bs*K entries)."""
-    c = Checker("aclnnMoeDistributeCombine" if v1 else "aclnnMoeDistributeCombineV3")
-    assist_name = "expand_idx" if v1 else "assist_info_for_combine"
+def combine_wrapper_checks(c: Checker, expand_x, expert_ids, assist_info, ep_send_counts, expert_scales,
+                           ep_name: str, tp_name: str, assist_name: str = "assist_info_for_combine") -> None:
+    """Layer 1 of combine and its first dtype rule, the same on A3 and A2: null tensors and
+    group names (161001; a group name >= 128 chars is 161002 in combine), expand_x bf16/fp16."""
     for t, name in ((expand_x, "expand_x"), (expert_ids, "expert_ids"), (assist_info, assist_name),
                     (ep_send_counts, "ep_send_counts"), (expert_scales, "expert_scales")):
         c.not_null(t, name)
@@ -258,6 +254,17 @@ def validate_combine(*, expand_x, expert_ids, assist_info, ep_send_counts, exper
     c.need(len(ep_name) < 128, PARAM_INVALID, "group_ep", ep_name, "name must be shorter than 128 chars")
     c.need(len(tp_name) < 128, PARAM_INVALID, "group_tp", tp_name, "name must be shorter than 128 chars")
     c.dtype(expand_x, "expand_x", XT_DTYPES)
+
+
+def validate_combine(*, expand_x, expert_ids, assist_info, ep_send_counts, expert_scales,
+                     ep_name: str, tp_name: str, cfg: MoeConfig, ep_rank_id: int, tp_rank_id: int,
+                     tp_send_counts, mask, shared_expert_x, elastic, ori_x, alpha1, alpha2,
+                     const_v, comm_alg, v1: bool = False) -> Geometry:
+    """All checks of combine (spec §10.1, §10.3) in order; returns the geometry.
+    ``v1``: the V1 op, whose ``assist_info`` is expand_idx (Bs*K entries)."""
+    c = Checker("aclnnMoeDistributeCombine" if v1 else "aclnnMoeDistributeCombineV3")
+    combine_wrapper_checks(c, expand_x, expert_ids, assist_info, ep_send_counts, expert_scales, ep_name, tp_name,
+                           "expand_idx" if v1 else "assist_info_for_combine")
     for t, name in ((shared_expert_x, "shared_expert_x"), (ori_x, "ori_x"), (alpha1, "const_expert_alpha_1"),
                     (alpha2, "const_expert_alpha_2"), (const_v, "const_expert_v")):
         c.dtype(t, name, XT_DTYPES)

@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 
 from .attrs import Geometry, MoeConfig
-from .errors import PARAM_INVALID, PARAM_NULLPTR
 from .soc import a2_comm_alg
-from .validate import XT_DTYPES, Checker, dispatch_wrapper_checks
+from .validate import Checker, combine_wrapper_checks, dispatch_wrapper_checks
 
 DISPATCH = "aclnnMoeDistributeDispatchV3 (A2)"
 COMBINE = "aclnnMoeDistributeCombineV3 (A2)"
@@ -94,13 +93,7 @@ def validate_combine_a2(*, expand_x, expert_ids, assist_info, ep_send_counts, ex
                         const_v, comm_alg) -> tuple[Geometry, str]:
     """All A2 combine checks in order; returns (geometry, "fullmesh" | "hierarchy")."""
     c = Checker(COMBINE)
-    for t, name in ((expand_x, "expand_x"), (expert_ids, "expert_ids"), (assist_info, "assist_info_for_combine"),
-                    (ep_send_counts, "ep_send_counts"), (expert_scales, "expert_scales")):
-        c.not_null(t, name)
-    c.need(bool(ep_name), PARAM_NULLPTR, "group_ep", ep_name, "must be a non-empty group name")
-    c.need(len(ep_name) < 128, PARAM_INVALID, "group_ep", ep_name, "name must be shorter than 128 chars")
-    c.need(len(tp_name) < 128, PARAM_INVALID, "group_tp", tp_name, "name must be shorter than 128 chars")
-    c.dtype(expand_x, "expand_x", XT_DTYPES)
+    combine_wrapper_checks(c, expand_x, expert_ids, assist_info, ep_send_counts, expert_scales, ep_name, tp_name)
     c.dtype(expert_ids, "expert_ids", (torch.int32,))
     c.dtype(ep_send_counts, "ep_send_counts", (torch.int32,))
     c.dtype(expert_scales, "expert_scales", (torch.float32,))

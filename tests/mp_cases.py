@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import torch
 
@@ -74,35 +75,21 @@ def bad_call(rank: int, op: str, change: dict, bad_ranks: list[int] | None = Non
     sc = Scenario(**fields)
     if rank not in (callers if callers is not None else sc.survivors()):
         return "idle"
-    if sc.soc != "A3":                                  # the chip is chosen for the whole call
-        os.environ["EMU_SOC"] = sc.soc
-        try:
-            return bad_call(rank, op, change, bad_ranks, env, callers, **{**fields, "soc": "A3"})
-        finally:
-            os.environ.pop("EMU_SOC", None)
     kw = _dispatch_kwargs(sc, rank)
-    fn = emu.moe_distribute_dispatch_v2
-    if op == "combine":
-        outs = emu.moe_distribute_dispatch_v2(*[kw.pop(n) for n in ["x", "expert_ids", "group_ep", "ep_world_size",
-                                                                     "ep_rank_id", "moe_expert_num"]], **kw)
-        kw = _combine_kwargs(sc, rank, outs)
-        fn = emu.moe_distribute_combine_v2
-    saved = {}
-    if bad_ranks is None or rank in bad_ranks:
-        orig = dict(kw)
-        for name, value in change.items():
-            kw[name] = eval(value[1:], {"kw": orig, "torch": torch}) if isinstance(value, str) and value.startswith("@") else value
-        for name, value in (env or {}).items():
-            saved[name] = os.environ.get(name)
-            os.environ[name] = value
-    try:
-        _call(fn, kw)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    bad = bad_ranks is None or rank in bad_ranks
+    with mock.patch.dict(os.environ, {"EMU_SOC": sc.soc}):   # the chip is chosen for the whole call
+        fn = emu.moe_distribute_dispatch_v2
+        if op == "combine":
+            outs = _call(emu.moe_distribute_dispatch_v2, dict(kw))
+            kw = _combine_kwargs(sc, rank, outs)
+            fn = emu.moe_distribute_combine_v2
+        if bad:
+            orig = dict(kw)
+            for name, value in change.items():
+                is_expr = isinstance(value, str) and value.startswith("@")
+                kw[name] = eval(value[1:], {"kw": orig, "torch": torch}) if is_expr else value
+        with mock.patch.dict(os.environ, (env or {}) if bad else {}):
+            _call(fn, kw)
     return "ok"
 
 
@@ -153,15 +140,13 @@ def with_fault(rank: int, fault: str, **fields):
     """Run a scenario with ``EMU_FAULT=fault`` set (the named rank exits mid-call);
     returns (result or raise, seconds until this rank returned or raised)."""
     import time
-    os.environ["EMU_FAULT"] = fault
     t0 = time.monotonic()
-    try:
-        scenario(rank, **fields)
-        return "finished", time.monotonic() - t0
-    except Exception as exc:  # noqa: BLE001 - the test inspects it
-        return f"{type(exc).__name__}: {exc}", time.monotonic() - t0
-    finally:
-        os.environ.pop("EMU_FAULT", None)
+    with mock.patch.dict(os.environ, {"EMU_FAULT": fault}):
+        try:
+            scenario(rank, **fields)
+            return "finished", time.monotonic() - t0
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            return f"{type(exc).__name__}: {exc}", time.monotonic() - t0
 
 
 def traced(rank: int, directory: str, **fields):
@@ -199,13 +184,5 @@ def v1_matches_v2(rank: int, **fields) -> bool:
 
 def scenario_with_env(rank: int, env: dict, **fields):
     """``scenario`` with environment variables set on this rank for the call."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with mock.patch.dict(os.environ, env):
         return scenario(rank, **fields)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
