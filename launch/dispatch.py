@@ -26,8 +26,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch.distributed as dist  # noqa: E402
 from torch.distributed import distributed_c10d as c10d  # noqa: E402
 
-from emu import group_name, trace  # noqa: E402
-from emu.scenario import Scenario, compare, rank_groups, run_rank, run_reference, summary  # noqa: E402
+from emu import disable_trace, enable_trace, group_name  # noqa: E402
+from emu.debug.trace import merge  # noqa: E402
+from emu.testing.scenario import Scenario, compare, rank_groups, run_rank, run_reference, summary  # noqa: E402
 
 DOC_EXAMPLE = dict(moe=7, shared=1, shared_ranks=1, bs=8, h=7168, k=3, zero=1, copy=1, const=1,
                    data="doc", experts="identity")
@@ -104,7 +105,7 @@ def main() -> int:
     me = dist.get_world_size() and dist.get_rank()
     sc, args = parse_args(dist.get_world_size())
     if args.trace:
-        trace.enable(args.trace)
+        enable_trace(args.trace)
     store = c10d._get_default_store()
     ep_group, tp_group = rank_groups(sc)
     ep_name, tp_name = group_name(ep_group), group_name(tp_group) if tp_group is not None else ""
@@ -123,12 +124,12 @@ def main() -> int:
             store.wait([f"emu_main/{label}/verdict"], timedelta(seconds=float(os.environ.get("EMU_TIMEOUT_S", "60"))))
             ok = store.get(f"emu_main/{label}/verdict") == b"1" and ok
     if args.trace:
-        trace.disable()
+        disable_trace()
         store.set(f"emu_main/traced/{me}", "1")
         if me == 0:
             callers = elastic.survivors() if gone and args.removed == "dead" else range(dist.get_world_size())
             store.wait([f"emu_main/traced/{g}" for g in callers])
-            print(f"\ntrace: {trace.merge(args.trace)} (python scripts/trace_report.py {args.trace})")
+            print(f"\ntrace: {merge(args.trace)} (python scripts/trace_report.py {args.trace})")
     time.sleep(0.05)
     dist.destroy_process_group()
     return 0 if ok else 1

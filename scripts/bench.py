@@ -64,9 +64,9 @@ def bench_point(pt: dict, repeats: int) -> dict:
     import torch.distributed as dist
 
     import emu
-    from emu import comm
-    from emu.attrs import Geometry, MoeConfig
-    from emu.plan import active_set, send_plan
+    from emu.comm.context import current
+    from emu.core.attrs import Geometry, MoeConfig
+    from emu.core.plan import active_set, send_plan
     from megatron_style import MegatronStyleDispatcher
 
     me, world = dist.get_rank(), dist.get_world_size()
@@ -138,9 +138,9 @@ def bench_point(pt: dict, repeats: int) -> dict:
         mega.combine(expert_rows, w, r, pt["bs"])
 
     timings: dict[str, list[float]] = {"dispatch": [], "combine": [], "ours": [], "raw": [], "megatron": []}
-    n0 = comm.collectives_issued
+    n0 = current().collectives_issued
     ours()
-    calls_collectives = (comm.collectives_issued - n0) / 2
+    calls_collectives = (current().collectives_issued - n0) / 2
     m0 = mega.collectives
     megatron()
     mega_collectives = (mega.collectives - m0) / 2
@@ -225,7 +225,7 @@ def reference_scaling() -> None:
     print("| ep | seconds | peak RSS MB |\n|---|---|---|")
     for ep in (8, 32, 128, 384, 768):
         code = ("import sys, time, resource; sys.path.insert(0, %r)\n"
-                "from emu.scenario import Scenario, run_reference\n"
+                "from emu.testing.scenario import Scenario, run_reference\n"
                 "sc = Scenario(ep=%d, moe=%d, shared_ranks=0, k=8, bs=8, h=64)\n"
                 "t = time.perf_counter(); run_reference(sc); dt = time.perf_counter() - t\n"
                 "print(dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)") % (

@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch.distributed as dist  # noqa: E402
 
-from emu import group_name, trace  # noqa: E402
-from emu.scenario import Scenario, run_rank  # noqa: E402
+from emu import disable_trace, enable_trace, group_name  # noqa: E402
+from emu.testing.scenario import Scenario, run_rank  # noqa: E402
 
 
 def main() -> int:
@@ -41,12 +41,12 @@ def main() -> int:
     for i in range(a.iters):
         for mode in (("off", "on") if i % 2 == 0 else ("on", "off")):
             if mode == "on":
-                trace.enable(obj[0])
+                enable_trace(obj[0])
             dist.barrier()
             t0 = time.perf_counter()
             run_rank(sc, me, name)
             times[mode].append(time.perf_counter() - t0)
-            trace.disable()
+            disable_trace()
     med = {m: statistics.median(v) for m, v in times.items()}
     gathered = [None] * world
     dist.all_gather_object(gathered, med)

@@ -13,23 +13,23 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from emu import report, trace  # noqa: E402
+from emu.debug import events, report, trace  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("directory")
     a = p.parse_args()
-    events = trace.load(a.directory)
-    if not events:
+    records = events.load(a.directory)
+    if not records:
         print(f"no trace events in {a.directory}")
         return 1
-    print(f"{len(events)} collectives from {len({e['rank'] for e in events})} ranks "
+    print(f"{len(records)} collectives from {len({e.rank for e in records})} ranks "
           f"(Perfetto: {trace.merge(a.directory)})")
-    print(report.format_table(report.rank_table(events)))
+    print(report.format_table(report.rank_table(records)))
     for name, draw in (("timeline.png", report.plot_timeline), ("traffic.png", report.plot_traffic)):
         path = os.path.join(a.directory, name)
-        draw(events, path)
+        draw(records, path)
         print(f"wrote {path}")
     return 0
 

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import replace
 from unittest import mock
 
 import torch
 
 import emu
-from emu.layout import DispatchOutputs
-from emu.scenario import Scenario, combine_inputs, expert_outputs, make_rank_data, run_rank
-from emu.attrs import Geometry
+from emu.core.layout import DispatchOutputs
+from emu.testing.scenario import (Scenario, combine_inputs, combine_kwargs, dispatch_kwargs, expert_outputs,
+                                  make_rank_data, route, run_rank)
+import world
 from world_groups import groups_for
 
 
@@ -23,36 +26,22 @@ def scenario(rank: int, by_name: bool = True, **fields) -> tuple:
     return tuple(res.dispatch), res.x_out, res.seconds["wait_us"]
 
 
-def _dispatch_kwargs(sc: Scenario, rank: int) -> dict:
-    T = 2 if sc.tp == 2 else 1
-    ep_rank, tp_rank = divmod(rank, T)
+def _names(sc: Scenario) -> tuple[str, str]:
     ep_g, tp_g = groups_for(sc)
-    d = make_rank_data(sc, rank).dispatch
-    return dict(x=d.x, expert_ids=d.expert_ids, group_ep=emu.group_name(ep_g), ep_world_size=sc.ep,
-                ep_rank_id=ep_rank, moe_expert_num=sc.moe, scales=d.scales, x_active_mask=d.x_active_mask,
-                group_tp=emu.group_name(tp_g) if tp_g is not None else "", tp_world_size=sc.tp,
-                tp_rank_id=tp_rank, shared_expert_num=sc.shared, shared_expert_rank_num=sc.shared_ranks,
-                quant_mode=sc.quant, global_bs=sc.effective_global_bs, elastic_info=sc.elastic_info(),
-                comm_alg=sc.comm_alg,
-                zero_expert_num=sc.zero, copy_expert_num=sc.copy, const_expert_num=sc.const)
+    return emu.group_name(ep_g), emu.group_name(tp_g) if tp_g is not None else ""
+
+
+def _dispatch_kwargs(sc: Scenario, rank: int) -> dict:
+    inp = replace(make_rank_data(sc, rank).dispatch, elastic_info=sc.elastic_info())
+    return dispatch_kwargs(sc, rank, *_names(sc), inp)
 
 
 def _combine_kwargs(sc: Scenario, rank: int, outs: tuple) -> dict:
-    T = 2 if sc.tp == 2 else 1
-    ep_rank, tp_rank = divmod(rank, T)
+    """Combine's keyword arguments after dispatch returned ``outs`` (the scenario's experts)."""
     data = make_rank_data(sc, rank)
     out = DispatchOutputs(*outs)
-    geom = Geometry.of(sc.config(), sc.rank_bs(ep_rank), sc.k, sc.h)
-    ci = combine_inputs(sc, data, out, expert_outputs(sc, geom, ep_rank, out))
-    kw = _dispatch_kwargs(sc, rank)
-    for name in ("x", "scales", "quant_mode"):
-        kw.pop(name)
-    kw.update(expand_x=ci.expand_x, assist_info_for_combine=ci.assist_info, ep_send_counts=ci.ep_send_counts,
-              expert_scales=ci.expert_scales, tp_send_counts=ci.tp_send_counts, ori_x=ci.ori_x,
-              shared_expert_x=ci.shared_expert_x, const_expert_alpha_1=ci.const_expert_alpha_1,
-              const_expert_alpha_2=ci.const_expert_alpha_2, const_expert_v=ci.const_expert_v,
-              comm_quant_mode=sc.comm_quant)
-    return kw
+    geom, me = route(sc, rank // (2 if sc.tp == 2 else 1))
+    return combine_kwargs(sc, rank, *_names(sc), combine_inputs(sc, data, out, expert_outputs(sc, geom, me, out)))
 
 
 def _call(fn, kw: dict):
@@ -69,8 +58,8 @@ def bad_call(rank: int, op: str, change: dict, bad_ranks: list[int] | None = Non
 
     Only ``callers`` (default: the scenario's survivors) call the op; the others answer "idle".
 
-    ``change`` maps a keyword to a new value; the value may be a string "@expr" evaluated with
-    the original kwargs as ``kw`` and torch as ``torch`` (to derive a bad tensor from a good one).
+    ``change`` maps a keyword to a new value, or to a mutator (``mutators.derive``) called with
+    the original kwargs to derive a bad tensor from a good one.
     """
     sc = Scenario(**fields)
     if rank not in (callers if callers is not None else sc.survivors()):
@@ -86,8 +75,7 @@ def bad_call(rank: int, op: str, change: dict, bad_ranks: list[int] | None = Non
         if bad:
             orig = dict(kw)
             for name, value in change.items():
-                is_expr = isinstance(value, str) and value.startswith("@")
-                kw[name] = eval(value[1:], {"kw": orig, "torch": torch}) if is_expr else value
+                kw[name] = value(orig) if callable(value) else value
         with mock.patch.dict(os.environ, (env or {}) if bad else {}):
             _call(fn, kw)
     return "ok"
@@ -107,7 +95,6 @@ def mismatched_calls(rank: int, odd_rank: int, **fields) -> str:
 
 def delayed_dispatch(rank: int, late_rank: int, delay_s: float, **fields) -> list[int]:
     """Dispatch twice with ``late_rank`` entering ``delay_s`` late; returns performance_info."""
-    import time
     sc = Scenario(**fields)
     perf = torch.full((sc.ep,), 5, dtype=torch.int64)              # the op adds, never clears
     for _ in range(2):
@@ -122,7 +109,6 @@ def elastic(rank: int, removed_mode: str = "idle", warmup: bool = True, director
     """The doc's elastic flow on this rank: an optional non-elastic warm-up on every rank, then
     only the survivors run the scenario.  Removed ranks idle (return "idle") or die: they report
     "dead" and their process exits with code 0 before the survivors are done."""
-    import time
     sc = Scenario(**fields)
     if warmup:
         full = Scenario(**{**fields, "removed": "", "elastic_flag0": False})
@@ -130,7 +116,6 @@ def elastic(rank: int, removed_mode: str = "idle", warmup: bool = True, director
     if rank in sc.survivors():
         return traced(rank, directory, **fields) if directory else scenario(rank, **fields)
     if removed_mode == "dead":
-        import world
         world.reply_and_exit(rank, "dead")
     time.sleep(0.2)                                                # idle: doing something else
     return "idle"
@@ -139,46 +124,45 @@ def elastic(rank: int, removed_mode: str = "idle", warmup: bool = True, director
 def with_fault(rank: int, fault: str, **fields):
     """Run a scenario with ``EMU_FAULT=fault`` set (the named rank exits mid-call);
     returns (result or raise, seconds until this rank returned or raised)."""
-    import time
     t0 = time.monotonic()
     with mock.patch.dict(os.environ, {"EMU_FAULT": fault}):
         try:
             scenario(rank, **fields)
             return "finished", time.monotonic() - t0
         except Exception as exc:  # noqa: BLE001 - the test inspects it
-            return f"{type(exc).__name__}: {exc}", time.monotonic() - t0
+            return f"{type(exc).__name__}: {exc}", time.monotonic() - t0, getattr(exc, "kind", None), \
+                getattr(exc, "culprits", ())
 
 
 def traced(rank: int, directory: str, **fields):
     """Run a scenario with tracing into ``directory`` (then tracing off again)."""
-    from emu import trace
-    trace.enable(directory)
+    emu.enable_trace(directory)
     try:
         return scenario(rank, **fields)
     finally:
-        trace.disable()
+        emu.disable_trace()
 
 
 def v1_matches_v2(rank: int, **fields) -> bool:
     """The V1 pair (torch_npu names, expand_idx, rows back by position) gives the V2 outputs."""
-    from emu.npu import ops
     sc = Scenario(**fields)
     kw = _dispatch_kwargs(sc, rank)
-    for name in ("elastic_info", "zero_expert_num", "copy_expert_num", "const_expert_num", "comm_alg"):
+    for name in ("elastic_info", "zero_expert_num", "copy_expert_num", "const_expert_num", "comm_alg",
+                 "performance_info"):
         kw.pop(name)
     outs2 = _call(emu.moe_distribute_dispatch_v2, dict(kw))
     args = [kw.pop(n) for n in ["x", "expert_ids", "group_ep", "ep_world_size", "ep_rank_id", "moe_expert_num"]]
-    outs1 = ops.npu_moe_distribute_dispatch(*args, **kw)
+    outs1 = emu.moe_distribute_dispatch(*args, **kw)
     same = all(torch.equal(a, b) for i, (a, b) in enumerate(zip(outs1, outs2)) if i != 2)
     ck = _combine_kwargs(sc, rank, outs2)
     for name in ("elastic_info", "zero_expert_num", "copy_expert_num", "const_expert_num", "comm_alg", "ori_x",
-                 "const_expert_alpha_1", "const_expert_alpha_2", "const_expert_v"):
+                 "const_expert_alpha_1", "const_expert_alpha_2", "const_expert_v", "performance_info"):
         ck.pop(name)
     y2 = _call(emu.moe_distribute_combine_v2, dict(ck))
     ck.pop("assist_info_for_combine")
-    y1 = ops.npu_moe_distribute_combine(ck.pop("expand_x"), ck.pop("expert_ids"), outs1[2], ck.pop("ep_send_counts"),
-                                        ck.pop("expert_scales"), ck.pop("group_ep"), ck.pop("ep_world_size"),
-                                        ck.pop("ep_rank_id"), ck.pop("moe_expert_num"), **ck)
+    y1 = emu.moe_distribute_combine(ck.pop("expand_x"), ck.pop("expert_ids"), outs1[2], ck.pop("ep_send_counts"),
+                                    ck.pop("expert_scales"), ck.pop("group_ep"), ck.pop("ep_world_size"),
+                                    ck.pop("ep_rank_id"), ck.pop("moe_expert_num"), **ck)
     return same and torch.equal(y1, y2) and outs1[2].numel() == sc.rank_bs(rank // (2 if sc.tp == 2 else 1)) * sc.k
 
 

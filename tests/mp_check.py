@@ -1,7 +1,8 @@
 """Parent-side helpers: run a scenario in a world and compare every rank with the reference."""
 from __future__ import annotations
 
-from emu.scenario import RankResult, Scenario, compare, run_reference
+from emu.core.errors import ErrorKind
+from emu.testing.scenario import RankResult, Scenario, compare, run_reference
 from world import Raised, World
 
 
@@ -25,14 +26,21 @@ def check_scenario(world: World, target: str = "mp_cases:scenario", run_kwargs: 
     return want
 
 
-def assert_all_raise(results: list, code: int, text: str, bad_ranks: list[int] | None = None) -> None:
-    """Every rank raised AclnnError(code); the bad ranks name ``text`` in their message."""
+def assert_all_raise(results: list, code: int, text: str, bad_ranks: list[int] | None = None,
+                     kind: ErrorKind = ErrorKind.BAD_INPUT, culprits: tuple[int, ...] | None = None) -> None:
+    """Every rank raised AclnnError(code).  The bad ranks (all, when None) raised ``kind``
+    (blaming ``culprits`` when given) naming ``text`` in their message; the others raised a
+    PeerError of kind PEER_BAD_INPUT blaming exactly the bad ranks."""
     for g, res in enumerate(results):
         assert isinstance(res, Raised), f"rank {g} returned {res!r} instead of raising"
-        assert res.is_a("AclnnError"), f"rank {g} raised {res.kind}: {res.message}"
+        assert res.is_a("AclnnError"), f"rank {g} raised {res.type_name}: {res.message}"
         assert res.code == code, f"rank {g} raised code {res.code}, want {code}: {res.message}"
         if bad_ranks is None or g in bad_ranks:
+            assert res.kind == kind, f"rank {g} raised {res.kind}, want {kind}: {res.message}"
+            assert culprits is None or res.culprits == culprits, (g, res.culprits, culprits)
             assert text in res.message.splitlines()[0], f"rank {g}: {text!r} not in {res.message.splitlines()[0]!r}"
         else:
-            assert res.kind == "PeerError", f"rank {g} raised {res.kind}: {res.message}"
+            assert res.type_name == "PeerError", f"rank {g} raised {res.type_name}: {res.message}"
+            assert res.kind == ErrorKind.PEER_BAD_INPUT and res.culprits == tuple(bad_ranks), (g, res.kind,
+                                                                                               res.culprits)
             assert any(f"rank {b} " in res.message for b in bad_ranks), res.message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from emu.core.errors import ErrorKind
 from world import World
 
 pytestmark = pytest.mark.timeout(120)
@@ -27,8 +28,9 @@ def test_dead_rank_named_by_every_live_rank(fault, collective):
     for g, r in enumerate(res):
         if g == dead:
             continue
-        message, seconds = r
+        message, seconds, kind, culprits = r
         assert message.startswith("CollectiveError"), (g, message)
+        assert kind == ErrorKind.DEAD_PEER and dead in culprits, (g, kind, culprits, message)
         assert collective in message, (g, message)
         assert f"dead: rank {dead}" in message, (g, message)
         assert seconds < TIMEOUT_S + 2, (g, seconds)

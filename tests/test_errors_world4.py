@@ -3,8 +3,12 @@ and the world still usable afterwards (spec §10, §15)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import world_fixture
+from emu.core.errors import ErrorKind
+from mutators import (add, cast, derive, elastic_field, elastic_tables, extra_dim, first_columns, first_rows,
+                      first_slot_id, first_slot_twice, widen)
 from mp_check import assert_all_raise, check_scenario
 
 world = world_fixture(4)
@@ -18,10 +22,10 @@ DISPATCH = {
     "x-null": ({"x": None}, NULL, "x=None", {}),
     "ids-null": ({"expert_ids": None}, NULL, "expert_ids=None", {}),
     "group-ep-long": ({"group_ep": "g" * 130}, NULL, "group_ep", {}),
-    "x-fp32": ({"x": "@kw['x'].float()"}, INVALID, "x.dtype", {}),
-    "ids-int64": ({"expert_ids": "@kw['expert_ids'].long()"}, INVALID, "expert_ids.dtype", {}),
-    "mask-int8": ({"x_active_mask": "@torch.ones(4, dtype=torch.int8)"}, INVALID, "x_active_mask.dtype", {}),
-    "scales-fp16": ({"scales": "@kw['scales'].half()"}, INVALID, "scales.dtype", dict(quant=2, smooth=True)),
+    "x-fp32": ({"x": derive(cast, "x", torch.float32)}, INVALID, "x.dtype", {}),
+    "ids-int64": ({"expert_ids": derive(cast, "expert_ids", torch.int64)}, INVALID, "expert_ids.dtype", {}),
+    "mask-int8": ({"x_active_mask": torch.ones(4, dtype=torch.int8)}, INVALID, "x_active_mask.dtype", {}),
+    "scales-fp16": ({"scales": derive(cast, "scales", torch.float16)}, INVALID, "scales.dtype", dict(quant=2, smooth=True)),
     "ep-size-1": ({"ep_world_size": 1}, TILING, "ep_world_size", {}),
     "tp-size-3": ({"tp_world_size": 3}, TILING, "tp_world_size", {}),
     "ep-rank-range": ({"ep_rank_id": 4}, TILING, "ep_rank_id", {}),
@@ -34,22 +38,22 @@ DISPATCH = {
     "token-nums-type-2": ({"expert_token_nums_type": 2}, TILING, "expert_token_nums_type", {}),
     "zero-negative": ({"zero_expert_num": -1}, TILING, "zero_expert_num", {}),
     "comm-alg": ({"comm_alg": "ring"}, TILING, "comm_alg", {}),
-    "scales-with-quant0": ({"scales": "@torch.ones(7, 1024)"}, TILING, "scales", {}),
-    "x-3d": ({"x": "@kw['x'][None]"}, TILING, "x.dim()", {}),
-    "mask-shape": ({"x_active_mask": "@torch.ones(3, dtype=torch.bool)"}, TILING, "x_active_mask.shape[0]", {}),
+    "scales-with-quant0": ({"scales": torch.ones(7, 1024)}, TILING, "scales", {}),
+    "x-3d": ({"x": derive(extra_dim, "x")}, TILING, "x.dim()", {}),
+    "mask-shape": ({"x_active_mask": torch.ones(3, dtype=torch.bool)}, TILING, "x_active_mask.shape[0]", {}),
     "shared-rank-num-not-multiple": ({"shared_expert_num": 2}, TILING, "shared_expert_rank_num", {}),
     "moe-not-multiple": ({"moe_expert_num": 7}, TILING, "moe_expert_num", {}),
     "global-bs-not-multiple": ({"global_bs": 18}, TILING, "global_bs", {}),
-    "mask-with-larger-global-bs": ({"global_bs": 32, "x_active_mask": "@torch.ones(4, dtype=torch.bool)"},
+    "mask-with-larger-global-bs": ({"global_bs": 32, "x_active_mask": torch.ones(4, dtype=torch.bool)},
                                    TILING, "x_active_mask", {}),
-    "h-too-small": ({"x": "@kw['x'][:, :512]"}, TILING, "H", {}),
-    "k-too-large": ({"expert_ids": "@torch.zeros(4, 7, dtype=torch.int32)"}, TILING, "K", {}),
-    "scales-shape": ({"scales": "@kw['scales'][:, :8]"}, TILING, "scales.shape", dict(quant=2, smooth=True)),
+    "h-too-small": ({"x": derive(first_columns, "x", 512)}, TILING, "H", {}),
+    "k-too-large": ({"expert_ids": torch.zeros(4, 7, dtype=torch.int32)}, TILING, "K", {}),
+    "scales-shape": ({"scales": derive(first_columns, "scales", 8)}, TILING, "scales.shape", dict(quant=2, smooth=True)),
     "window-too-small": ({}, TILING, "HCCL_BUFFSIZE", {"env": {"HCCL_BUFFSIZE": "0"}}),
-    "id-out-of-range": ({"expert_ids": "@torch.cat([kw['expert_ids'][:, :1] * 0 + 6, kw['expert_ids'][:, 1:]], 1)"},
+    "id-out-of-range": ({"expert_ids": derive(first_slot_id, 6)},
                         TILING, "expert_ids[", {}),
-    "id-negative": ({"expert_ids": "@torch.cat([kw['expert_ids'][:, :1] * 0 - 1, kw['expert_ids'][:, 1:]], 1)"}, TILING, "expert_ids[", {}),
-    "duplicate-ids": ({"expert_ids": "@kw['expert_ids'][:, :1].repeat(1, 2)"}, TILING, "same MoE expert", {}),
+    "id-negative": ({"expert_ids": derive(first_slot_id, -1)}, TILING, "expert_ids[", {}),
+    "duplicate-ids": ({"expert_ids": derive(first_slot_twice)}, TILING, "same MoE expert", {}),
     "unknown-group": ({"group_ep": "no_such_group"}, TILING, "group_ep", {}),
     "ep-size-vs-group": ({"ep_world_size": 8, "moe_expert_num": 7}, TILING, "ep_world_size", {}),
 }
@@ -57,19 +61,19 @@ COMBINE = {
     "expand-x-null": ({"expand_x": None}, NULL, "expand_x=None", {}),
     "scales-null": ({"expert_scales": None}, NULL, "expert_scales=None", {}),
     "group-ep-long": ({"group_ep": "g" * 130}, INVALID, "group_ep", {}),
-    "expand-x-fp32": ({"expand_x": "@kw['expand_x'].float()"}, INVALID, "expand_x.dtype", {}),
-    "expert-scales-fp16": ({"expert_scales": "@kw['expert_scales'].half()"}, INVALID, "expert_scales.dtype", {}),
+    "expand-x-fp32": ({"expand_x": derive(cast, "expand_x", torch.float32)}, INVALID, "expand_x.dtype", {}),
+    "expert-scales-fp16": ({"expert_scales": derive(cast, "expert_scales", torch.float16)}, INVALID, "expert_scales.dtype", {}),
     "comm-quant-1": ({"comm_quant_mode": 1}, TILING, "comm_quant_mode", {}),
-    "expert-scales-shape": ({"expert_scales": "@kw['expert_scales'][:, :1]"}, TILING, "expert_scales.shape", {}),
-    "assist-too-short": ({"assist_info_for_combine": "@kw['assist_info_for_combine'][:10]"}, TILING,
+    "expert-scales-shape": ({"expert_scales": derive(first_columns, "expert_scales", 1)}, TILING, "expert_scales.shape", {}),
+    "assist-too-short": ({"assist_info_for_combine": derive(first_rows, "assist_info_for_combine", 10)}, TILING,
                          "assist_info_for_combine.shape[0]", {}),
-    "shared-x-with-shared-ranks": ({"shared_expert_x": "@torch.zeros(4, 1024, dtype=torch.bfloat16)"}, TILING,
+    "shared-x-with-shared-ranks": ({"shared_expert_x": torch.zeros(4, 1024, dtype=torch.bfloat16)}, TILING,
                                    "shared_expert_x", {}),
     "copy-needs-ori-x": ({"ori_x": None}, TILING, "ori_x", dict(copy=1)),
-    "ori-x-dtype": ({"ori_x": "@kw['ori_x'].half()"}, TILING, "ori_x.dtype", dict(copy=1)),
-    "const-v-shape": ({"const_expert_v": "@kw['const_expert_v'][:, :8]"}, TILING, "const_expert_v.shape",
+    "ori-x-dtype": ({"ori_x": derive(cast, "ori_x", torch.float16)}, TILING, "ori_x.dtype", dict(copy=1)),
+    "const-v-shape": ({"const_expert_v": derive(first_columns, "const_expert_v", 8)}, TILING, "const_expert_v.shape",
                       dict(const=1)),
-    "counts-beyond-capacity": ({"ep_send_counts": "@kw['ep_send_counts'] + 1000"}, TILING, "ep_send_counts", {}),
+    "counts-beyond-capacity": ({"ep_send_counts": derive(add, "ep_send_counts", 1000)}, TILING, "ep_send_counts", {}),
 }
 
 
@@ -96,7 +100,7 @@ def test_combine_error_on_every_rank(world, name):
 @pytest.mark.parametrize("op,change,code,text", [
     ("dispatch", {"x": None}, NULL, "x=None"),
     ("dispatch", {"quant_mode": 1}, TILING, "quant_mode"),
-    ("combine", {"expert_scales": "@kw['expert_scales'].half()"}, INVALID, "expert_scales.dtype"),
+    ("combine", {"expert_scales": derive(cast, "expert_scales", torch.float16)}, INVALID, "expert_scales.dtype"),
 ])
 def test_one_bad_rank_fails_every_rank(world, op, change, code, text):
     """Only rank 2 gets bad input: it raises its own error, the others a PeerError naming it."""
@@ -107,10 +111,10 @@ def test_one_bad_rank_fails_every_rank(world, op, change, code, text):
 @pytest.mark.parametrize("op,change,attribute", [
     ("dispatch", {"quant_mode": 2}, "quant_mode"),
     ("dispatch", {"moe_expert_num": 9}, "moe_expert_num"),
-    ("dispatch", {"x": "@kw['x'].half()"}, "activation dtype"),
-    ("dispatch", {"x": "@torch.cat([kw['x'], kw['x'][:, :8]], 1)"}, "H (hidden size)"),
+    ("dispatch", {"x": derive(cast, "x", torch.float16)}, "activation dtype"),
+    ("dispatch", {"x": derive(widen, "x", 8)}, "H (hidden size)"),
     ("dispatch", {"global_bs": 32}, "global_bs"),
-    ("dispatch", {"expert_ids": "@kw['expert_ids'][:, :1]"}, "K (expert_ids.shape[1])"),
+    ("dispatch", {"expert_ids": derive(first_columns, "expert_ids", 1)}, "K (expert_ids.shape[1])"),
     ("dispatch", {"shared_expert_rank_num": 2}, "shared_expert_rank_num"),
     ("combine", {"comm_quant_mode": 2}, "comm_quant_mode"),
     ("combine", {"zero_expert_num": 1}, "zero_expert_num"),
@@ -119,13 +123,13 @@ def test_attribute_mismatch_names_the_attribute(world, op, change, attribute):
     """Rank 1 passes a different (but locally valid) attribute: every rank raises, naming it
     and which ranks passed what."""
     res = world.run("mp_cases:bad_call", op=op, change=change, bad_ranks=[1], **BASE)
-    assert_all_raise(res, TILING, attribute, bad_ranks=None)
+    assert_all_raise(res, TILING, attribute, bad_ranks=None, kind=ErrorKind.MISMATCHED_ATTRIBUTE, culprits=(1,))
     assert all(f"attribute {attribute}" in r.message and "rank 1 passed" in r.message for r in res), res[0].message
 
 
 def test_mismatched_call_sequence(world):
     res = world.run("mp_cases:mismatched_calls", odd_rank=3, **BASE)
-    assert_all_raise(res, TILING, "mismatched calls")
+    assert_all_raise(res, TILING, "mismatched calls", kind=ErrorKind.MISMATCHED_CALL, culprits=(3,))
     assert all("rank 3 called dispatch" in r.message for r in res)
 
 
@@ -152,14 +156,13 @@ def _survivors(res):
 
 
 @pytest.mark.parametrize("change,code,text", [
-    ({"elastic_info": "@kw['elastic_info'][:-1]"}, TILING, "elastic_info.shape[0]"),
-    ({"elastic_info": "@kw['elastic_info'].long()"}, INVALID, "elastic_info.dtype"),
-    ({"elastic_info": "@torch.cat([kw['elastic_info'][:8], torch.tensor([1, 0, 3, -1], dtype=torch.int32)])"},
+    ({"elastic_info": derive(first_rows, "elastic_info", -1)}, TILING, "elastic_info.shape[0]"),
+    ({"elastic_info": derive(cast, "elastic_info", torch.int64)}, INVALID, "elastic_info.dtype"),
+    ({"elastic_info": derive(elastic_tables, [1, 0, 3, -1])},
      TILING, "inverse permutations"),
-    ({"elastic_info": "@torch.cat([kw['elastic_info'][:3], torch.tensor([5], dtype=torch.int32), "
-                      "kw['elastic_info'][4:]])"}, TILING, "E'"),
+    ({"elastic_info": derive(elastic_field, 3, 5)}, TILING, "E'"),
     # E' = 4 < E = 6: id 5 is dropped by dispatch but awaited by combine
-    ({"expert_ids": "@torch.cat([kw['expert_ids'][:, :1] * 0 + 5, kw['expert_ids'][:, 1:]], 1)"}, TILING, "[E'="),
+    ({"expert_ids": derive(first_slot_id, 5)}, TILING, "[E'="),
 ])
 def test_elastic_errors_on_every_survivor(world, change, code, text):
     res = world.run("mp_cases:bad_call", op="dispatch", change=change, **ELASTIC_BASE)
@@ -176,13 +179,13 @@ def test_elastic_removed_rank_calling_is_rejected(world):
 
 def test_elastic_with_tp2_rejected(world):
     res = world.run("mp_cases:bad_call", op="dispatch", callers=[0, 1, 2, 3],
-                    change={"elastic_info": "@torch.tensor([1, 2, 0, 2, 0, 1, 0, 1], dtype=torch.int32)"},
+                    change={"elastic_info": torch.tensor([1, 2, 0, 2, 0, 1, 0, 1], dtype=torch.int32)},
                     ep=2, tp=2, moe=2, shared_ranks=0, k=1, h=1024)
     assert_all_raise(res, TILING, "elastic_info")
 
 
 def test_elastic_combine_error_on_every_survivor(world):
-    res = world.run("mp_cases:bad_call", op="combine", change={"expert_scales": "@kw['expert_scales'][:, :1]"},
+    res = world.run("mp_cases:bad_call", op="combine", change={"expert_scales": derive(first_columns, "expert_scales", 1)},
                     **ELASTIC_BASE)
     assert_all_raise(_survivors(res), TILING, "expert_scales.shape")
     check_scenario(world, target="mp_cases:elastic", run_kwargs={"warmup": False}, **ELASTIC_BASE, seed=9)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emu.numerics import comm_dequant, comm_quant, dynamic_quant, tp_add
+from emu.core.numerics import comm_dequant, comm_quant, dynamic_quant, tp_add
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from emu.attrs import Geometry
-from emu.layout import dispatch_shapes, expert_token_nums, recv_layout
-from emu.plan import active_set, send_plan
+from emu.core.attrs import Geometry
+from emu.core.layout import dispatch_shapes, expert_token_nums, recv_layout
+from emu.core.plan import active_set, send_plan
 
 pytestmark = pytest.mark.timeout(30)
 GEOM = Geometry(W=4, S=1, Ns=1, E=6, K=2, H=8, G=8, tp=0)      # L = 2, R = 1

@@ -5,9 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from emu.attrs import MoeConfig
-from emu.combine import CombineInputs
-from emu.reference import DispatchInputs, reference_combine, reference_dispatch
+from emu.a2.hierarchy import inner_tables, outer_tables
+from emu.core.attrs import MoeConfig
+from emu.core.inputs import CombineInputs, DispatchInputs, SpecialExperts
+from emu.core.numerics import combine_tokens
+from emu.reference.a2 import (reference_combine_a2, reference_combine_hierarchy, reference_dispatch_a2,
+                              reference_dispatch_hierarchy)
+from emu.reference.a3 import reference_combine, reference_dispatch
 
 BF = torch.bfloat16
 
@@ -179,9 +183,9 @@ def test_combine_special_experts_and_2d_mask():
     w = {0: [[1, 1, .5], [.5, .25, 1]], 1: [[1, 1, 1], [1, 1, 1]]}
     mask = {g: torch.tensor([[True, True, True], [True, True, False]]) for g in range(2)}
     ori = {g: torch.full((2, 4), 8.0, dtype=BF) for g in range(2)}
-    kw = {g: dict(ori_x=ori[g], const_expert_alpha_1=torch.tensor([2.0], dtype=BF),
-                  const_expert_alpha_2=torch.tensor([0.5], dtype=BF),
-                  const_expert_v=torch.full((1, 4), 4.0, dtype=BF)) for g in range(2)}
+    kw = {g: dict(special=SpecialExperts.of(cfg, ori_x=ori[g], alpha1=torch.tensor([2.0], dtype=BF),
+                                            alpha2=torch.tensor([0.5], dtype=BF), v=torch.full((1, 4), 4.0, dtype=BF)))
+          for g in range(2)}
     x_out = _combine_world(cfg, ids, w, lambda g, ex: ex, mask=mask, kw=kw)
     assert x_out[0][:, 0].tolist() == [0 + 0 + 0.5 * 8, 0.5 * 1 + 0.25 * (2 * 8 + 0.5 * 4)]
     # rank 1 token 1: ids [1, 0, 3] slot 2 masked: y(11) + y(11) = 22
@@ -191,7 +195,6 @@ def test_combine_special_experts_and_2d_mask():
 @pytest.mark.timeout(30)
 def test_combine_tokens_matches_numpy_float32_loop():
     """combine_tokens against a plain numpy float32 loop over tokens and k (spec §9.3)."""
-    from emu.numerics import combine_tokens
     rng = np.random.default_rng(7)
     bs, k, h, E, z, c, q, ns = 6, 4, 16, 4, 1, 1, 2, 1
     ids = rng.integers(0, E + z + c + q, size=(bs, k)).astype(np.int32)
@@ -202,8 +205,11 @@ def test_combine_tokens_matches_numpy_float32_loop():
     a2 = torch.tensor([2.0, -0.75], dtype=BF)
     v = torch.from_numpy(rng.standard_normal((q, h)).astype(np.float32)).to(BF)
     mask = rng.random((bs, k)) < 0.8
-    got = combine_tokens(y, torch.from_numpy(ids), torch.from_numpy(w), torch.from_numpy(mask), E, z, c, q, ns,
-                         ori, a1, a2, v, None).to(BF)
+    inp = CombineInputs(expand_x=y.reshape(-1, h), expert_ids=torch.from_numpy(ids),
+                        assist_info=torch.zeros(0, dtype=torch.int32), ep_send_counts=torch.zeros(0, dtype=torch.int32),
+                        expert_scales=torch.from_numpy(w),
+                        special=SpecialExperts(first=E, zero=z, copy=c, const=q, ori_x=ori, alpha1=a1, alpha2=a2, v=v))
+    got = combine_tokens(y, inp, torch.from_numpy(mask), ns).to(BF)
     yf, of, vf = y.float().numpy(), ori.float().numpy(), v.float().numpy()
     a1f, a2f = a1.float().numpy(), a2.float().numpy()
     want = np.zeros((bs, h), np.float32)
@@ -256,9 +262,10 @@ def test_elastic_doc_example_layout_and_result():
     assert _triples(outs[7], 4) == [[0, 1, 2], [1, 1, 2], [2, 1, 2], [3, 1, 2]]      # new expert 2
     comb = [CombineInputs(expand_x=o.expand_x, expert_ids=ids, assist_info=o.assist_info_for_combine,
                           ep_send_counts=o.ep_recv_counts, expert_scales=torch.full((2, 3), 0.1),
-                          ori_x=torch.full((2, 4), 2.0, dtype=BF),
-                          const_expert_alpha_1=torch.ones(1, dtype=BF), const_expert_alpha_2=torch.ones(1, dtype=BF),
-                          const_expert_v=torch.ones(1, 4, dtype=BF)) if o is not None else None for o in outs]
+                          special=SpecialExperts.of(cfg, ori_x=torch.full((2, 4), 2.0, dtype=BF),
+                                                    alpha1=torch.ones(1, dtype=BF), alpha2=torch.ones(1, dtype=BF),
+                                                    v=torch.ones(1, 4, dtype=BF)))
+            if o is not None else None for o in outs]
     x_out = reference_combine(cfg, comb, info)
     for g in alive:
         assert x_out[g][:, 0].tolist() == [1.203125, 1.3984375], g
@@ -289,7 +296,6 @@ def test_elastic_flag_zero_keeps_routing_but_elastic_shapes():
 def test_a2_fullmesh_hand_worked():
     """a2.md §5.1: W=16, E=16 (L=1), Bs=2, K=2, ids[r] = [[r, r+3], [r+3, r+5]] (mod 16).
     Rank 3 receives r0 (t0,k1), r0 (t1,k0), r3 (t0,k0), r14 (t1,k1); every rank's occ = [0,0,1,0]."""
-    from emu.reference_a2 import reference_combine_a2, reference_dispatch_a2
     cfg = MoeConfig(ep_world_size=16, moe_expert_num=16, shared_expert_num=0)
     ids = {r: [[r, (r + 3) % 16], [(r + 3) % 16, (r + 5) % 16]] for r in range(16)}
     outs = reference_dispatch_a2(cfg, [DispatchInputs(_x(r, 2), _ids(ids[r])) for r in range(16)])
@@ -319,7 +325,6 @@ def test_a2_hierarchy_hand_worked():
     """a2.md §5.2 (servers 0-7, 8-15): rank 3 as in §5.1 plus expand_scales
     [w0[0,1], w0[1,0], w3[0,0], w14[1,1]], ep_recv_counts of 16 + 2*32*2*2 = 272 entries; combine on
     rank 14: out[0] = XT((0 + P0) + P1) with P0 = XT(y1*w[0,1]) (server 0 first) and P1 = XT(y14*w[0,0])."""
-    from emu.reference_a2 import reference_combine_hierarchy, reference_dispatch_hierarchy
     cfg = MoeConfig(ep_world_size=16, moe_expert_num=16, shared_expert_num=0)
     ids = {r: [[r, (r + 3) % 16], [(r + 3) % 16, (r + 5) % 16]] for r in range(16)}
     w = {r: torch.tensor([[0.5 + r, 0.25], [1.5, 2.0 + r]]) for r in range(16)}
@@ -337,7 +342,6 @@ def test_a2_hierarchy_hand_worked():
     assert outs[6].ep_recv_counts.view(torch.int16)[64:67].tolist() == [1, 3, 0]   # innerCnt[1] at byte 128
     assert outs[6].ep_recv_counts[48 + 64:48 + 64 + 4].tolist() == [64, 65, 192, 0]              # innerOff[1]
     # the distributed path's vectorised tables give the same words
-    from emu.a2_hierarchy import inner_tables, outer_tables
     ids14 = np.array(ids[14])
     cnt, off = outer_tables(ids14, 1, 2)
     assert cnt.tolist() == [2, 3] and off.tolist() == [0, 2, 1, 0]

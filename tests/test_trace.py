@@ -10,7 +10,8 @@ from collections import defaultdict
 import pytest
 
 from conftest import world_fixture
-from emu import report, trace
+from emu.debug import events as trace_events
+from emu.debug import report, trace
 from mp_check import check_scenario
 
 world = world_fixture(4)
@@ -32,38 +33,51 @@ def traced_dir(world, tmp_path_factory):
 
 
 def test_every_send_has_a_matching_receive(traced_dir):
-    events = trace.load(traced_dir)
-    assert {e["rank"] for e in events} == {0, 1, 2, 3}
-    by_key = {(e["group"], e["seq"], e["rank"]): e for e in events}
-    pairs = 0
-    for (group, seq, src), e in by_key.items():
-        for peer, rows in zip(e["group_ranks"], e["send_rows"]):
-            other = by_key[(group, seq, peer)]                      # the peer took part in the same collective
-            assert (other["op"], other["call"], other["phase"]) == (e["op"], e["call"], e["phase"])
-            got = other["recv_rows"][other["group_ranks"].index(src)]
-            assert got * other["row_bytes"] == rows * e["row_bytes"], (group, seq, src, peer)
-            pairs += 1
-    assert pairs > 100
+    events = trace_events.load(traced_dir)
+    assert {e.rank for e in events} == {0, 1, 2, 3}
+    assert all(e.schema == trace_events.SCHEMA_VERSION for e in events)
+    transfers, mismatches = trace_events.match_transfers(events)
+    assert mismatches == []
+    # every (sender, peer) entry of every record is matched by the peer's record of the same collective
+    assert len(transfers) == sum(len(e.group_ranks) for e in events) > 100
+    for tr in transfers:
+        assert (tr.receiver.group, tr.receiver.seq, tr.receiver.label()) == (tr.sender.group, tr.sender.seq,
+                                                                              tr.sender.label())
+        got = tr.receiver.recv_rows[tr.receiver.group_ranks.index(tr.sender.rank)]
+        assert got * tr.receiver.row_bytes == tr.rows * tr.sender.row_bytes
+
+
+def test_matcher_reports_a_missing_and_a_mismatched_peer(traced_dir):
+    """The matcher names what does not pair: a record removed, a size changed."""
+    events = trace_events.load(traced_dir)
+    victim = next(e for e in events if e.rank == 1 and e.phase == "EP rows" and sum(e.recv_rows) > 0)
+    src = next(r for r, n in zip(victim.group_ranks, victim.recv_rows) if n > 0 and r != 1)
+    changed = [e for e in events if e is not victim]
+    _, missing = trace_events.match_transfers(changed)
+    assert any(m.peer == 1 and m.sender.seq == victim.seq and "no record" in m.problem for m in missing)
+    victim.recv_rows[victim.group_ranks.index(src)] += 1
+    _, wrong = trace_events.match_transfers(events)
+    assert [(m.sender.rank, m.peer) for m in wrong] == [(src, 1)] and "expects" in wrong[0].problem
 
 
 def test_sequence_numbers_contiguous_per_group(traced_dir):
     seqs = defaultdict(list)
-    for e in trace.load(traced_dir):
-        seqs[(e["rank"], e["group"])].append(e["seq"])
+    for e in trace_events.load(traced_dir):
+        seqs[(e.rank, e.group)].append(e.seq)
     for key, s in seqs.items():
         assert s == list(range(s[0], s[0] + len(s))), key
     # the tp 2 run used EP and TP groups: dispatch EP header/rows, TP header/all-gather, combine TP then EP
-    phases = {(e["op"], e["phase"]) for e in trace.load(traced_dir)}
+    phases = {(e.op, e.phase) for e in trace_events.load(traced_dir)}
     assert {("dispatch", "TP all-gather"), ("combine", "TP reduce-scatter"), ("combine", "EP rows")} <= phases
-    groups = {e["group"]: e["group_ranks"] for e in trace.load(traced_dir)}
+    groups = {e.group: e.group_ranks for e in trace_events.load(traced_dir)}
     assert [0, 1, 2] in groups.values()                            # the elastic survivors' group
 
 
 def test_header_waits_and_times(traced_dir):
-    for e in trace.load(traced_dir):
-        assert e["t1"] >= e["t0"]
-        if e["phase"].endswith("header"):
-            assert len(e["wait_us"]) == len(e["group_ranks"]) and min(e["wait_us"]) >= 0
+    for e in trace_events.load(traced_dir):
+        assert e.t1 >= e.t0
+        if e.phase.endswith("header"):
+            assert len(e.wait_us) == len(e.group_ranks) and min(e.wait_us) >= 0
 
 
 def test_merged_chrome_trace(traced_dir):
@@ -71,7 +85,7 @@ def test_merged_chrome_trace(traced_dir):
     data = json.load(open(path))["traceEvents"]
     slices = [e for e in data if e["ph"] == "X"]
     assert {e["pid"] for e in slices} == {0, 1, 2, 3}              # one track per rank
-    assert len(slices) == len(trace.load(traced_dir))
+    assert len(slices) == len(trace_events.load(traced_dir))
     starts = {e["id"] for e in data if e["ph"] == "s"}
     ends = {e["id"] for e in data if e["ph"] == "f"}
     assert starts == ends and len(starts) > 50                     # every arrow has both ends
@@ -83,7 +97,7 @@ def test_report_script_prints_and_draws(traced_dir):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[1].split()[:3] == ["rank", "calls", "colls"]
-    rows = report.rank_table(trace.load(traced_dir))
+    rows = report.rank_table(trace_events.load(traced_dir))
     assert [r["rank"] for r in rows] == [0, 1, 2, 3]
     assert sum(r["bytes_out"] for r in rows) == sum(r["bytes_in"] for r in rows)
     for name in ("timeline.png", "traffic.png"):

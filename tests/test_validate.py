@@ -5,20 +5,26 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emu.attrs import Geometry, MoeConfig
-from emu.errors import AclnnError
-from emu.validate import hccl_buffsize_bytes, validate_combine, validate_dispatch, window_need
+from emu.a3.checks import hccl_buffsize_bytes, validate_combine, validate_dispatch, window_need
+from emu.core.attrs import Geometry, MoeConfig
+from emu.core.errors import AclnnError
+from emu.core.inputs import CombineInputs, DispatchInputs, SpecialExperts
+from emu.core.request import CombineRequest, DispatchRequest, Placement
 
 pytestmark = pytest.mark.timeout(30)
 
 
+def _place(kw: dict) -> Placement:
+    return Placement(group_ep=None, ep_name=kw.pop("ep_name", "ep"), ep_rank_id=kw.pop("ep_rank_id", 0),
+                     tp_name=kw.pop("tp_name", ""), tp_rank_id=kw.pop("tp_rank_id", 0), comm_alg=kw.pop("comm_alg", ""))
+
+
 def _dispatch(**over):
     cfg = over.pop("cfg", MoeConfig(ep_world_size=8, moe_expert_num=7, shared_expert_rank_num=1))
-    kw = dict(x=torch.zeros(4, 1024, dtype=torch.bfloat16), expert_ids=torch.zeros(4, 2, dtype=torch.int32),
-              ep_name="ep", tp_name="", cfg=cfg, ep_rank_id=0, tp_rank_id=0, scales=None, mask=None, elastic=None,
-              comm_alg="")
+    place = _place(over)
+    kw = dict(x=torch.zeros(4, 1024, dtype=torch.bfloat16), expert_ids=torch.zeros(4, 2, dtype=torch.int32))
     kw.update(over)
-    return validate_dispatch(**kw)
+    return validate_dispatch(DispatchRequest(DispatchInputs(**kw), cfg, place))
 
 
 def _raises(code: int, text: str, fn, **over):
@@ -75,7 +81,7 @@ def test_global_bs_rules():
     _raises(561002, "global_bs", _dispatch, cfg=cfg)                      # < Bs*ep = 32
     cfg = MoeConfig(ep_world_size=8, moe_expert_num=7, shared_expert_rank_num=1, global_bs=64)
     assert _dispatch(cfg=cfg).max_bs == 8
-    _raises(561002, "x_active_mask", _dispatch, cfg=cfg, mask=torch.ones(4, dtype=torch.bool))
+    _raises(561002, "x_active_mask", _dispatch, cfg=cfg, x_active_mask=torch.ones(4, dtype=torch.bool))
 
 
 def test_special_ids_and_k_limit():
@@ -110,17 +116,18 @@ def test_window_check_uses_environment(monkeypatch):
 
 
 def _combine_kw(cfg: MoeConfig, **over):
+    """{"req": a valid combine request on EP rank 0, with ``over`` replacing its tensors or placement}."""
     g = Geometry.of(cfg, 4, 2, 1024)
     a = g.capacity(0)
+    place = _place(dict(over, tp_name=over.pop("tp_name", "tp" if cfg.tp_world_size == 2 else "")))
+    for name in ("ep_name", "tp_name", "ep_rank_id", "tp_rank_id", "comm_alg"):
+        over.pop(name, None)
     kw = dict(expand_x=torch.zeros(a * max(cfg.tp_world_size, 1), 1024, dtype=torch.bfloat16),
               expert_ids=torch.zeros(4, 2, dtype=torch.int32), assist_info=torch.zeros(128 * a, dtype=torch.int32),
-              ep_send_counts=torch.zeros(g.W * g.L * 2, dtype=torch.int32),
-              expert_scales=torch.zeros(4, 2), ep_name="ep", tp_name="tp" if cfg.tp_world_size == 2 else "",
-              cfg=cfg, ep_rank_id=0, tp_rank_id=0,
-              tp_send_counts=torch.zeros(cfg.tp_world_size, dtype=torch.int32), mask=None, shared_expert_x=None,
-              elastic=None, ori_x=None, alpha1=None, alpha2=None, const_v=None, comm_alg="")
+              ep_send_counts=torch.zeros(g.W * g.L * 2, dtype=torch.int32), expert_scales=torch.zeros(4, 2),
+              tp_send_counts=torch.zeros(cfg.tp_world_size, dtype=torch.int32))
     kw.update(over)
-    return kw
+    return {"req": CombineRequest(CombineInputs(**kw, special=SpecialExperts.of(cfg)), cfg, place)}
 
 
 def test_combine_rules():

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import world_fixture
+from emu.testing.scenario import RankResult, Scenario, compare, run_reference
+from mutators import derive, first_columns, widen
 from mp_check import assert_all_raise, check_scenario
 
 world = world_fixture(16)
@@ -27,19 +30,19 @@ def test_a2_fullmesh_matches_reference(world, fields):
 
 
 @pytest.mark.parametrize("op,change,code,text", [
-    ("dispatch", {"x": "@kw['x'][:, :1000]"}, 561002, "H"),
+    ("dispatch", {"x": derive(first_columns, "x", 1000)}, 561002, "H"),
     ("dispatch", {"comm_alg": "fullmesh_v2"}, 561002, "comm_alg"),
     ("dispatch", {"zero_expert_num": 1}, 561002, "zero_expert_num"),
-    ("dispatch", {"x_active_mask": "@torch.ones(4, 2, dtype=torch.bool)"}, 561002, "x_active_mask.dim()"),
+    ("dispatch", {"x_active_mask": torch.ones(4, 2, dtype=torch.bool)}, 561002, "x_active_mask.dim()"),
     ("dispatch", {"quant_mode": 1}, 561002, "quant_mode"),
     ("dispatch", {"moe_expert_num": 24}, 561002, "moe_expert_num"),
-    ("dispatch", {"elastic_info": "@torch.zeros(36, dtype=torch.int32)"}, 561002, "elastic_info"),
+    ("dispatch", {"elastic_info": torch.zeros(36, dtype=torch.int32)}, 561002, "elastic_info"),
     ("dispatch", {"comm_alg": "hierarchy"}, 561002, "expert_scales"),
-    ("dispatch", {"expert_ids": "@torch.zeros(257, 2, dtype=torch.int32)"}, 561002, "Bs"),
-    ("dispatch", {"expert_ids": "@torch.zeros(4, 17, dtype=torch.int32)"}, 561002, "K"),
-    ("dispatch", {"scales": "@torch.ones(16, 1024)"}, 561002, "scales"),
+    ("dispatch", {"expert_ids": torch.zeros(257, 2, dtype=torch.int32)}, 561002, "Bs"),
+    ("dispatch", {"expert_ids": torch.zeros(4, 17, dtype=torch.int32)}, 561002, "K"),
+    ("dispatch", {"scales": torch.ones(16, 1024)}, 561002, "scales"),
     ("combine", {"comm_quant_mode": 2}, 561002, "comm_quant_mode"),
-    ("combine", {"ori_x": "@torch.zeros(4, 1024, dtype=torch.bfloat16)"}, 561002, "ori_x"),
+    ("combine", {"ori_x": torch.zeros(4, 1024, dtype=torch.bfloat16)}, 561002, "ori_x"),
 ])
 def test_a2_errors_on_every_rank(world, op, change, code, text):
     res = world.run("mp_cases:bad_call", op=op, change=change, **A2)
@@ -63,7 +66,6 @@ def test_a2_hierarchy_matches_reference(world, fields):
 
 def test_a2_env_selects_hierarchy(world):
     """comm_alg "" with HCCL_INTRA_PCIE_ENABLE=1 and HCCL_INTRA_ROCE_ENABLE=0 runs hierarchy."""
-    from emu.scenario import RankResult, Scenario, compare, run_reference
     env = {"HCCL_INTRA_PCIE_ENABLE": "1", "HCCL_INTRA_ROCE_ENABLE": "0"}
     hier = {**A2, "comm_alg": "hierarchy", "seed": 21}
     got = world.run("mp_cases:scenario_with_env", env=env, **{**hier, "comm_alg": ""})
@@ -73,14 +75,14 @@ def test_a2_env_selects_hierarchy(world):
 
 @pytest.mark.parametrize("change,text", [
     ({"expert_scales": None}, "expert_scales"),
-    ({"x": "@torch.cat([kw['x'], kw['x'][:, :32]], 1)"}, None),            # H 1056 is fine
-    ({"x": "@torch.zeros(4, 10240, dtype=torch.bfloat16)"}, None),         # H 10240: the hierarchy limit
-    ({"x": "@torch.zeros(4, 10272, dtype=torch.bfloat16)"}, "H"),
+    ({"x": derive(widen, "x", 32)}, None),            # H 1056 is fine
+    ({"x": torch.zeros(4, 10240, dtype=torch.bfloat16)}, None),         # H 10240: the hierarchy limit
+    ({"x": torch.zeros(4, 10272, dtype=torch.bfloat16)}, "H"),
 ])
 def test_a2_hierarchy_checks(world, change, text):
     fields = {**A2, "comm_alg": "hierarchy"}
     res = world.run("mp_cases:bad_call", op="dispatch", change={**change, "expert_scales": change.get(
-        "expert_scales", "@torch.rand(4, 2)")}, **fields)
+        "expert_scales", torch.rand(4, 2))}, **fields)
     if text is None:
         assert res == ["ok"] * 16, res[0]
     else:

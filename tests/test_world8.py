@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import world_fixture
+from emu.core.errors import ErrorKind
 from mp_check import assert_all_raise, check_scenario
 
 world = world_fixture(8)
@@ -78,7 +79,7 @@ def test_one_bad_rank_among_8_fails_all_with_its_message(world):
         if g != 5:
             assert "static quant (1) is not supported" in r.message, r.message    # the bad rank's own words
     res = world.run("mp_cases:mismatched_calls", odd_rank=3, h=H)
-    assert_all_raise(res, 561002, "rank 3 called dispatch #")
+    assert_all_raise(res, 561002, "rank 3 called dispatch #", kind=ErrorKind.MISMATCHED_CALL, culprits=(3,))
     assert all("while ranks 0-2, 4-7 called combine #" in r.message for r in res), res[0].message
     check_scenario(world, h=H, seed=50)
 

@@ -17,21 +17,26 @@ import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 
+from emu.core.errors import ErrorKind
+
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS_DIR)
 
 
 @dataclass
 class Raised:
-    """An exception a rank raised: class name, aclnn code (or None) and message."""
+    """An exception a rank raised: class name, aclnn code (or None), message, and for emulator
+    errors the typed kind (an ``emu.ErrorKind``) and the culprit ranks."""
 
-    kind: str
+    type_name: str
     code: int | None
     message: str
     bases: tuple[str, ...] = ()
+    kind: ErrorKind | None = None
+    culprits: tuple[int, ...] = ()
 
     def is_a(self, name: str) -> bool:
-        return self.kind == name or name in self.bases
+        return self.type_name == name or name in self.bases
 
 
 def _worker(rank: int, size: int, port: int, inbox, outbox, timeout_s: float) -> None:
@@ -55,7 +60,8 @@ def _worker(rank: int, size: int, port: int, inbox, outbox, timeout_s: float) ->
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the test
             outbox.put((rank, False, Raised(type(exc).__name__, getattr(exc, "code", None),
                                             f"{exc}\n{traceback.format_exc()}",
-                                            tuple(c.__name__ for c in type(exc).__mro__))))
+                                            tuple(c.__name__ for c in type(exc).__mro__),
+                                            getattr(exc, "kind", None), getattr(exc, "culprits", ()))))
     import world_groups
     world_groups.clear()
     dist.destroy_process_group()

@@ -4,7 +4,7 @@ Every rank runs the same commands in the same order, so ``new_group`` calls line
 """
 from __future__ import annotations
 
-from emu.scenario import Scenario, rank_groups
+from emu.testing.scenario import Scenario, rank_groups
 
 _cache: dict[tuple[int, int], tuple] = {}
 

@@ -23,19 +23,20 @@ import types
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+
+from ..comm.groups import group_name
+from . import device, ops
 
 _installed = False
 
 
 def _hccl_comm_name(backend, rank: int = 0) -> str:
     """``pg._get_backend(torch.device("npu")).get_hccl_comm_name(rank)`` -> the group's name."""
-    from torch.distributed import distributed_c10d as c10d
-
-    from ..groups import group_name
     for pg in list(c10d._world.pg_map):
-        for device in ("npu", "cpu"):
+        for dev in ("npu", "cpu"):
             try:
-                if pg._get_backend(torch.device(device)) is backend:
+                if pg._get_backend(torch.device(dev)) is backend:
                     return group_name(pg)
             except RuntimeError:
                 continue
@@ -69,7 +70,6 @@ def install() -> types.ModuleType:
     global _installed
     if _installed:
         return sys.modules["torch_npu"]
-    from . import device, ops
     module = device.make_device_module()
     device.register(module)
     module.__spec__ = importlib.machinery.ModuleSpec("torch.npu", None)

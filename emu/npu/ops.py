@@ -3,69 +3,18 @@ around them, computed on the CPU.  Any other attribute raises a clear "not emula
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .. import api
-from ..errors import AclnnError, TILING_ERROR
+from ..core.plan import expand_idx
+
+__all__ = ["expand_idx"]
 
 npu_moe_distribute_dispatch_v2 = api.moe_distribute_dispatch_v2
 npu_moe_distribute_combine_v2 = api.moe_distribute_combine_v2
-
-
-def npu_moe_distribute_dispatch(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, *,
-                                scales=None, x_active_mask=None, expert_scales=None, group_tp="",
-                                tp_world_size=0, tp_rank_id=0, expert_shard_type=0, shared_expert_num=1,
-                                shared_expert_rank_num=0, quant_mode=0, global_bs=0,
-                                expert_token_nums_type=1):
-    """V1 dispatch (aclnnMoeDistributeDispatch): as V2, but the third output is ``expand_idx``
-    (Bs*K int32): for each of this rank's slots (t, k), how many earlier active slots of this
-    rank chose the same MoE expert (0 for inactive and special slots)."""
-    outs = list(api.moe_distribute_dispatch_v2(
-        x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales=scales,
-        x_active_mask=x_active_mask, expert_scales=expert_scales, group_tp=group_tp, tp_world_size=tp_world_size,
-        tp_rank_id=tp_rank_id, expert_shard_type=expert_shard_type, shared_expert_num=shared_expert_num,
-        shared_expert_rank_num=shared_expert_rank_num, quant_mode=quant_mode, global_bs=global_bs,
-        expert_token_nums_type=expert_token_nums_type))
-    outs[2] = expand_idx(expert_ids, x_active_mask, moe_expert_num)
-    return tuple(outs)
-
-
-def expand_idx(expert_ids: torch.Tensor, mask: torch.Tensor | None, moe_expert_num: int) -> torch.Tensor:
-    """Occurrence index of every (t, k) slot among this rank's active MoE slots, (Bs*K,) int32."""
-    from ..plan import active_set
-    ids = expert_ids.numpy().astype(np.int64).reshape(-1)
-    act = active_set(*expert_ids.shape, mask).slots.reshape(-1) & (ids < moe_expert_num) & (ids >= 0)
-    occ = np.zeros(ids.size, dtype=np.int64)
-    pos = np.flatnonzero(act)
-    if pos.size:
-        e = ids[pos]
-        order = np.argsort(e, kind="stable")
-        first = np.searchsorted(e[order], e[order])                   # start of each expert's run
-        occ[pos[order]] = np.arange(pos.size) - first
-    return torch.from_numpy(occ.astype(np.int32))
-
-
-def npu_moe_distribute_combine(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, group_ep,
-                               ep_world_size, ep_rank_id, moe_expert_num, *, tp_send_counts=None,
-                               x_active_mask=None, activation_scale=None, weight_scale=None, group_list=None,
-                               expand_scales=None, shared_expert_x=None, group_tp="", tp_world_size=0,
-                               tp_rank_id=0, expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0,
-                               global_bs=0, out_dtype=0, comm_quant_mode=0, group_list_type=0):
-    """V1 combine: rows go back by position (the holder's block order is the source's slot
-    order), so ``expand_idx`` is only checked for shape."""
-    for name, value in (("activation_scale", activation_scale), ("weight_scale", weight_scale),
-                        ("group_list", group_list)):
-        if value is not None:
-            raise AclnnError(TILING_ERROR, f"aclnnMoeDistributeCombine: {name} must be null on Atlas A3")
-    return api.moe_distribute_combine_v2(
-        expand_x, expert_ids, None, ep_send_counts, expert_scales, group_ep, ep_world_size, ep_rank_id,
-        moe_expert_num, tp_send_counts=tp_send_counts, x_active_mask=x_active_mask, expand_scales=expand_scales,
-        shared_expert_x=shared_expert_x, group_tp=group_tp, tp_world_size=tp_world_size, tp_rank_id=tp_rank_id,
-        expert_shard_type=expert_shard_type, shared_expert_num=shared_expert_num,
-        shared_expert_rank_num=shared_expert_rank_num, global_bs=global_bs, comm_quant_mode=comm_quant_mode,
-        _expand_idx=expand_idx)
+npu_moe_distribute_dispatch = api.moe_distribute_dispatch
+npu_moe_distribute_combine = api.moe_distribute_combine
 
 
 def npu_swiglu(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -6,17 +6,18 @@ Subprocesses the script starts import the same torch_npu (emu/npu/shim is put on
 """
 from __future__ import annotations
 
+import os
 import runpy
 import sys
+
+from . import install
 
 
 def main() -> None:
     if len(sys.argv) < 2:
         sys.exit("usage: python -m emu.npu.run script.py [args...]")
-    import os
     shim = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (shim, os.environ.get("PYTHONPATH")) if p)
-    from . import install
     install()
     script = sys.argv[1]
     sys.argv = sys.argv[1:]

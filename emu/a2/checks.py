@@ -8,17 +8,19 @@ ep <= 64 with 2/4/8 servers, fullmesh L <= 24).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from .attrs import Geometry, MoeConfig
-from .soc import a2_comm_alg
-from .validate import Checker, combine_wrapper_checks, dispatch_wrapper_checks
+from ..core.attrs import Geometry, MoeConfig
+from ..core.checks import Checker, combine_wrapper_checks, dispatch_wrapper_checks, prepare
+from ..core.plan import active_set
+from ..core.request import CombineRequest, DispatchRequest, Prepared, R
+from ..core.soc import a2_comm_alg
 
-DISPATCH = "aclnnMoeDistributeDispatchV3 (A2)"
-COMBINE = "aclnnMoeDistributeCombineV3 (A2)"
 
 
-def _attrs(c: Checker, cfg: MoeConfig, ep_rank_id: int, ep_name: str, alg: str) -> None:
+def _attrs(c: Checker, cfg: MoeConfig, ep_rank_id: int, ep_name: str) -> None:
     W, E = cfg.ep_world_size, cfg.moe_expert_num
     c.tiling(0 < len(ep_name) < 128, "group_ep", ep_name, "must be a non-empty name < 128 chars")
     c.tiling(0 < W <= 256 and W % 8 == 0, "ep_world_size", W, "must be a multiple of 8 in (0, 256]")
@@ -56,16 +58,17 @@ def _doc_limits(c: Checker, cfg: MoeConfig, alg: str) -> None:
                  f"fullmesh supports at most 24 experts per rank (got {L}; more corrupts the ready flag)")
 
 
-def validate_dispatch_a2(*, x, expert_ids, ep_name: str, tp_name: str, cfg: MoeConfig, ep_rank_id: int,
-                         scales, mask, expert_scales, elastic, comm_alg) -> tuple[Geometry, str]:
+def validate_dispatch_a2(req: DispatchRequest) -> tuple[Geometry, str]:
     """All A2 dispatch checks in order; returns (geometry, "fullmesh" | "hierarchy")."""
-    c = Checker(DISPATCH)
-    dispatch_wrapper_checks(c, x, expert_ids, ep_name, tp_name, scales, mask)
-    c.dtype(expert_scales, "expert_scales", (torch.float32,))
-    alg = a2_comm_alg(comm_alg, DISPATCH)
+    inp, cfg, place = req.inputs, req.cfg, req.place
+    x, expert_ids, scales, mask = inp.x, inp.expert_ids, inp.scales, inp.x_active_mask
+    c = Checker(req.op)
+    dispatch_wrapper_checks(c, req, place.tp_name)
+    c.dtype(inp.expert_scales, "expert_scales", (torch.float32,))
+    alg = a2_comm_alg(place.comm_alg, req.op)
     if alg == "hierarchy":
-        c.tiling(expert_scales is not None, "expert_scales", None, "required with comm_alg hierarchy")
-    c.tiling(elastic is None, "elastic_info", "given", "not supported on Atlas A2")
+        c.tiling(inp.expert_scales is not None, "expert_scales", None, "required with comm_alg hierarchy")
+    c.tiling(inp.elastic_info is None, "elastic_info", "given", "not supported on Atlas A2")
     c.dim(x, "x", (2,))
     c.dim(expert_ids, "expert_ids", (2,))
     h = x.shape[1]
@@ -74,12 +77,11 @@ def validate_dispatch_a2(*, x, expert_ids, ep_name: str, tp_name: str, cfg: MoeC
     _bs_k_limits(c, bs, k)
     c.tiling(not (cfg.quant_mode == 0 and scales is not None), "scales", "given", "must be null when quant_mode=0")
     _mask_rule(c, mask, bs)
-    _attrs(c, cfg, ep_rank_id, ep_name, alg)
+    _attrs(c, cfg, place.ep_rank_id, place.ep_name)
     c.tiling(cfg.quant_mode in (0, 2), "quant_mode", cfg.quant_mode, "must be 0 or 2 on Atlas A2")
     c.tiling(cfg.expert_token_nums_type in (0, 1), "expert_token_nums_type", cfg.expert_token_nums_type,
              "must be 0 or 1")
-    for name in ("zero_expert_num", "copy_expert_num", "const_expert_num"):
-        c.tiling(getattr(cfg, name) == 0, name, getattr(cfg, name), "special experts are not supported on Atlas A2")
+    _no_special(c, cfg)
     _doc_limits(c, cfg, alg)
     if scales is not None:
         want = (cfg.moe_expert_num, h)
@@ -88,39 +90,70 @@ def validate_dispatch_a2(*, x, expert_ids, ep_name: str, tp_name: str, cfg: MoeC
     return Geometry.of(cfg, bs, k, h), alg
 
 
-def validate_combine_a2(*, expand_x, expert_ids, assist_info, ep_send_counts, expert_scales, ep_name: str,
-                        tp_name: str, cfg: MoeConfig, ep_rank_id: int, mask, elastic, ori_x, alpha1, alpha2,
-                        const_v, comm_alg) -> tuple[Geometry, str]:
-    """All A2 combine checks in order; returns (geometry, "fullmesh" | "hierarchy")."""
-    c = Checker(COMBINE)
-    combine_wrapper_checks(c, expand_x, expert_ids, assist_info, ep_send_counts, expert_scales, ep_name, tp_name)
-    c.dtype(expert_ids, "expert_ids", (torch.int32,))
-    c.dtype(ep_send_counts, "ep_send_counts", (torch.int32,))
-    c.dtype(expert_scales, "expert_scales", (torch.float32,))
-    c.dtype(mask, "x_active_mask", (torch.bool,))
-    alg = a2_comm_alg(comm_alg, COMBINE)
-    c.tiling(elastic is None, "elastic_info", "given", "not supported on Atlas A2")
-    for t, name in ((ori_x, "ori_x"), (alpha1, "const_expert_alpha_1"), (alpha2, "const_expert_alpha_2"),
-                    (const_v, "const_expert_v")):
-        c.tiling(t is None, name, "given", "special experts are not supported on Atlas A2")
-    c.dim(expand_x, "expand_x", (2,))
-    h = expand_x.shape[1]
-    _h_limit(c, h, alg)
-    c.dim(expert_ids, "expert_ids", (2,))
-    bs, k = expert_ids.shape
-    _bs_k_limits(c, bs, k)
-    _mask_rule(c, mask, bs)
+def _no_special(c: Checker, cfg: MoeConfig) -> None:
     for name in ("zero_expert_num", "copy_expert_num", "const_expert_num"):
         c.tiling(getattr(cfg, name) == 0, name, getattr(cfg, name), "special experts are not supported on Atlas A2")
-    _attrs(c, cfg, ep_rank_id, ep_name, alg)
+
+
+def validate_combine_a2(req: CombineRequest) -> tuple[Geometry, str]:
+    """All A2 combine checks in order; returns (geometry, "fullmesh" | "hierarchy")."""
+    inp, cfg, place = req.inputs, req.cfg, req.place
+    c = Checker(req.op)
+    combine_wrapper_checks(c, req, place.tp_name, "assist_info_for_combine")
+    c.dtype(inp.expert_ids, "expert_ids", (torch.int32,))
+    c.dtype(inp.ep_send_counts, "ep_send_counts", (torch.int32,))
+    c.dtype(inp.expert_scales, "expert_scales", (torch.float32,))
+    c.dtype(inp.x_active_mask, "x_active_mask", (torch.bool,))
+    alg = a2_comm_alg(place.comm_alg, req.op)
+    c.tiling(inp.elastic_info is None, "elastic_info", "given", "not supported on Atlas A2")
+    for t, name in inp.special.tensors():
+        c.tiling(t is None, name, "given", "special experts are not supported on Atlas A2")
+    c.dim(inp.expand_x, "expand_x", (2,))
+    h = inp.expand_x.shape[1]
+    _h_limit(c, h, alg)
+    c.dim(inp.expert_ids, "expert_ids", (2,))
+    bs, k = inp.expert_ids.shape
+    _bs_k_limits(c, bs, k)
+    _mask_rule(c, inp.x_active_mask, bs)
+    _no_special(c, cfg)
+    _attrs(c, cfg, place.ep_rank_id, place.ep_name)
     if alg == "fullmesh":
         c.tiling(cfg.comm_quant_mode == 0, "comm_quant_mode", cfg.comm_quant_mode, "must be 0 with fullmesh")
     else:
         c.tiling(cfg.comm_quant_mode in (0, 2), "comm_quant_mode", cfg.comm_quant_mode, "must be 0 or 2 with hierarchy")
     _doc_limits(c, cfg, alg)
     geom = Geometry.of(cfg, bs, k, h)
-    c.tiling(ep_send_counts.shape[0] >= geom.W * geom.L, "ep_send_counts.shape[0]", ep_send_counts.shape[0],
+    counts = inp.ep_send_counts
+    c.tiling(counts.shape[0] >= geom.W * geom.L, "ep_send_counts.shape[0]", counts.shape[0],
              f"must be >= ep_world_size * L = {geom.W * geom.L} (its first E entries are read)")
-    c.tiling(expand_x.shape[0] >= int(ep_send_counts[geom.W * geom.L - 1]), "expand_x.shape[0]", expand_x.shape[0],
+    c.tiling(inp.expand_x.shape[0] >= int(counts[geom.W * geom.L - 1]), "expand_x.shape[0]", inp.expand_x.shape[0],
              "must hold every row this rank received (mc2-emu: the hardware reads past the end)")
     return geom, alg
+
+
+def on_a2(req: R) -> R:
+    """The request as A2 sees it: tp, shared experts and the shard type forced to 0 (a2.md
+    §1.2), the operator named as on Atlas A2 in messages."""
+    cfg = replace(req.cfg, tp_world_size=0, shared_expert_num=0, shared_expert_rank_num=0, expert_shard_type=0)
+    return replace(req, op=f"{req.op} (A2)", cfg=cfg)
+
+
+def check_dispatch(req: DispatchRequest) -> Prepared:
+    """Every A2 dispatch check, then the id checks over the slots the path reads (hierarchy
+    ignores the mask)."""
+    geom, alg = validate_dispatch_a2(req)
+    act = active_set(*req.inputs.expert_ids.shape, req.inputs.x_active_mask if alg == "fullmesh" else None)
+    return prepare(req, geom, req.inputs.x.dtype, act, alg)
+
+
+def check_combine(req: CombineRequest) -> Prepared:
+    """Every A2 combine check; hierarchy needs expand_scales and (not emulated) comm quant 0."""
+    geom, alg = validate_combine_a2(req)
+    if alg == "hierarchy":
+        c = Checker(req.op)
+        c.tiling(req.inputs.expand_scales is not None, "expand_scales", None,
+                 "required with hierarchy (the hardware reads it; null faults the device)")
+        c.tiling(req.cfg.comm_quant_mode == 0, "comm_quant_mode", req.cfg.comm_quant_mode,
+                 "mc2-emu does not emulate hierarchy int8 partials yet (a2.md §3.4 is opaque)")
+    act = active_set(*req.inputs.expert_ids.shape, req.inputs.x_active_mask if alg == "fullmesh" else None)
+    return prepare(req, geom, req.inputs.expand_x.dtype, act, alg)

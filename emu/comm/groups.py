@@ -6,26 +6,29 @@ rank, < 128 chars) and :func:`resolve_group` maps a name, or a group object, bac
 """
 from __future__ import annotations
 
-import atexit
 import hashlib
+from datetime import timedelta
 
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
+from torch.distributed import distributed_c10d as c10d
+
+from .context import current
 
 _PREFIX = "emu_hccl_"
-# name -> torch's own group name.  No ProcessGroup is kept alive here: a group object that
-# outlives destroy_process_group() aborts the interpreter at exit ("terminate called ...").
-_registry: dict[str, str] = {}
 
 
 def group_name(pg: ProcessGroup | None = None) -> str:
-    """Stable name for ``pg`` (default: the world group); registers it for lookup."""
+    """Stable name for ``pg`` (default: the world group); registers it for lookup.
+
+    The registry keeps torch's own group name, never the object: a group object that
+    outlives destroy_process_group() aborts the interpreter at exit."""
     pg = pg if pg is not None else dist.group.WORLD
     torch_name = pg.group_name
     if len(_PREFIX) + len(torch_name) >= 100:
         torch_name = hashlib.sha1(torch_name.encode()).hexdigest()[:32]
     name = _PREFIX + torch_name
-    _registry[name] = pg.group_name
+    current().group_names[name] = pg.group_name
     return name
 
 
@@ -38,8 +41,7 @@ def resolve_group(group: ProcessGroup | str | None) -> ProcessGroup | None:
         return None
     if isinstance(group, ProcessGroup):
         return group
-    from torch.distributed import distributed_c10d as c10d
-    wanted = _registry.get(group, group[len(_PREFIX):] if group.startswith(_PREFIX) else group)
+    wanted = current().group_names.get(group, group[len(_PREFIX):] if group.startswith(_PREFIX) else group)
     for pg, name in c10d._world.pg_names.items():
         if name == wanted:
             return pg
@@ -60,10 +62,6 @@ def group_ranks(pg: ProcessGroup) -> list[int]:
     return dist.get_process_group_ranks(pg)
 
 
-_survivor_groups: dict[tuple[int, ...], tuple[ProcessGroup, str]] = {}
-atexit.register(_survivor_groups.clear)      # release them before interpreter teardown
-
-
 def survivor_group(global_ranks: list[int], timeout_s: float, prefix: str = "survivors") -> tuple[ProcessGroup, str]:
     """A gloo group of exactly ``global_ranks`` (sorted), built by those ranks alone.
 
@@ -75,16 +73,14 @@ def survivor_group(global_ranks: list[int], timeout_s: float, prefix: str = "sur
     use, reused afterwards, and not registered with torch.distributed (collectives on it go
     through the backend object).  Returns (group, name).
     """
-    from datetime import timedelta
-
-    from torch.distributed import distributed_c10d as c10d
+    groups = current().bare_groups
     key = (prefix,) + tuple(sorted(int(r) for r in global_ranks))
-    if key not in _survivor_groups:
+    if key not in groups:
         name = f"emu_{prefix}_" + "_".join(map(str, key))
         if len(name) >= 100:
             name = f"emu_{prefix}_" + hashlib.sha1(name.encode()).hexdigest()[:32]
         me = dist.get_rank()
         store = dist.PrefixStore(name + "/", c10d._get_default_store())
         pg = dist.ProcessGroupGloo(store, key[1:].index(me), len(key) - 1, timedelta(seconds=timeout_s))
-        _survivor_groups[key] = (pg, name)
-    return _survivor_groups[key]
+        groups[key] = (pg, name)
+    return groups[key]

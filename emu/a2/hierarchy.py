@@ -27,11 +27,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .attrs import Geometry, MoeConfig
-from .comm import H_ROWS, Call, Domain
-from .layout import DispatchOutputs, DispatchShapes, expert_token_nums, lazy_zeros, recv_layout
-from .numerics import F32, dynamic_quant
-from .wire import Field, pack, row_bytes, unpack
+from ..comm.call import Call
+from ..comm.domain import Domain
+from ..comm.wire import Field, pack, row_bytes, unpack
+from ..core.inputs import CombineInputs, DispatchInputs
+from ..core.layout import DispatchOutputs, expert_token_nums, lazy_zeros, recv_layout
+from ..core.numerics import F32, dynamic_quant
+from ..core.request import Prepared
 
 
 def server_domains(call: Call) -> None:
@@ -60,11 +62,15 @@ def _server_counts(call: Call, ids: np.ndarray, L: int, n_srv: int):
     ep_rows = np.zeros(W, np.int64)
     ep_rows[8 * np.arange(n_srv) + i] = counts
     hdr = call.exchange_header("EP", ep_rows, 0, np.zeros(W, np.int64))
-    return per_server, counts, hdr[8 * np.arange(n_srv) + i, H_ROWS]
+    return per_server, counts, hdr.rows[8 * np.arange(n_srv) + i]
 
 
-def dispatch(call: Call, geom: Geometry, shapes: DispatchShapes, cfg: MoeConfig, x: torch.Tensor,
-             expert_ids: torch.Tensor, expert_scales: torch.Tensor) -> DispatchOutputs:
+def dispatch(call: Call, prep: Prepared, inp: DispatchInputs) -> DispatchOutputs:
+    """Hierarchy dispatch (mask ignored, two hops): the fullmesh layout, expand_scales and the
+    epRecvCounts tail tables."""
+    server_domains(call)
+    geom, shapes, cfg = prep.route, prep.shapes, prep.cfg
+    x, expert_ids, expert_scales = inp.x, inp.expert_ids, inp.expert_scales
     W, L, K, H = geom.W, geom.L, geom.K, geom.H
     me = call.ep.rank
     s, i = divmod(me, 8)
@@ -100,7 +106,7 @@ def dispatch(call: Call, geom: Geometry, shapes: DispatchShapes, cfg: MoeConfig,
     meta = torch.from_numpy(np.stack([r_src[jj], t_of[jj], kk, loc], axis=1).astype(np.int32))
     parts = [r_payload[jt], r_scale[jt], r_w[jt, torch.from_numpy(kk)], meta]
     hdr2 = call.exchange_header("INTRA", send_counts, row_bytes(f2), np.zeros(8, np.int64))
-    got = unpack(call.exchange_rows("INTRA", pack(parts, f2), send_counts, hdr2[:, H_ROWS], "intra-server rows"), f2)
+    got = unpack(call.exchange_rows("INTRA", pack(parts, f2), send_counts, hdr2.rows, "intra-server rows"), f2)
     rows, rscale, rw, rmeta = got
     m = rmeta.numpy().astype(np.int64)
     lay = recv_layout(geom, me, m[:, 0], m[:, 3])
@@ -125,8 +131,13 @@ def dispatch(call: Call, geom: Geometry, shapes: DispatchShapes, cfg: MoeConfig,
     return out
 
 
-def combine(call: Call, geom: Geometry, cfg: MoeConfig, expand_x: torch.Tensor, expert_ids: torch.Tensor,
-            ep_send_counts: torch.Tensor, expand_scales: torch.Tensor) -> torch.Tensor:
+def combine(call: Call, prep: Prepared, inp: CombineInputs) -> torch.Tensor:
+    """Hierarchy combine: per-server partial sums at the relays, added at the source in
+    server order (every token; the mask is ignored)."""
+    server_domains(call)
+    geom = prep.route
+    expand_x, expert_ids, ep_send_counts, expand_scales = inp.expand_x, inp.expert_ids, inp.ep_send_counts, \
+        inp.expand_scales
     W, L, K, H = geom.W, geom.L, geom.K, geom.H
     me = call.ep.rank
     s, i = divmod(me, 8)
@@ -163,10 +174,10 @@ def combine(call: Call, geom: Geometry, cfg: MoeConfig, expand_x: torch.Tensor, 
     qj, qk = np.nonzero((q_ids // L) // 8 == s)
     expect = np.bincount((q_ids[qj, qk] // L) % 8, minlength=8).astype(np.int64)
     hdr2 = call.exchange_header("INTRA", send_counts, row_bytes(f2), expect)
-    got = unpack(call.exchange_rows("INTRA", pack(parts, f2), send_counts, hdr2[:, H_ROWS], "intra-server rows"), f2)
+    got = unpack(call.exchange_rows("INTRA", pack(parts, f2), send_counts, hdr2.rows, "intra-server rows"), f2)
     rows, rw, rmeta = got
     rm = rmeta.numpy().astype(np.int64)
-    sender = np.repeat(8 * s + np.arange(8), hdr2[:, H_ROWS])           # expert rank of each row
+    sender = np.repeat(8 * s + np.arange(8), hdr2.rows)           # expert rank of each row
     expert = sender * L + rm[:, 1]
     # row -> (token, k): the `within`-th token of source p (increasing t) that chose this expert
     # every hit the relay knows (token j of the table, slot k), keyed (source, expert, rank by t)

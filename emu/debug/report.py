@@ -1,6 +1,6 @@
 """Reading a trace: a per-rank table, a timeline picture and a rank x rank traffic heat map.
 
-Input: the events of :func:`emu.trace.load` (one dict per collective per rank).
+Input: the events of :func:`emu.debug.events.load` (one per collective per rank).
 """
 from __future__ import annotations
 
@@ -8,26 +8,27 @@ from collections import defaultdict
 
 import numpy as np
 
+from .events import TraceEvent
 from .trace import aligned_us
 
 
-def rank_table(events: list[dict]) -> list[dict]:
+def rank_table(events: list[TraceEvent]) -> list[dict]:
     """Per rank: op calls, collectives, bytes out / in, total wait (ms) and the slowest peer
     (the source this rank waited for longest in header exchanges)."""
     rows = []
-    for r in sorted({e["rank"] for e in events}):
-        mine = [e for e in events if e["rank"] == r]
+    for r in sorted({e.rank for e in events}):
+        mine = [e for e in events if e.rank == r]
         waits: dict[int, float] = defaultdict(float)
         for e in mine:
-            for peer, w in zip(e["group_ranks"], e.get("wait_us") or []):
+            for peer, w in zip(e.group_ranks, e.wait_us or []):
                 waits[peer] += w
         slow = max(waits.items(), key=lambda kv: kv[1]) if waits else (None, 0.0)
-        rows.append(dict(rank=r, calls=len({(e["group"], e["op"], e["call"]) for e in mine}), collectives=len(mine),
-                         bytes_out=sum(e["bytes_out"] for e in mine), bytes_in=sum(e["bytes_in"] for e in mine),
+        rows.append(dict(rank=r, calls=len({(e.group, e.op, e.call) for e in mine}), collectives=len(mine),
+                         bytes_out=sum(e.bytes_out for e in mine), bytes_in=sum(e.bytes_in for e in mine),
                          wait_ms=sum(waits.values()) / 1e3,
-                         comm_ms=sum(e["t1"] - e["t0"] for e in mine) / 1e6,
+                         comm_ms=sum(e.t1 - e.t0 for e in mine) / 1e6,
                          slowest_peer=slow[0], slowest_wait_ms=slow[1] / 1e3,
-                         errors=sum(1 for e in mine if e.get("error"))))
+                         errors=sum(1 for e in mine if e.error)))
     return rows
 
 
@@ -42,31 +43,31 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def traffic_matrix(events: list[dict]) -> tuple[list[int], np.ndarray]:
+def traffic_matrix(events: list[TraceEvent]) -> tuple[list[int], np.ndarray]:
     """(ranks, M) with M[i, j] = bytes rank i sent to rank j over the whole trace."""
-    ranks = sorted({e["rank"] for e in events} | {p for e in events for p in e["group_ranks"]})
+    ranks = sorted({e.rank for e in events} | {p for e in events for p in e.group_ranks})
     pos = {r: i for i, r in enumerate(ranks)}
     m = np.zeros((len(ranks), len(ranks)), dtype=np.int64)
     for e in events:
-        for peer, rows in zip(e["group_ranks"], e["send_rows"]):
-            m[pos[e["rank"]], pos[peer]] += rows * e["row_bytes"]
+        for peer, rows in zip(e.group_ranks, e.send_rows):
+            m[pos[e.rank], pos[peer]] += rows * e.row_bytes
     return ranks, m
 
 
-def plot_timeline(events: list[dict], path: str) -> None:
+def plot_timeline(events: list[TraceEvent], path: str) -> None:
     """Ranks x time, one bar per collective, coloured by phase (op + phase)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    base = min(e["t0"] + e["anchor"] for e in events)
-    phases = sorted({f"{e['op']} {e['phase']}" for e in events})
+    base = min(e.t0 + e.anchor for e in events)
+    phases = sorted({f"{e.op} {e.phase}" for e in events})
     colours = {p: plt.get_cmap("tab20")(i % 20) for i, p in enumerate(phases)}
-    ranks = sorted({e["rank"] for e in events})
+    ranks = sorted({e.rank for e in events})
     fig, ax = plt.subplots(figsize=(12, 0.45 * len(ranks) + 1.8))
     for e in events:
-        t0, t1 = aligned_us(e, "t0", base) / 1e3, aligned_us(e, "t1", base) / 1e3
-        ax.barh(ranks.index(e["rank"]), max(t1 - t0, 0.005), left=t0, height=0.7,
-                color=colours[f"{e['op']} {e['phase']}"], edgecolor="black" if e.get("error") else "none")
+        t0, t1 = aligned_us(e, e.t0, base) / 1e3, aligned_us(e, e.t1, base) / 1e3
+        ax.barh(ranks.index(e.rank), max(t1 - t0, 0.005), left=t0, height=0.7,
+                color=colours[f"{e.op} {e.phase}"], edgecolor="black" if e.error else "none")
     ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in ranks])
     ax.invert_yaxis()
     ax.set_xlabel("time (ms, common clock)")
@@ -78,7 +79,7 @@ def plot_timeline(events: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def plot_traffic(events: list[dict], path: str) -> None:
+def plot_traffic(events: list[TraceEvent], path: str) -> None:
     """Heat map of bytes sent from each rank (rows) to each rank (columns)."""
     import matplotlib
     matplotlib.use("Agg")

@@ -6,16 +6,22 @@ public API (:func:`run_rank`) or for the whole world in one process (:func:`run_
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from unittest import mock
 
 import torch
+import torch.distributed as dist
 
-from .attrs import Geometry, MoeConfig
-from .combine import CombineInputs
-from .layout import DispatchOutputs, lazy_zeros
-from .placement import Remap
-from .soc import a2_comm_alg
-from .reference import DispatchInputs, reference_combine, reference_dispatch, tp_span
+from ..api import moe_distribute_combine_v2, moe_distribute_dispatch_v2
+from ..core.attrs import Geometry, MoeConfig
+from ..core.inputs import CombineInputs, DispatchInputs, SpecialExperts
+from ..core.layout import DispatchOutputs, lazy_zeros
+from ..core.placement import Remap
+from ..core.soc import a2_comm_alg
+from ..reference import a2 as ref_a2
+from ..reference.a3 import reference_combine, reference_dispatch, tp_span
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,6 +72,11 @@ class Scenario:
         return self.global_bs or (self.bs * self.ep if self.uneven else 0)
 
     @property
+    def hierarchy(self) -> bool:
+        """An A2 scenario that asks for the hierarchy path by name."""
+        return self.soc == "A2" and self.comm_alg == "hierarchy"
+
+    @property
     def world_size(self) -> int:
         return self.ep * tp_span(self.config())
 
@@ -111,18 +122,15 @@ class Scenario:
         return asdict(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RankData:
-    """Everything one world rank passes to dispatch and combine (besides expert outputs)."""
+    """Everything one world rank passes to dispatch and combine (besides expert outputs):
+    dispatch's tensors, combine's weights, special experts and shared_expert_x."""
 
     dispatch: DispatchInputs
     expert_scales: torch.Tensor                      # (Bs, K) fp32
-    ori_x: torch.Tensor | None = None
-    alpha1: torch.Tensor | None = None
-    alpha2: torch.Tensor | None = None
-    const_v: torch.Tensor | None = None
+    special: SpecialExperts = SpecialExperts()
     shared_expert_x: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def make_rank_data(sc: Scenario, world_rank: int) -> RankData:
@@ -159,17 +167,18 @@ def make_rank_data(sc: Scenario, world_rank: int) -> RankData:
     if sc.quant == 2 and sc.smooth:
         ns = sc.config().shared_num
         scales = (torch.rand(ns + sc.moe, h, generator=g) + 0.5).to(torch.float32)
-    data = RankData(dispatch=DispatchInputs(x=x, expert_ids=ids, scales=scales, x_active_mask=mask),
-                    expert_scales=expert_scales)
+    ori_x = alpha1 = alpha2 = const_v = shared_x = None
     if sc.copy or sc.const:
-        data.ori_x = x.clone() if sc.data == "doc" else torch.randn(bs, h, generator=g).to(xt)
+        ori_x = x.clone() if sc.data == "doc" else torch.randn(bs, h, generator=g).to(xt)
     if sc.const:
-        data.alpha1 = torch.rand(sc.const, generator=g).to(xt)
-        data.alpha2 = torch.rand(sc.const, generator=g).to(xt)
-        data.const_v = torch.randn(sc.const, h, generator=g).to(xt)
+        alpha1 = torch.rand(sc.const, generator=g).to(xt)
+        alpha2 = torch.rand(sc.const, generator=g).to(xt)
+        const_v = torch.randn(sc.const, h, generator=g).to(xt)
     if sc.shared_x:
-        data.shared_expert_x = torch.randn(bs, h, generator=g).to(xt)
-    return data
+        shared_x = torch.randn(bs, h, generator=g).to(xt)
+    return RankData(dispatch=DispatchInputs(x=x, expert_ids=ids, scales=scales, x_active_mask=mask),
+                    expert_scales=expert_scales, special=SpecialExperts.of(sc.config(), ori_x, alpha1, alpha2, const_v),
+                    shared_expert_x=shared_x)
 
 
 def expert_outputs(sc: Scenario, geom: Geometry, ep_rank: int, out: DispatchOutputs) -> torch.Tensor:
@@ -203,16 +212,48 @@ def expert_outputs(sc: Scenario, geom: Geometry, ep_rank: int, out: DispatchOutp
 
 
 def combine_inputs(sc: Scenario, data: RankData, out: DispatchOutputs, y: torch.Tensor) -> CombineInputs:
+    """Combine's bundle for expert outputs ``y`` of dispatch outputs ``out`` (A2 hierarchy:
+    with expand_scales)."""
     return CombineInputs(expand_x=y, expert_ids=data.dispatch.expert_ids,
                          assist_info=out.assist_info_for_combine, ep_send_counts=out.ep_recv_counts,
                          expert_scales=data.expert_scales,
                          tp_send_counts=out.tp_recv_counts if sc.tp == 2 else None,
-                         x_active_mask=data.dispatch.x_active_mask, shared_expert_x=data.shared_expert_x,
-                         ori_x=data.ori_x, const_expert_alpha_1=data.alpha1,
-                         const_expert_alpha_2=data.alpha2, const_expert_v=data.const_v)
+                         x_active_mask=data.dispatch.x_active_mask,
+                         expand_scales=out.expand_scales if sc.hierarchy else None,
+                         shared_expert_x=data.shared_expert_x, special=data.special,
+                         elastic_info=sc.elastic_info())
 
 
-def _route(sc: Scenario, ep_rank: int) -> tuple[Geometry, int]:
+def dispatch_kwargs(sc: Scenario, world_rank: int, group_ep, group_tp, inp: DispatchInputs) -> dict:
+    """torch_npu keyword arguments of this rank's dispatch (every argument by name)."""
+    return dict(x=inp.x, expert_ids=inp.expert_ids, scales=inp.scales, x_active_mask=inp.x_active_mask,
+                expert_scales=inp.expert_scales, elastic_info=inp.elastic_info,
+                performance_info=inp.performance_info, quant_mode=sc.quant,
+                expert_token_nums_type=sc.token_nums_type, **_attribute_kwargs(sc, world_rank, group_ep, group_tp))
+
+
+def combine_kwargs(sc: Scenario, world_rank: int, group_ep, group_tp, inp: CombineInputs) -> dict:
+    """torch_npu keyword arguments of this rank's combine (every argument by name)."""
+    sp = inp.special
+    return dict(expand_x=inp.expand_x, expert_ids=inp.expert_ids, assist_info_for_combine=inp.assist_info,
+                ep_send_counts=inp.ep_send_counts, expert_scales=inp.expert_scales,
+                tp_send_counts=inp.tp_send_counts, x_active_mask=inp.x_active_mask,
+                expand_scales=inp.expand_scales, shared_expert_x=inp.shared_expert_x, elastic_info=inp.elastic_info,
+                ori_x=sp.ori_x, const_expert_alpha_1=sp.alpha1, const_expert_alpha_2=sp.alpha2,
+                const_expert_v=sp.v, performance_info=inp.performance_info, comm_quant_mode=sc.comm_quant,
+                **_attribute_kwargs(sc, world_rank, group_ep, group_tp))
+
+
+def _attribute_kwargs(sc: Scenario, world_rank: int, group_ep, group_tp) -> dict:
+    """The attributes and groups both ops take."""
+    ep_rank, tp_rank = divmod(world_rank, tp_span(sc.config()))
+    return dict(group_ep=group_ep, ep_world_size=sc.ep, ep_rank_id=ep_rank, moe_expert_num=sc.moe,
+                group_tp=group_tp, tp_world_size=sc.tp, tp_rank_id=tp_rank, shared_expert_num=sc.shared,
+                shared_expert_rank_num=sc.shared_ranks, global_bs=sc.effective_global_bs,
+                zero_expert_num=sc.zero, copy_expert_num=sc.copy, const_expert_num=sc.const, comm_alg=sc.comm_alg)
+
+
+def route(sc: Scenario, ep_rank: int) -> tuple[Geometry, int]:
     """Routing geometry and logical id of EP rank ``ep_rank`` (new id space when elastic)."""
     geom = Geometry.of(sc.config(), sc.rank_bs(ep_rank), sc.k, sc.h)
     info = sc.elastic_info()
@@ -233,9 +274,9 @@ class RankResult:
 
 def run_reference(sc: Scenario) -> list[RankResult | None]:
     """The whole world in one process; list indexed by world rank (None for removed ranks)."""
-    cfg = sc.config()
     if sc.soc == "A2":
         return _run_reference_a2(sc)
+    cfg = sc.config()
     T = tp_span(cfg)
     info = sc.elastic_info()
     alive = set(sc.survivors())
@@ -243,7 +284,7 @@ def run_reference(sc: Scenario) -> list[RankResult | None]:
     outs = reference_dispatch(cfg, [d.dispatch if d is not None else None for d in data], info)
     comb: list[CombineInputs | None] = [None] * sc.world_size
     for g in alive:
-        geom, me = _route(sc, g // T)
+        geom, me = route(sc, g // T)
         comb[g] = combine_inputs(sc, data[g], outs[g], expert_outputs(sc, geom, me, outs[g]))
     x_outs = reference_combine(cfg, comb, info)
     return [RankResult(dispatch=outs[g].as_tuple(), x_out=x_outs[g]) if g in alive else None
@@ -251,67 +292,45 @@ def run_reference(sc: Scenario) -> list[RankResult | None]:
 
 
 def _run_reference_a2(sc: Scenario) -> list[RankResult]:
-    from . import reference_a2 as ra2
     cfg = sc.config()
     data = [make_rank_data(sc, g) for g in range(sc.world_size)]
-    hier = sc.comm_alg == "hierarchy"
-    if hier:
-        outs = ra2.reference_dispatch_hierarchy(cfg, [d.dispatch for d in data], [d.expert_scales for d in data])
+    if sc.hierarchy:
+        outs = ref_a2.reference_dispatch_hierarchy(cfg, [d.dispatch for d in data], [d.expert_scales for d in data])
     else:
-        outs = ra2.reference_dispatch_a2(cfg, [d.dispatch for d in data])
-    comb = [combine_inputs(sc, data[g], outs[g], expert_outputs(sc, _route(sc, g)[0], g, outs[g]))
+        outs = ref_a2.reference_dispatch_a2(cfg, [d.dispatch for d in data])
+    comb = [combine_inputs(sc, data[g], outs[g], expert_outputs(sc, route(sc, g)[0], g, outs[g]))
             for g in range(sc.world_size)]
-    if hier:
-        x_outs = ra2.reference_combine_hierarchy(cfg, comb, [o.expand_scales for o in outs])
+    if sc.hierarchy:
+        x_outs = ref_a2.reference_combine_hierarchy(cfg, comb, [o.expand_scales for o in outs])
     else:
-        x_outs = ra2.reference_combine_a2(cfg, comb)
+        x_outs = ref_a2.reference_combine_a2(cfg, comb)
     return [RankResult(dispatch=outs[g].as_tuple(), x_out=x_outs[g]) for g in range(sc.world_size)]
 
 
 def run_rank(sc: Scenario, world_rank: int, group_ep, group_tp="") -> RankResult:
     """This rank's part of the scenario through the public API (``sc.calls`` times), with
     EMU_SOC set to the scenario's chip for the duration."""
-    import os
-    from unittest import mock
     with mock.patch.dict(os.environ, {"EMU_SOC": sc.soc}):
         return _run_rank(sc, world_rank, group_ep, group_tp)
 
 
 def _run_rank(sc: Scenario, world_rank: int, group_ep, group_tp="") -> RankResult:
-    import time
-
-    from .api import moe_distribute_combine_v2, moe_distribute_dispatch_v2
-    T = tp_span(sc.config())
-    ep_rank, tp_rank = divmod(world_rank, T)
+    ep_rank = world_rank // tp_span(sc.config())
     data = make_rank_data(sc, world_rank)
-    d = data.dispatch
-    geom, me = _route(sc, ep_rank)
-    common = dict(group_ep=group_ep, ep_world_size=sc.ep, ep_rank_id=ep_rank, moe_expert_num=sc.moe,
-                  group_tp=group_tp, tp_world_size=sc.tp, tp_rank_id=tp_rank,
-                  shared_expert_num=sc.shared, shared_expert_rank_num=sc.shared_ranks,
-                  global_bs=sc.effective_global_bs, zero_expert_num=sc.zero, copy_expert_num=sc.copy,
-                  const_expert_num=sc.const, elastic_info=sc.elastic_info(), comm_alg=sc.comm_alg)
+    geom, me = route(sc, ep_rank)
     perf = torch.zeros(sc.ep, dtype=torch.int64)
+    hier = sc.soc == "A2" and a2_comm_alg(sc.comm_alg, "scenario") == "hierarchy"   # the env may choose
+    inp = replace(data.dispatch, elastic_info=sc.elastic_info(), performance_info=perf,
+                  expert_scales=data.expert_scales if hier else None)
     result = None
     for _ in range(sc.calls):
         t0 = time.perf_counter()
-        hier = sc.soc == "A2" and a2_comm_alg(sc.comm_alg, "scenario") == "hierarchy"   # env may choose
-        outs = moe_distribute_dispatch_v2(d.x, d.expert_ids, scales=d.scales, x_active_mask=d.x_active_mask,
-                                          quant_mode=sc.quant, expert_token_nums_type=sc.token_nums_type,
-                                          expert_scales=data.expert_scales if hier else None,
-                                          performance_info=perf, **common)
+        outs = moe_distribute_dispatch_v2(**dispatch_kwargs(sc, world_rank, group_ep, group_tp, inp))
         t1 = time.perf_counter()
         out = DispatchOutputs(*outs)
-        y = expert_outputs(sc, geom, me, out)
-        ci = combine_inputs(sc, data, out, y)
-        x_out = moe_distribute_combine_v2(ci.expand_x, ci.expert_ids, ci.assist_info, ci.ep_send_counts,
-                                          ci.expert_scales, tp_send_counts=ci.tp_send_counts,
-                                          x_active_mask=ci.x_active_mask, shared_expert_x=ci.shared_expert_x,
-                                          ori_x=ci.ori_x, const_expert_alpha_1=ci.const_expert_alpha_1,
-                                          const_expert_alpha_2=ci.const_expert_alpha_2,
-                                          const_expert_v=ci.const_expert_v, comm_quant_mode=sc.comm_quant,
-                                          expand_scales=out.expand_scales if hier else None,
-                                          performance_info=perf, **common)
+        ci = replace(combine_inputs(sc, data, out, expert_outputs(sc, geom, me, out)), performance_info=perf,
+                     expand_scales=out.expand_scales if hier else None)
+        x_out = moe_distribute_combine_v2(**combine_kwargs(sc, world_rank, group_ep, group_tp, ci))
         t2 = time.perf_counter()
         result = RankResult(dispatch=outs, x_out=x_out,
                             seconds={"dispatch": t1 - t0, "combine": t2 - t1, "wait_us": perf.tolist()})
@@ -337,11 +356,11 @@ def compare(got: RankResult, want: RankResult) -> list[str]:
 
 def summary(sc: Scenario, world_rank: int, got: RankResult, diff: list[str]) -> dict:
     """One printable row about what ``world_rank`` received and combined (JSON-friendly)."""
-    geom, me = _route(sc, world_rank // tp_span(sc.config()))
+    geom, me = route(sc, world_rank // tp_span(sc.config()))
     out = DispatchOutputs(*got.dispatch)
     counts = out.ep_recv_counts[:geom.recv_blocks(me)].tolist()
     n = int(counts[-1]) if counts else 0
-    if sc.soc == "A2" and sc.comm_alg == "hierarchy":   # no assist; the weights travel with the rows
+    if sc.hierarchy:                                     # no assist; the weights travel with the rows
         triples = "w " + str([round(float(v), 3) for v in out.expand_scales[:3]])
     elif sc.soc == "A2":                                 # A2 fullmesh: the occurrence index
         triples = "occ " + str(out.assist_info_for_combine[:6].tolist())
@@ -362,7 +381,6 @@ def rank_groups(sc: Scenario):
 
     Returns (ep_group, tp_group or None) for the calling rank; every rank must call it.
     """
-    import torch.distributed as dist
     T = tp_span(sc.config())
     me = dist.get_rank()
     ep_group = tp_group = None

@@ -103,3 +103,18 @@ def send_plan(geom: Geometry, src: int, expert_ids: torch.Tensor, act: ActiveSet
                     smooth_row=smooth_row[order],
                     counts=np.bincount(dest, minlength=geom.W).astype(np.int64),
                     n_active=int(tokens.size))
+
+
+def expand_idx(expert_ids: torch.Tensor, mask: torch.Tensor | None, moe_expert_num: int) -> torch.Tensor:
+    """V1's expand_idx, A2's third output: for each slot (t, k), how many earlier active MoE
+    slots of this rank chose the same expert (0 for inactive and special slots); (Bs*K,) int32."""
+    ids = expert_ids.numpy().astype(np.int64).reshape(-1)
+    act = active_set(*expert_ids.shape, mask).slots.reshape(-1) & (ids < moe_expert_num) & (ids >= 0)
+    occ = np.zeros(ids.size, dtype=np.int64)
+    pos = np.flatnonzero(act)
+    if pos.size:
+        e = ids[pos]
+        order = np.argsort(e, kind="stable")
+        first = np.searchsorted(e[order], e[order])                   # start of each expert's run
+        occ[pos[order]] = np.arange(pos.size) - first
+    return torch.from_numpy(occ.astype(np.int32))

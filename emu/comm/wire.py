@@ -104,18 +104,3 @@ class Segments:
             parts.append(buf[s:s + int(self.meta_rows[p])].reshape(-1)[:META_BYTES * n].clone().view(torch.int32).numpy())
         return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
-
-_pool: dict[str, torch.Tensor] = {}
-
-
-def scratch(tag: str, rows: int, width: int) -> torch.Tensor:
-    """A reusable (rows, width) uint8 buffer for wire data, one per ``tag``, grown on demand.
-
-    Fresh large tensors cost page faults on every call; wire buffers never leave the op, so
-    they are kept between calls (outputs handed to the user are always fresh tensors)."""
-    need = rows * width
-    buf = _pool.get(tag)
-    if buf is None or buf.numel() < need:
-        buf = torch.empty(max(need, 1), dtype=torch.uint8)
-        _pool[tag] = buf
-    return buf[:need].view(rows, width)

@@ -10,7 +10,7 @@ Notation (spec §0.1):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,6 @@ class MoeConfig:
     @property
     def special_num(self) -> int:
         return self.zero_expert_num + self.copy_expert_num + self.const_expert_num
-
-    def as_tuple(self) -> tuple[int, ...]:
-        return tuple(int(getattr(self, f.name)) for f in fields(self))
 
 
 @dataclass(frozen=True)

@@ -3,36 +3,23 @@
 Written to be checked by hand, independently of the distributed path's plan/layout code:
 all (source, token, slot) rows of an EP domain go into one table, and one global sort by
 (destination, local expert, source, t*K + k) gives every receiver's expand_x at once
-(spec §3, §12).  Shared pieces: mask semantics (``plan.active_set``), numerics
-(``numerics``, checked on hand-worked cases) and the eager output shapes.
+(spec §3, §12).  Shared pieces: mask semantics (``core.plan.active_set``), numerics
+(``core.numerics``, checked on hand-worked cases) and the eager output shapes.
 
 World layout (spec §6): world rank ``g = ep_rank * T + tp_rank`` with ``T = 2`` if
 tp_world_size == 2 else 1; the EP domain of TP index ``i`` is ``{e*T + i}``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from .attrs import Geometry, MoeConfig
-from .combine import CombineInputs
-from .layout import DispatchOutputs, dispatch_shapes
-from .numerics import comm_dequant, comm_quant, combine_tokens, dynamic_quant, tp_add
-from .placement import Remap
-from .plan import active_set
-
-
-@dataclass
-class DispatchInputs:
-    """One rank's dispatch inputs: x (Bs, H) XT, expert_ids (Bs, K) int32, optional
-    scales (N_s + E, H) fp32 and x_active_mask (Bs,) / (Bs, K) bool."""
-
-    x: torch.Tensor
-    expert_ids: torch.Tensor
-    scales: torch.Tensor | None = None
-    x_active_mask: torch.Tensor | None = None
+from ..core.attrs import Geometry, MoeConfig
+from ..core.inputs import CombineInputs, DispatchInputs
+from ..core.layout import DispatchOutputs, dispatch_shapes
+from ..core.numerics import comm_dequant, comm_quant, combine_tokens, dynamic_quant, tp_add
+from ..core.placement import Remap
+from ..core.plan import active_set
 
 
 def tp_span(cfg: MoeConfig) -> int:
@@ -175,11 +162,8 @@ def reference_combine(cfg: MoeConfig, inputs: list[CombineInputs | None],
         for e, g in enumerate(members):
             inp = dom[e]
             act = active_set(*inp.expert_ids.shape, inp.x_active_mask)
-            acc = combine_tokens(slots[e], inp.expert_ids, inp.expert_scales,
-                                 None if act.slot_mask is None else torch.from_numpy(act.slot_mask),
-                                 cfg.moe_expert_num, geom.zero, geom.copy, geom.const, Ns, inp.ori_x,
-                                 inp.const_expert_alpha_1, inp.const_expert_alpha_2, inp.const_expert_v,
-                                 inp.shared_expert_x)
+            acc = combine_tokens(slots[e], inp, None if act.slot_mask is None else torch.from_numpy(act.slot_mask),
+                                 Ns)
             x_out = acc.to(xt)
             x_out[torch.from_numpy(~act.tokens)] = 0
             outs[g] = x_out

@@ -7,7 +7,11 @@ scalar-over-tensor divisions here are written as tensor / tensor.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from .inputs import CombineInputs
 
 F32 = torch.float32
 _INV_127 = torch.tensor(1.0 / 127.0, dtype=F32)      # fp32 constant 1/127 (combine quant)
@@ -66,113 +70,116 @@ def comm_dequant(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> to
     return (q.to(F32) * per_elem).to(dtype)
 
 
-def combine_tokens(y: torch.Tensor, expert_ids: torch.Tensor, expert_scales: torch.Tensor,
-                   slot_mask: torch.Tensor | None, moe_expert_num: int, zero: int, copy: int,
-                   const: int, shared_num: int, ori_x: torch.Tensor | None,
-                   alpha1: torch.Tensor | None, alpha2: torch.Tensor | None,
-                   const_v: torch.Tensor | None, shared_expert_x: torch.Tensor | None,
-                   ) -> torch.Tensor:
+def combine_tokens(y: torch.Tensor, inp: CombineInputs, slot_mask: torch.Tensor | None,
+                   shared_num: int) -> torch.Tensor:
     """The fp32 k-order weighted sum of combine (spec §9.3) for every token.
 
     y: (Bs, K + N_s, H) XT received rows (slot k for MoE experts, K + j for shared j);
-    expert_ids (Bs, K) int32; expert_scales (Bs, K) fp32; slot_mask (Bs, K) bool or None
-    (2-D mask; skipped slots add nothing); E = ``moe_expert_num`` (original under elastic).
+    ``inp``: expert_ids (Bs, K), expert_scales (Bs, K), the special experts and
+    shared_expert_x; slot_mask (Bs, K) bool or None (2-D mask; skipped slots add nothing).
     Returns acc (Bs, H) fp32; the caller rounds to XT and zeroes inactive tokens.
     """
-    bs, k_num = expert_ids.shape
+    sp = inp.special
+    bs, k_num = inp.expert_ids.shape
     h = y.shape[2]
-    ids = expert_ids.to(torch.int64) & 0xFFFFFFFF          # read as unsigned 32-bit
+    ids = inp.expert_ids.to(torch.int64) & 0xFFFFFFFF      # read as unsigned 32-bit
     acc = torch.zeros(bs, h, dtype=F32)
-    ori = ori_x.to(F32) if ori_x is not None else None
+    ori = sp.ori_x.to(F32) if sp.ori_x is not None else None
     const_terms = None
-    if const and ori is not None:
-        a1 = alpha1.to(F32)
-        a2 = alpha2.to(F32)
-        v = const_v.to(F32)
+    if sp.const and ori is not None:
+        a1 = sp.alpha1.to(F32)
+        a2 = sp.alpha2.to(F32)
+        v = sp.v.to(F32)
         # (Bs, const, H): oriX*a1[c] + V[c]*a2[c], two RNE multiplies and one RNE add
         const_terms = ori[:, None, :] * a1[None, :, None] + (v * a2[:, None])[None, :, :]
     for k in range(k_num):
         e = ids[:, k]
-        w = expert_scales[:, k].to(F32)[:, None]
+        w = inp.expert_scales[:, k].to(F32)[:, None]
         on = torch.ones(bs, dtype=torch.bool) if slot_mask is None else slot_mask[:, k]
         term = torch.zeros(bs, h, dtype=F32)
-        moe = on & (e < moe_expert_num)
+        moe = on & sp.is_moe(e)
         term[moe] = y[moe, k].to(F32) * w[moe]
-        if copy and ori is not None:
-            cp = on & (e >= moe_expert_num + zero) & (e < moe_expert_num + zero + copy)
-            term[cp] = ori[cp] * w[cp]
-        if const_terms is not None:
-            base = moe_expert_num + zero + copy
-            ct = on & (e >= base) & (e < base + const)
-            if ct.any():
-                c = (e[ct] - base)
-                term[ct] = const_terms[ct.nonzero().squeeze(1), c] * w[ct]
         contributes = moe.clone()
-        if copy and ori is not None:
+        if sp.copy and ori is not None:
+            cp = on & (e >= sp.copy_start) & (e < sp.copy_start + sp.copy)
+            term[cp] = ori[cp] * w[cp]
             contributes |= cp
         if const_terms is not None:
+            ct = on & (e >= sp.const_start) & (e < sp.const_start + sp.const)
+            if ct.any():
+                term[ct] = const_terms[ct.nonzero().squeeze(1), e[ct] - sp.const_start] * w[ct]
             contributes |= ct
         acc[contributes] = acc[contributes] + term[contributes]
     for j in range(shared_num):
         acc = acc + y[:, k_num + j].to(F32)
-    if shared_expert_x is not None:
-        acc = acc + shared_expert_x.reshape(bs, h).to(F32)
+    if inp.shared_expert_x is not None:
+        acc = acc + inp.shared_expert_x.reshape(bs, h).to(F32)
     return acc
 
 
-def combine_rows(rows: torch.Tensor, token: torch.Tensor, slot: torch.Tensor, expert_ids: torch.Tensor,
-                 expert_scales: torch.Tensor, slot_mask: torch.Tensor | None, shared_num: int,
-                 moe_expert_num: int, zero: int, copy: int, const: int, ori_x: torch.Tensor | None,
-                 alpha1: torch.Tensor | None, alpha2: torch.Tensor | None, const_v: torch.Tensor | None,
-                 shared_expert_x: torch.Tensor | None, row_index: torch.Tensor | None = None) -> torch.Tensor:
+@dataclass(frozen=True)
+class ReceivedRows:
+    """Rows combine received, each for one (token, slot) of this rank.
+
+    rows: (n, H) XT (any row-indexable tensor); token, slot: (m,) int64; entry i is
+    ``rows[index[i]]`` when ``index`` is given (rows straight from a wire buffer), else ``rows[i]``.
+    Slot k < K is a MoE expert, slot K + j shared expert j.
+    """
+
+    rows: torch.Tensor
+    token: torch.Tensor
+    slot: torch.Tensor
+    index: torch.Tensor | None = None
+
+
+def combine_rows(got: ReceivedRows, inp: CombineInputs, slot_mask: torch.Tensor | None,
+                 shared_num: int) -> torch.Tensor:
     """The same sum as :func:`combine_tokens`, computed from the received rows directly.
 
-    rows: (n, H) XT received rows (any row-indexable tensor) for the (token, slot) pairs
-    ``token`` / ``slot`` (int64, (n,)), entry i being ``rows[row_index[i]]`` when ``row_index``
-    is given (rows straight from a wire buffer); slot k < K is a MoE expert, weighted by
-    expert_scales[t, k]; slot K + j is shared expert j, unweighted.  Slot by slot in order,
-    each slot's terms (received rows, or copy / const expert terms) are added to their tokens'
-    fp32 sums with ``index_add_``: a token gets at most one term per slot, so every element
-    gets exactly one rounded add per contributing slot, in slot order, as in spec §9.3.
+    MoE slots are weighted by expert_scales[t, k], shared slots unweighted.  Slot by slot in
+    order, each slot's terms (received rows, or copy / const expert terms) are added to their
+    tokens' fp32 sums with ``index_add_``: a token gets at most one term per slot, so every
+    element gets exactly one rounded add per contributing slot, in slot order, as in spec §9.3.
     Returns acc (Bs, H) fp32.
     """
-    bs, k_num = expert_ids.shape
-    h = rows.shape[1]
-    w = expert_scales.to(F32)
+    sp = inp.special
+    bs, k_num = inp.expert_ids.shape
+    h = got.rows.shape[1]
+    w = inp.expert_scales.to(F32)
     acc = torch.zeros(bs, h, dtype=F32)
-    order = torch.argsort(slot, stable=True)
-    bounds = torch.searchsorted(slot[order], torch.arange(k_num + shared_num + 1))
-    special = (copy or const) and ori_x is not None
+    order = torch.argsort(got.slot, stable=True)
+    bounds = torch.searchsorted(got.slot[order], torch.arange(k_num + shared_num + 1))
+    special = (sp.copy or sp.const) and sp.ori_x is not None
     if special:
-        ids = expert_ids.to(torch.int64) & 0xFFFFFFFF
+        ids = inp.expert_ids.to(torch.int64) & 0xFFFFFFFF
         on = torch.ones(bs, k_num, dtype=torch.bool) if slot_mask is None else slot_mask
-        ori = ori_x.to(F32)
-        copy_lo, const_lo = moe_expert_num + zero, moe_expert_num + zero + copy
-        if const and const_v is not None:
-            a1, a2 = alpha1.to(F32), alpha2.to(F32)
-            v2 = const_v.to(F32) * a2[:, None]
+        ori = sp.ori_x.to(F32)
+        with_const = sp.const and sp.v is not None
+        if with_const:
+            a1 = sp.alpha1.to(F32)
+            v2 = sp.v.to(F32) * sp.alpha2.to(F32)[:, None]
     most = int((bounds[1:] - bounds[:-1]).max()) if bounds.numel() > 1 else 0
     work = torch.empty(most * h, dtype=F32)           # one scratch for every slot's terms
     one = torch.ones(1, dtype=F32)
     for k in range(k_num + shared_num):
         sel = order[int(bounds[k]):int(bounds[k + 1])]
         if sel.numel():
-            t = token.index_select(0, sel)
-            picked = rows.index_select(0, sel if row_index is None else row_index.index_select(0, sel))
+            t = got.token.index_select(0, sel)
+            picked = got.rows.index_select(0, sel if got.index is None else got.index.index_select(0, sel))
             term = work[:sel.numel() * h].view(-1, h)
             # XT * fp32 computes in fp32: the exact widening and one rounded multiply (x 1 for shared)
             torch.mul(picked, w[t, k][:, None] if k < k_num else one, out=term)
             acc.index_add_(0, t, term)
         if special and k < k_num:
             e = ids[:, k]
-            cp = torch.nonzero(on[:, k] & (e >= copy_lo) & (e < copy_lo + copy)).squeeze(1)
+            cp = torch.nonzero(on[:, k] & (e >= sp.copy_start) & (e < sp.copy_start + sp.copy)).squeeze(1)
             if cp.numel():
                 acc.index_add_(0, cp, ori[cp] * w[cp, k][:, None])
-            if const and const_v is not None:
-                ct = torch.nonzero(on[:, k] & (e >= const_lo) & (e < const_lo + const)).squeeze(1)
+            if with_const:
+                ct = torch.nonzero(on[:, k] & (e >= sp.const_start) & (e < sp.const_start + sp.const)).squeeze(1)
                 if ct.numel():
-                    c = e[ct] - const_lo
+                    c = e[ct] - sp.const_start
                     acc.index_add_(0, ct, (ori[ct] * a1[c][:, None] + v2[c]) * w[ct, k][:, None])
-    if shared_expert_x is not None:
-        acc.add_(shared_expert_x.reshape(bs, h).to(F32))
+    if inp.shared_expert_x is not None:
+        acc.add_(inp.shared_expert_x.reshape(bs, h).to(F32))
     return acc

@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .attrs import MoeConfig
-from .combine import CombineInputs
-from .layout import DispatchOutputs
-from .plan import active_set
-from .reference import DispatchInputs, reference_dispatch
+from ..core.attrs import MoeConfig
+from ..core.inputs import CombineInputs, DispatchInputs
+from ..core.layout import DispatchOutputs
+from ..core.plan import active_set
+from .a3 import reference_dispatch
 
 
 def occurrences(expert_ids: torch.Tensor, mask: torch.Tensor | None) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Atlas A3 (Ascend910_93): the operator's checks and its dispatch / combine phases."""

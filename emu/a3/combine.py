@@ -1,0 +1,167 @@
+"""Atlas A3 combine on this rank, phase by phase (spec §9).
+
+Phases:
+
+    TP reduce-scatter  (tp 2) own rows + the TP peer's partials for them, in XT
+    route back         each row's source: from its triple (V2), or by position (V1)
+    exchange counts    EP header: rows per source, and the rows this rank expects back
+                       (each source cross-checks them against its own dispatch plan)
+    pack               the send buffer: expert rows (or int8 + XT group scales with
+                       comm_quant_mode 2), metadata tails (t, k)
+    exchange rows      one uneven all-to-all
+    weighted sum       the fp32 k-order sum with shared and special experts, rounded to XT
+
+Collectives per call: (tp = 2) TP header + TP rows, then EP header + EP rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..comm.call import Call
+from ..comm.header import Header
+from ..comm.wire import Field, Segments, pack, pack_meta, row_bytes, unpack, unpack_meta
+from ..core.attrs import Geometry
+from ..core.errors import TILING_ERROR, ErrorKind, PeerError
+from ..core.inputs import CombineInputs
+from ..core.numerics import COMM_QUANT_GROUP, ReceivedRows, comm_dequant, comm_quant, combine_rows, tp_add
+from ..core.plan import SendPlan, send_plan
+from ..core.request import Prepared
+from .checks import own_rows
+
+
+def combine(call: Call, prep: Prepared, inp: CombineInputs) -> torch.Tensor:
+    """Run combine for this rank; returns x_out (Bs, H) XT (inactive tokens zero).
+
+    The special-expert ranges of the weighted sum use the ORIGINAL ``moe_expert_num`` (spec
+    §7, §9.3).  ``inp.positional`` (V1, no triples): a holder finds each row's source from
+    ep_send_counts and the source matches the rows to its own send plan by position (same
+    order both sides)."""
+    geom = prep.route
+    own = own_rows(geom, prep.me, inp.ep_send_counts)
+    y = tp_reduce_scatter(call, geom, inp, own) if geom.tp_active else inp.expand_x[:own]
+    tri = route_back(geom, prep.me, inp, own)
+    plan = send_plan(geom, prep.me, inp.expert_ids, prep.act)
+    quant = prep.cfg.comm_quant_mode == 2
+    send_counts = np.bincount(tri[:, 0], minlength=geom.W).astype(np.int64)
+    sent, received, hdr = exchange_counts(call, send_counts, plan, _width(inp.expand_x, geom.H, quant))
+    send = pack_rows(call, y, tri, sent, quant)
+    recv = call.exchange_segments("EP", send, sent, received, "rows")
+    _cross_check(call, hdr, send_counts, plan.counts)
+    got = unpack_rows(call, prep, inp, plan, recv, received)
+    acc = combine_rows(got, inp, None if prep.act.slot_mask is None else torch.from_numpy(prep.act.slot_mask),
+                       geom.Ns)
+    x_out = acc.to(inp.expand_x.dtype)
+    x_out[torch.from_numpy(~prep.act.tokens)] = 0
+    return x_out
+
+
+def _width(expand_x: torch.Tensor, h: int, quant: bool) -> int:
+    """Bytes of one wire row: H of XT, or H int8 + ceil(H/8) XT group scales."""
+    groups = -(-h // COMM_QUANT_GROUP)
+    return h + groups * expand_x.element_size() if quant else h * expand_x.element_size()
+
+
+def route_back(geom: Geometry, me: int, inp: CombineInputs, own: int) -> np.ndarray:
+    """(own, 3) int64 (source, t, k) of every row this rank holds: its dispatch triples, or for
+    V1 (positional) the source from the block it lies in (t and k unknown, 0)."""
+    if not inp.positional:
+        return inp.assist_info[:3 * own].to(torch.int64).view(own, 3).numpy()
+    blocks = geom.recv_blocks(me)
+    sizes = np.diff(inp.ep_send_counts[:blocks].to(torch.int64).numpy(), prepend=0)
+    src = np.repeat(np.arange(blocks) % geom.W, sizes)[:own]
+    return np.stack([src, np.zeros_like(src), np.zeros_like(src)], axis=1)
+
+
+def exchange_counts(call: Call, send_counts: np.ndarray, plan: SendPlan,
+                    width: int) -> tuple[Segments, Segments, Header]:
+    """The EP header: rows this rank returns to each source, and the rows its own dispatch
+    plan sent to each holder (what it expects back).  Returns the layouts and the header."""
+    dom = call.ep
+    sent = Segments(dom.to_group(send_counts), width)
+    hdr = call.exchange_header("EP", send_counts, width, plan.counts)
+    return sent, Segments(dom.to_group(hdr.rows), width), hdr
+
+
+def pack_rows(call: Call, y: torch.Tensor, tri: np.ndarray, sent: Segments, quant: bool) -> torch.Tensor:
+    """The (sent.total, width) uint8 send buffer: rows ordered by destination, each peer's
+    rows in its segment, then the segment's metadata tail (t, k)."""
+    dom = call.ep
+    h = y.shape[1]
+    dest = tri[:, 0] if dom.order is None else dom.order[tri[:, 0]]
+    order = np.argsort(dest, kind="stable")
+    order_t = torch.from_numpy(order)
+    send = call.ctx.scratch("send", sent.total, sent.width)
+    if quant:
+        q, scale = comm_quant(y.index_select(0, order_t))
+        pos = torch.from_numpy(sent.payload_index())
+        send[pos, :h] = q.view(torch.uint8)
+        send[pos, h:] = scale.contiguous().view(torch.uint8)
+    else:
+        payload = send.view(y.dtype)
+        done = 0
+        for p in np.flatnonzero(sent.n):
+            n, s = int(sent.n[p]), int(sent.start[p])
+            torch.index_select(y, 0, order_t[done:done + n], out=payload[s:s + n])
+            done += n
+    sent.write_meta(send, pack_meta(tri[order, 1], tri[order, 2], np.zeros(len(order), np.int64)))
+    return send
+
+
+def unpack_rows(call: Call, prep: Prepared, inp: CombineInputs, plan: SendPlan, recv: torch.Tensor,
+                received: Segments) -> ReceivedRows:
+    """The received rows with their (token, slot): from the metadata tails, or for V1 from
+    this rank's own plan (peers in group order); int8 rows dequantised."""
+    dom, geom = call.ep, prep.route
+    if inp.positional:
+        by_group = np.argsort(plan.dest if dom.order is None else dom.order[plan.dest], kind="stable")
+        t, k = plan.token[by_group], plan.slot[by_group]
+    else:
+        t, k, _ = unpack_meta(received.read_meta(recv))
+    bs, k_num = inp.expert_ids.shape
+    if t.size and (int(t.max()) >= bs or int(k.max()) >= k_num + geom.Ns):
+        raise PeerError(TILING_ERROR, f"combine call #{call.call_no} on EP rank {prep.me}: a peer returned a row for "
+                        f"(token, slot) outside (Bs={bs}, K+N_s={k_num + geom.Ns}); its assist_info is not from "
+                        f"this dispatch", kind=ErrorKind.MISMATCHED_DATA)
+    rows_idx = torch.from_numpy(received.payload_index())
+    xt, h = inp.expand_x.dtype, geom.H
+    if prep.cfg.comm_quant_mode == 2:
+        got = recv.index_select(0, rows_idx)
+        rows = comm_dequant(got[:, :h].view(torch.int8), got[:, h:].contiguous().view(xt), xt)
+        return ReceivedRows(rows, torch.from_numpy(t), torch.from_numpy(k))
+    return ReceivedRows(recv.view(xt), torch.from_numpy(t), torch.from_numpy(k), index=rows_idx)
+
+
+def _cross_check(call: Call, hdr: Header, send_counts: np.ndarray, expected: np.ndarray) -> None:
+    """Every holder returns what this rank's dispatch sent it, and expects what this rank holds."""
+    got = hdr.rows
+    ranks = call.ep.ranks
+    if not np.array_equal(got, expected) or not np.array_equal(hdr.expect, send_counts):
+        bad = sorted(set(np.flatnonzero(got != expected)) | set(np.flatnonzero(hdr.expect != send_counts)))
+        desc = "; ".join(f"rank {ranks[i]} returns {int(got[i])} rows, this rank's dispatch sent it "
+                         f"{int(expected[i])}; it expects {int(hdr.expect[i])}, this rank holds "
+                         f"{int(send_counts[i])} for it" for i in bad)
+        raise PeerError(TILING_ERROR, f"combine call #{call.call_no} on EP rank {call.ep.rank}: the inputs do "
+                        f"not match the dispatch they claim to come from: {desc}", kind=ErrorKind.MISMATCHED_DATA,
+                        culprits=tuple(ranks[i] for i in bad))
+
+
+def tp_reduce_scatter(call: Call, geom: Geometry, inp: CombineInputs, own: int) -> torch.Tensor:
+    """TP reduce-scatter (spec §9.2.1): own rows + the peer's partials for them, in XT."""
+    tp = call.tp
+    peer = 1 - tp.rank
+    peer_count = int(inp.tp_send_counts[peer])
+    fields = [Field(inp.expand_x.dtype, geom.H)]
+    sc, expect = np.zeros(2, np.int64), np.zeros(2, np.int64)
+    sc[peer], expect[peer] = peer_count, own
+    hdr = call.exchange_header("TP", sc, row_bytes(fields), expect)
+    send = pack([inp.expand_x[own:own + peer_count]], fields)
+    if int(hdr.rows[peer]) != own or int(hdr.expect[peer]) != peer_count:
+        call.exchange_rows("TP", send, sc, hdr.rows, "reduce-scatter")
+        call.abort(PeerError(TILING_ERROR, f"combine call #{call.call_no}: TP rank {tp.rank} holds {own} own rows and "
+                             f"{peer_count} for its peer, but TP rank {peer} sends {int(hdr.rows[peer])} and "
+                             f"expects {int(hdr.expect[peer])}", kind=ErrorKind.MISMATCHED_DATA,
+                             culprits=(tp.ranks[peer],)))
+    buf = call.exchange_rows("TP", send, sc, hdr.rows, "reduce-scatter")
+    partial = unpack(buf, fields)[0]
+    return tp_add(inp.expand_x[:own], partial)

@@ -1,0 +1,186 @@
+"""Atlas A3 dispatch on this rank, phase by phase (spec §2-§6).
+
+Notation as in :mod:`emu.core.attrs`.  Phases:
+
+    plan rows        which rows this rank sends where, in wire order (destination by group rank)
+    exchange counts  EP header: rows per peer, row size, call number, agreed attributes
+    pack             the send buffer: token rows (or int8 rows + fp32 scale), metadata tails
+    exchange rows    one uneven all-to-all of the segment buffer
+    lay out          expand_x / dynamic_scales / assist triples / ep_recv_counts, blocks
+                     local-expert major, source minor
+    TP all-gather    (tp 2) the TP peer's rows appended after ours, with its ep_recv_counts
+    count outputs    expert_token_nums
+
+Collectives per call: EP header + EP rows (2), and with tp = 2 TP header + TP rows (2).
+Wire row of the EP exchange: payload (H of XT, or H int8 + a 4-byte fp32 scale with quant
+2); each segment's tail carries the rows' metadata (t, k, local expert); the source is the
+segment (``wire.Segments``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..comm.call import Call
+from ..comm.domain import Domain
+from ..comm.wire import Field, Segments, pack, pack_meta, row_bytes, unpack, unpack_meta
+from ..core.attrs import Geometry
+from ..core.inputs import DispatchInputs
+from ..core.layout import DispatchOutputs, expert_token_nums, recv_layout
+from ..core.numerics import dynamic_quant
+from ..core.plan import send_plan
+from ..core.request import Prepared
+
+
+@dataclass(frozen=True)
+class WireRows:
+    """The rows this rank sends, in wire order (destinations by group rank, then the plan's
+    order): token t, slot k, local expert on the destination, smooth-scale row; all (n,) int64.
+    counts: (W,) rows per logical destination."""
+
+    token: np.ndarray
+    slot: np.ndarray
+    local: np.ndarray
+    smooth_row: np.ndarray
+    counts: np.ndarray
+
+
+def dispatch(call: Call, prep: Prepared, inp: DispatchInputs) -> DispatchOutputs:
+    """Run dispatch for this rank: the 7 outputs at the eager shapes of ``prep``."""
+    geom = prep.route
+    quant = prep.cfg.quant_mode == 2
+    width = geom.H + 4 if quant else geom.H * inp.x.element_size()
+    rows = plan_rows(call.ep, geom, prep, inp)
+    sent, received = exchange_counts(call, rows, width)
+    send = pack_rows(call, inp, rows, sent, quant)
+    recv = call.exchange_segments("EP", send, sent, received, "rows")
+    out, own, counts = lay_out(call.ep, prep, recv, received, quant)
+    total = own
+    if geom.tp_active:
+        total += tp_all_gather(call, geom, out, own, counts)
+    count_outputs(geom, prep, out, counts, total)
+    return out
+
+
+def plan_rows(dom: Domain, geom: Geometry, prep: Prepared, inp: DispatchInputs) -> WireRows:
+    """The send plan of this rank (spec §2.3-§2.5), reordered so that destinations follow
+    the group's rank order (they differ under elastic scaling)."""
+    plan = send_plan(geom, dom.rank, inp.expert_ids, prep.act)
+    cols = (plan.token, plan.slot, plan.local, plan.smooth_row)
+    if dom.order is not None:
+        by_group = np.argsort(dom.order[plan.dest], kind="stable")
+        cols = tuple(c[by_group] for c in cols)
+    return WireRows(*cols, counts=plan.counts)
+
+
+def exchange_counts(call: Call, rows: WireRows, width: int) -> tuple[Segments, Segments]:
+    """The EP header: what this rank sends each peer; returns the send and receive layouts."""
+    dom = call.ep
+    sent = Segments(dom.to_group(rows.counts), width)
+    hdr = call.exchange_header("EP", rows.counts, width, np.zeros(dom.size, np.int64))
+    return sent, Segments(dom.to_group(hdr.rows), width)
+
+
+def _quantise_copies(x: torch.Tensor, scales: torch.Tensor | None, token: np.ndarray,
+                     smooth_row: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic int8 copies for the rows to send (spec §5): (n, H) int8 and (n,) fp32.
+
+    A copy depends only on (token, smooth row) (only on the token without smooth scales), so
+    each distinct pair is quantised once and the results gathered: bit-identical, K times less work."""
+    per = scales.shape[0] if scales is not None else 1
+    key = token * per + (smooth_row if scales is not None else 0)
+    uniq, inverse = np.unique(key, return_inverse=True)
+    u_tok = torch.from_numpy(uniq // per)
+    smooth = scales[torch.from_numpy(uniq % per)] if scales is not None else None
+    q, scale = dynamic_quant(x.index_select(0, u_tok), smooth)
+    inv = torch.from_numpy(inverse.reshape(-1))
+    return q.index_select(0, inv), scale.index_select(0, inv)
+
+
+def pack_rows(call: Call, inp: DispatchInputs, rows: WireRows, sent: Segments, quant: bool) -> torch.Tensor:
+    """The (sent.total, width) uint8 send buffer: each peer's payload rows gathered straight
+    into its segment (quantised with quant mode 2), then the segment's metadata tail."""
+    x, h = inp.x, inp.x.shape[1]
+    send = call.ctx.scratch("send", sent.total, sent.width)
+    segments = [(int(sent.start[p]), int(sent.n[p])) for p in np.flatnonzero(sent.n)]
+    done = 0
+    if quant:
+        q, scale = _quantise_copies(x, inp.scales, rows.token, rows.smooth_row)
+        for s, n in segments:                 # contiguous segment slices, no scattered writes
+            send[s:s + n, :h].copy_(q[done:done + n].view(torch.uint8))
+            send[s:s + n, h:].copy_(scale[done:done + n].view(torch.uint8).view(n, 4))
+            done += n
+    else:
+        tok = torch.from_numpy(rows.token)
+        payload = send.view(x.dtype)          # (total, H): gather x rows straight into each segment
+        for s, n in segments:
+            torch.index_select(x, 0, tok[done:done + n], out=payload[s:s + n])
+            done += n
+    sent.write_meta(send, pack_meta(rows.token, rows.slot, rows.local))
+    return send
+
+
+def lay_out(dom: Domain, prep: Prepared, recv: torch.Tensor, received: Segments,
+            quant: bool) -> tuple[DispatchOutputs, int, np.ndarray]:
+    """Place the received rows (spec §3-§4): blocks local-expert major, source minor.
+
+    Returns the outputs (EP part written), the rows received and ep_recv_counts (W*L_r,)."""
+    geom, h = prep.route, prep.route.H
+    me = dom.rank
+    t, k, loc = unpack_meta(received.read_meta(recv))
+    src = np.repeat(dom.group_to_logical(), received.n)
+    lay = recv_layout(geom, me, src, loc)
+    own = int(lay.order.size)
+    rows_idx = torch.from_numpy(received.payload_index()[lay.order])
+    out = DispatchOutputs.allocate(prep.shapes, h, torch.int8 if quant else prep.xt)
+    if quant:
+        got = recv.index_select(0, rows_idx)
+        out.expand_x[:own] = got[:, :h].view(torch.int8)
+        out.dynamic_scales[:own] = got[:, h:].contiguous().view(torch.float32).view(-1)
+    else:
+        torch.index_select(recv.view(prep.xt), 0, rows_idx, out=out.expand_x[:own])
+    tri = np.stack([src, t, k], axis=1)[lay.order]
+    out.assist_info_for_combine[:3 * own] = torch.from_numpy(tri.reshape(-1).astype(np.int32))
+    out.ep_recv_counts[:geom.recv_blocks(me)] = torch.from_numpy(lay.ep_recv_counts.astype(np.int32))
+    return out, own, lay.ep_recv_counts
+
+
+def tp_all_gather(call: Call, geom: Geometry, out: DispatchOutputs, own: int, own_cum: np.ndarray) -> int:
+    """TP all-gather-v (spec §6): append the peer's EP rows after ours; returns peer rows.
+
+    The sender's own epRecvCounts (W int32) travel as trailing byte rows of the same
+    exchange, so a peer with zero rows still delivers them.
+    """
+    tp = call.tp
+    me, peer = tp.rank, 1 - tp.rank
+    quant = out.expand_x.dtype == torch.int8
+    fields = [Field(out.expand_x.dtype, geom.H)] + ([Field(torch.float32, 1)] if quant else [])
+    width = row_bytes(fields)
+    tail = -(-4 * geom.W // width)
+    send_counts = np.zeros(2, np.int64)
+    send_counts[peer] = own
+    hdr = call.exchange_header("TP", send_counts, width, np.zeros(2, np.int64))
+    peer_rows = int(hdr.rows[peer])
+    counts_bytes = torch.zeros(tail * width, dtype=torch.uint8)
+    counts_bytes[:4 * geom.W] = torch.from_numpy(np.asarray(own_cum, np.int32)).view(torch.uint8)
+    parts = [out.expand_x[:own]] + ([out.dynamic_scales[:own]] if quant else [])
+    send = torch.cat([pack(parts, fields), counts_bytes.view(tail, width)])
+    sc, rc = np.zeros(2, np.int64), np.zeros(2, np.int64)
+    sc[peer], rc[peer] = own + tail, peer_rows + tail
+    buf = call.exchange_rows("TP", send, sc, rc, "all-gather")
+    got = unpack(buf[:peer_rows], fields)
+    out.expand_x[own:own + peer_rows] = got[0]
+    if quant:
+        out.dynamic_scales[own:own + peer_rows] = got[1][:, 0]
+    out.ep_recv_counts[geom.W:2 * geom.W] = buf[peer_rows:].reshape(-1)[:4 * geom.W].view(torch.int32)
+    out.tp_recv_counts[me] = own
+    out.tp_recv_counts[peer] = peer_rows
+    return peer_rows
+
+
+def count_outputs(geom: Geometry, prep: Prepared, out: DispatchOutputs, counts: np.ndarray, total: int) -> None:
+    """expert_token_nums (spec §4.2): shared ranks write element 0 only."""
+    nums = expert_token_nums(geom, prep.me, counts, total, prep.cfg.expert_token_nums_type)
+    out.expert_token_nums[:nums.size] = torch.from_numpy(nums)

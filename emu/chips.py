@@ -1,0 +1,86 @@
+"""The chips mc2-emu emulates, and how one op call runs on them.
+
+The SoC setting (``EMU_SOC``, :mod:`emu.core.soc`) picks a :class:`Chip`; its checks turn the
+request into a validated call and pick the path (A2: "fullmesh" or "hierarchy").  A call
+reads linearly: check -> open the call -> the path's phases -> performance_info.  A new SoC
+is a package plus one entry in ``CHIPS``; a new algorithm a module plus one entry in its
+chip's ``paths``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .a2 import checks as a2_checks
+from .a2 import fullmesh, hierarchy
+from .a3 import checks as a3_checks
+from .a3 import combine as a3_combine
+from .a3 import dispatch as a3_dispatch
+from .comm.call import Call, open_call
+from .core.inputs import CombineInputs, DispatchInputs
+from .core.layout import DispatchOutputs
+from .core.request import CombineRequest, DispatchRequest, Prepared, R, attempt
+from .core.soc import current_soc
+
+
+@dataclass(frozen=True)
+class Path:
+    """One algorithm of a chip: its dispatch and combine on an open call."""
+
+    dispatch: Callable[[Call, Prepared, DispatchInputs], DispatchOutputs]
+    combine: Callable[[Call, Prepared, CombineInputs], torch.Tensor]
+
+
+def _as_given(req: R) -> R:
+    return req
+
+
+@dataclass(frozen=True)
+class Chip:
+    """A chip's checks (request -> validated call, whose ``algorithm`` names the path), its
+    paths, whether it supports elastic scaling (the survivors' own EP domain), and how it
+    reads a request (A2 forces tp and shared experts to 0)."""
+
+    check_dispatch: Callable[[DispatchRequest], Prepared]
+    check_combine: Callable[[CombineRequest], Prepared]
+    paths: Mapping[str, Path]
+    elastic: bool = True
+    adapt: Callable[[R], R] = _as_given
+
+
+CHIPS: dict[str, Chip] = {
+    "A3": Chip(a3_checks.check_dispatch, a3_checks.check_combine, {"": Path(a3_dispatch.dispatch, a3_combine.combine)}),
+    "A2": Chip(a2_checks.check_dispatch, a2_checks.check_combine,
+               {"fullmesh": Path(fullmesh.dispatch, fullmesh.combine),
+                "hierarchy": Path(hierarchy.dispatch, hierarchy.combine)}, elastic=False, adapt=a2_checks.on_a2),
+}
+
+
+def chip(soc: str | None = None) -> Chip:
+    """The chip named ``soc``, by default the one ``EMU_SOC`` selects."""
+    return CHIPS[soc or current_soc()]
+
+
+def run_dispatch(req: DispatchRequest, on: Chip | None = None) -> DispatchOutputs:
+    """Dispatch on this rank: check, open the call (every rank learns of any error), run the
+    chip's path, add the waits to performance_info."""
+    on = on or chip()
+    req = on.adapt(req)
+    checked = attempt(on.check_dispatch, req)
+    call = open_call(req, checked, on.elastic)
+    out = on.paths[checked.prep.algorithm].dispatch(call, checked.prep, req.inputs)
+    call.add_waits(req.inputs.performance_info)
+    return out
+
+
+def run_combine(req: CombineRequest, on: Chip | None = None) -> torch.Tensor:
+    """Combine on this rank, as :func:`run_dispatch`."""
+    on = on or chip()
+    req = on.adapt(req)
+    checked = attempt(on.check_combine, req)
+    call = open_call(req, checked, on.elastic)
+    x_out = on.paths[checked.prep.algorithm].combine(call, checked.prep, req.inputs)
+    call.add_waits(req.inputs.performance_info)
+    return x_out

@@ -1,0 +1,92 @@
+"""Issuing one collective: sequence number, fault injection, flight record, the all-to-all
+itself with a deadline, the trace record, and on failure a typed error naming the peers.
+
+Every collective the emulator makes goes through :func:`issue`.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..core.errors import CollectiveError, ErrorKind
+from ..debug.events import TraceEvent
+from ..debug.flight import maybe_fail
+from .context import CommContext
+from .domain import Domain, timeout_s
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One all_to_all_single of a call.
+
+    phase: e.g. "EP header", "EP rows"; out / inp: buffers already in group-rank order;
+    send_rows / recv_rows: (P,) rows per logical peer (splits and trace); row_bytes: bytes per
+    row; equal: equal splits (header exchanges, which the flight recorder notes); after:
+    called with (t0, t1) on success, returns extra trace fields (the header's waits).
+    """
+
+    phase: str
+    out: torch.Tensor
+    inp: torch.Tensor
+    send_rows: np.ndarray
+    recv_rows: np.ndarray
+    row_bytes: int
+    equal: bool = False
+    after: Callable[[int, int], dict] | None = None
+
+
+@dataclass(frozen=True)
+class CallTag:
+    """Which op call a collective belongs to: ("dispatch", 3)."""
+
+    op: str
+    call_no: int
+
+
+def issue(ctx: CommContext, tag: CallTag, dom: Domain, xfer: Transfer) -> tuple[int, int]:
+    """Issue ``xfer`` on ``dom`` and wait for it (at most EMU_TIMEOUT_S).
+
+    On failure raises CollectiveError naming this rank, the collective and the peers that
+    never finished it (DEAD_PEER when a peer's process is gone, else TIMEOUT).
+    Returns (t0, t1) in CLOCK_MONOTONIC ns.
+    """
+    seq = ctx.next_seq(dom.name)
+    maybe_fail(tag.op, xfer.phase)
+    if xfer.equal:                  # header exchanges only: the rows exchange follows at seq + 1
+        ctx.recorder.entered(dom.name, seq, tag.op, tag.call_no, xfer.phase)
+    splits_out = None if xfer.equal else [int(c) for c in dom.to_group(xfer.recv_rows)]
+    splits_in = None if xfer.equal else [int(c) for c in dom.to_group(xfer.send_rows)]
+    limit = timeout_s()
+    t0 = time.monotonic_ns()
+    error = None
+    try:
+        work = dom.all_to_all(xfer.out, xfer.inp, splits_out, splits_in)
+        work.wait(timeout=timedelta(seconds=limit))
+    except RuntimeError as exc:
+        what = f"{tag.op} #{tag.call_no} {xfer.phase}"
+        diag = ctx.recorder.diagnose(dom.name, dom.ranks, seq, repr(what))
+        error = CollectiveError(
+            f"rank {dist.get_rank()}: all_to_all_single '{what}' (seq {seq}) on {dom.describe()} failed or did "
+            f"not complete within {limit:g} s (EMU_TIMEOUT_S). {diag.text}. Cause: {str(exc).splitlines()[0][:300]}",
+            ErrorKind.DEAD_PEER if diag.dead else ErrorKind.TIMEOUT, diag.dead or diag.behind)
+    t1 = time.monotonic_ns()
+    more = xfer.after(t0, t1) if xfer.after is not None and error is None else {}
+    tracer = ctx.trace_sink()
+    if tracer is not None:
+        tracer.record(TraceEvent(
+            rank=dist.get_rank(), pid=os.getpid(), op=tag.op, call=tag.call_no, phase=xfer.phase, group=dom.name,
+            group_ranks=list(map(int, dom.ranks)), seq=seq, kind="all_to_all_single",
+            send_rows=xfer.send_rows.tolist(), recv_rows=xfer.recv_rows.tolist(), row_bytes=xfer.row_bytes,
+            bytes_out=int(xfer.send_rows.sum()) * xfer.row_bytes, bytes_in=int(xfer.recv_rows.sum()) * xfer.row_bytes,
+            dtype=str(xfer.inp.dtype).replace("torch.", ""), t0=t0, t1=t1, error=str(error) if error else None,
+            **more))
+    if error is not None:
+        raise error
+    return t0, t1

@@ -1,0 +1,87 @@
+"""The verdict of a header exchange: the same on every rank, since each sees every header.
+
+A peer's error, a mismatched call, or a mismatched attribute becomes a typed
+:class:`~emu.core.errors.PeerError` naming the ranks; otherwise the call goes on.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ..core.errors import TILING_ERROR, ErrorKind, PeerError
+from .domain import Domain
+from .header import Header
+
+
+def spans(ranks: list[int]) -> str:
+    """[0, 1, 2, 4, 5] -> "0-2, 4-5"."""
+    out, start = [], None
+    for i, r in enumerate(ranks):
+        if start is None:
+            start = r
+        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
+            out.append(f"{start}" if start == r else f"{start}-{r}")
+            start = None
+    return ", ".join(out)
+
+
+def who(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {spans(ranks)}"
+
+
+def _minority(groups: list[list[int]]) -> tuple[int, ...]:
+    """The ranks outside the largest group (all ranks when there is a tie)."""
+    biggest = max(len(g) for g in groups)
+    if sum(len(g) == biggest for g in groups) > 1:
+        return tuple(sorted(r for g in groups for r in g))
+    return tuple(sorted(r for g in groups if len(g) < biggest for r in g))
+
+
+def judge(hdr: Header, dom: Domain, me: int, call: tuple[str, int], attrs: tuple[tuple[str, int], ...],
+          message_of: Callable[[int, int], str | None]) -> PeerError | None:
+    """A peer's error, a call mismatch or an attribute mismatch on ``dom``, else None.
+
+    me: this global rank; call: (op, call number) of this rank; attrs: its agreed attributes;
+    message_of(origin, call_no): the message a rank that rejected its input left behind.
+    """
+    ranks = dom.ranks
+    op, call_no = call
+    bad = np.flatnonzero(~hdr.genuine)
+    if bad.size:
+        culprits = [ranks[i] for i in bad]
+        return PeerError(TILING_ERROR, f"rank {me}: {who(culprits)} sent data that is not an mc2-emu header on "
+                         f"{dom.describe()} (a collective outside the op?)", kind=ErrorKind.MISMATCHED_DATA,
+                         culprits=tuple(culprits))
+    err = np.flatnonzero(hdr.error != 0)
+    if err.size:
+        origins = sorted({int(hdr.origin[i]) for i in err})
+        via = sorted({ranks[i] for i in err} - set(origins))
+        details = []
+        for o in origins:
+            text = message_of(o, int(hdr.call_no[err[0]]))
+            details.append(f"rank {o}: {text}" if text else f"rank {o}: error {int(hdr.error[err[0]])}")
+        return PeerError(int(hdr.error[err[0]]),
+                         f"rank {me}: {op} call #{call_no} aborted because {who(origins)} rejected its input"
+                         + (f" (reported through {who(via)})" if via else "")
+                         + f" on {dom.describe()}: " + " | ".join(details), origins=origins)
+    calls: dict[tuple[str, int], list[int]] = {}
+    for i in range(dom.size):
+        calls.setdefault((hdr.op_name(i), int(hdr.call_no[i])), []).append(ranks[i])
+    if len(calls) > 1:
+        groups = sorted(calls.items(), key=lambda kv: len(kv[1]))
+        desc = " while ".join(f"{who(sorted(rs))} called {o} #{no}" for (o, no), rs in groups)
+        return PeerError(TILING_ERROR, f"rank {me}: mismatched calls on {dom.describe()}: {desc}",
+                         kind=ErrorKind.MISMATCHED_CALL, culprits=_minority([rs for _, rs in groups]))
+    for idx, (name, value) in enumerate(attrs):
+        col = hdr.attrs[:, idx]
+        if (col != value).any():
+            by_value: dict[int, list[int]] = {}
+            for i in range(dom.size):
+                by_value.setdefault(int(col[i]), []).append(ranks[i])
+            desc = " while ".join(f"{who(sorted(rs))} passed {v}"
+                                  for v, rs in sorted(by_value.items(), key=lambda kv: len(kv[1])))
+            return PeerError(TILING_ERROR, f"rank {me}: attribute {name} differs between the ranks of "
+                             f"{op} call #{call_no} on {dom.describe()}: {desc}",
+                             kind=ErrorKind.MISMATCHED_ATTRIBUTE, culprits=_minority(list(by_value.values())))
+    return None

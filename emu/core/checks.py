@@ -1,0 +1,164 @@
+"""Checks shared by every chip: the checker, the aclnn wrapper's null / dtype layers, the
+emulator's data checks on expert ids and elastic tables (spec §7, §10, §15), and turning a
+checked request into :class:`~emu.core.request.Prepared`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .attrs import Geometry, MoeConfig
+from .errors import PARAM_INVALID, PARAM_NULLPTR, TILING_ERROR, AclnnError
+from .layout import dispatch_shapes
+from .placement import Remap, identity_remap
+from .plan import ActiveSet
+from .request import CombineRequest, DispatchRequest, Prepared, Request, agreed_attributes
+
+XT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class Checker:
+    """Raises AclnnError(code) naming the parameter, its value and the rule."""
+
+    def __init__(self, op: str):
+        self.op = op
+
+    def need(self, ok: bool, code: int, param: str, value, rule: str) -> None:
+        if not ok:
+            raise AclnnError(code, f"{self.op}: {param}={value!r} violates: {rule}")
+
+    def not_null(self, tensor, param: str, code: int = PARAM_NULLPTR) -> None:
+        self.need(tensor is not None, code, param, None, "required tensor must not be null")
+
+    def dtype(self, tensor, param: str, allowed: tuple[torch.dtype, ...], code: int = PARAM_INVALID) -> None:
+        if tensor is not None:
+            self.need(tensor.dtype in allowed, code, f"{param}.dtype", tensor.dtype,
+                      f"dtype must be one of {[str(d) for d in allowed]}")
+
+    def dim(self, tensor, param: str, dims: tuple[int, ...]) -> None:
+        if tensor is not None:
+            self.need(tensor.dim() in dims, TILING_ERROR, f"{param}.dim()", tensor.dim(),
+                      f"must be {' or '.join(map(str, dims))}-D")
+
+    def tiling(self, ok: bool, param: str, value, rule: str) -> None:
+        self.need(ok, TILING_ERROR, param, value, rule)
+
+
+def dispatch_wrapper_checks(c: Checker, req: DispatchRequest, tp_name: str) -> None:
+    """Layers 1 and 2 of dispatch, the same on A3 and A2: null tensors and group names (161001),
+    then dtypes outside the compiled variants (161002)."""
+    inp, ep_name = req.inputs, req.place.ep_name
+    c.not_null(inp.x, "x")
+    c.not_null(inp.expert_ids, "expert_ids")
+    c.need(bool(ep_name), PARAM_NULLPTR, "group_ep", ep_name, "must be a non-empty group name")
+    c.need(len(ep_name) < 128, PARAM_NULLPTR, "group_ep", ep_name, "name must be shorter than 128 chars")
+    c.need(len(tp_name) < 128, PARAM_NULLPTR, "group_tp", tp_name, "name must be shorter than 128 chars")
+    c.dtype(inp.x, "x", XT_DTYPES)
+    c.dtype(inp.expert_ids, "expert_ids", (torch.int32,))
+    c.dtype(inp.scales, "scales", (torch.float32,))
+    c.dtype(inp.x_active_mask, "x_active_mask", (torch.bool,))
+
+
+def combine_wrapper_checks(c: Checker, req: CombineRequest, tp_name: str, assist_name: str) -> None:
+    """Layer 1 of combine and its first dtype rule, the same on A3 and A2: null tensors and
+    group names (161001; a group name >= 128 chars is 161002 in combine), expand_x bf16/fp16."""
+    inp, ep_name = req.inputs, req.place.ep_name
+    for t, name in ((inp.expand_x, "expand_x"), (inp.expert_ids, "expert_ids"), (inp.assist_info, assist_name),
+                    (inp.ep_send_counts, "ep_send_counts"), (inp.expert_scales, "expert_scales")):
+        c.not_null(t, name)
+    c.need(bool(ep_name), PARAM_NULLPTR, "group_ep", ep_name, "must be a non-empty group name")
+    c.need(len(ep_name) < 128, PARAM_INVALID, "group_ep", ep_name, "name must be shorter than 128 chars")
+    c.need(len(tp_name) < 128, PARAM_INVALID, "group_tp", tp_name, "name must be shorter than 128 chars")
+    c.dtype(inp.expand_x, "expand_x", XT_DTYPES)
+
+
+def check_ids(c: Checker, rank: int, expert_ids: torch.Tensor, slots: np.ndarray, moe_now: int,
+              moe_orig: int, special: int) -> None:
+    """Emulator data checks (spec §15): id ranges and duplicate MoE ids in a token's row.
+
+    Valid ids: MoE ``[0, moe_now)`` (E' under elastic scaling) and, with special experts,
+    ``[moe_orig, moe_orig + special)`` (the ORIGINAL E, spec §7).  ``slots``: (Bs, K) bool, the
+    active slots; inactive slots are never read by the kernel.
+    """
+    ids = expert_ids.detach().cpu().numpy().astype(np.int64)
+    ok = (ids >= 0) & (ids < moe_now)
+    if special:
+        ok |= (ids >= moe_orig) & (ids < moe_orig + special)
+    bad = slots & ~ok
+    if bad.any():
+        t, k = map(int, np.argwhere(bad)[0])
+        v = int(ids[t, k])
+        if moe_now < moe_orig and moe_now <= v < moe_orig:
+            rule = (f"ids in [E'={moe_now}, E={moe_orig}) are dropped by dispatch but awaited by combine "
+                    f"under elastic scaling (spec §7)")
+        elif special:
+            rule = (f"ids must be in [0, {moe_now}) or in the special range [{moe_orig}, {moe_orig + special})")
+        else:
+            rule = f"ids must be in [0, {moe_now})"
+        c.tiling(False, f"expert_ids[{t}, {k}] on EP rank {rank}", v, rule)
+    moe = np.where(slots & (ids >= 0) & (ids < moe_now), ids, -1 - np.arange(ids.shape[1])[None, :])
+    srt = np.sort(moe, axis=1)
+    dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
+    if dup.any():
+        t = int(np.argwhere(dup)[0][0])
+        c.tiling(False, f"expert_ids[{t}] on EP rank {rank}", ids[t].tolist(),
+                 "a token may not choose the same MoE expert twice")
+
+
+def check_remap(c: Checker, remap: Remap, cfg: MoeConfig, ep_rank_id: int) -> None:
+    """Consistency of an active elastic table (emulator checks; the hardware trusts it)."""
+    W, ns = cfg.ep_world_size, cfg.shared_num
+    w2, s2, e2 = remap.new_world, remap.new_shared, remap.new_moe
+    c.tiling(1 <= w2 <= W, "elastic_info[1] (W')", w2, f"must be in [1, ep_world_size={W}]")
+    c.tiling(0 <= s2 < w2, "elastic_info[2] (S')", s2, f"must be in [0, W'={w2})")
+    c.tiling((ns == 0) == (s2 == 0) and (ns == 0 or s2 % ns == 0), "elastic_info[2] (S')", s2,
+             f"must be a non-zero multiple of shared_expert_num={ns} (or 0 when it is 0)")
+    c.tiling(0 < e2 <= cfg.moe_expert_num and e2 % (w2 - s2) == 0, "elastic_info[3] (E')", e2,
+             f"must be in (0, moe_expert_num={cfg.moe_expert_num}] and a multiple of W' - S' = {w2 - s2}")
+    local = cfg.moe_expert_num // (W - cfg.shared_expert_rank_num)
+    c.tiling(e2 // (w2 - s2) == local, "elastic_info[3] (E')", e2,
+             f"must keep {local} MoE experts per MoE rank (the doc requires L' == L)")
+    me = int(remap.to_new[ep_rank_id])
+    c.tiling(0 <= me < w2, f"elastic_info[4 + {ep_rank_id}]", me,
+             "this rank is removed by the elastic table: removed ranks must not call the op")
+    old = remap.survivors()
+    ok = bool(((old >= 0) & (old < W)).all()) and len(set(old.tolist())) == w2 \
+        and bool((remap.to_new[old] == np.arange(w2)).all()) and int((remap.to_new >= 0).sum()) == w2
+    c.tiling(ok, "elastic_info tables", remap.to_new.tolist() + remap.to_old.tolist(),
+             "table 1 (rank -> new id) and table 2 (new id -> rank) must be inverse permutations of the W' survivors")
+
+
+def usable_remap(elastic: torch.Tensor | None, cfg: MoeConfig, ep_rank_id: int, op: str) -> Remap | None:
+    """The remap of a well-formed ``elastic_info`` (identity for None or flag 0); None when the
+    table cannot be used (wrong dtype or length, or an active table failing its checks)."""
+    if elastic is None:
+        return identity_remap(cfg.ep_world_size)
+    ok = (isinstance(elastic, torch.Tensor) and elastic.dtype == torch.int32 and elastic.dim() == 1
+          and elastic.shape[0] == 4 + 2 * cfg.ep_world_size and 0 <= ep_rank_id < cfg.ep_world_size)
+    if not ok:
+        return None
+    remap = Remap.parse(elastic, cfg.ep_world_size)
+    if remap.active:
+        try:
+            check_remap(Checker(op), remap, cfg, ep_rank_id)
+        except AclnnError:
+            return None
+    return remap
+
+
+def prepare(req: Request, geom: Geometry, xt: torch.dtype, act: ActiveSet, algorithm: str = "") -> Prepared:
+    """The checks after tiling (elastic table when active, then the ids; spec §7, §15) and the
+    validated call they give."""
+    cfg, inp, ep_rank_id = req.cfg, req.inputs, req.place.ep_rank_id
+    elastic = inp.elastic_info
+    c = Checker(req.op)
+    remap = Remap.parse(elastic, cfg.ep_world_size) if elastic is not None else identity_remap(cfg.ep_world_size)
+    if remap.active:
+        check_remap(c, remap, cfg, ep_rank_id)
+    me = int(remap.to_new[ep_rank_id]) if remap.active else ep_rank_id
+    check_ids(c, me, inp.expert_ids, act.slots, remap.new_moe if remap.active else cfg.moe_expert_num,
+              cfg.moe_expert_num, cfg.special_num)
+    bs = inp.expert_ids.shape[0]
+    return Prepared(cfg=cfg, geom=geom, xt=xt, remap=remap,
+                    shapes=dispatch_shapes(geom, ep_rank_id, bs, elastic=elastic is not None), act=act, me=me,
+                    agreed=agreed_attributes(req.kind, cfg, geom, xt, elastic), algorithm=algorithm)
