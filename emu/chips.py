@@ -21,7 +21,7 @@ from .a3 import dispatch as a3_dispatch
 from .comm.call import Call, open_call
 from .core.inputs import CombineInputs, DispatchInputs
 from .core.layout import DispatchOutputs
-from .core.request import CombineRequest, DispatchRequest, Prepared, R, attempt
+from .core.request import CombineRequest, DispatchRequest, Prepared, R, Request, attempt
 from .core.soc import current_soc
 
 
@@ -63,24 +63,21 @@ def chip(soc: str | None = None) -> Chip:
     return CHIPS[soc or current_soc()]
 
 
-def run_dispatch(req: DispatchRequest, on: Chip | None = None) -> DispatchOutputs:
-    """Dispatch on this rank: check, open the call (every rank learns of any error), run the
-    chip's path, add the waits to performance_info."""
+def run(req: Request, on: Chip | None = None) -> DispatchOutputs | torch.Tensor:
+    """One op call on this rank: the chip reads the request, checks it, opens the call (every
+    rank learns of any error), runs its path's phases, and adds the waits to performance_info."""
     on = on or chip()
     req = on.adapt(req)
-    checked = attempt(on.check_dispatch, req)
+    checked = attempt(getattr(on, f"check_{req.kind}"), req)
     call = open_call(req, checked, on.elastic)
-    out = on.paths[checked.prep.algorithm].dispatch(call, checked.prep, req.inputs)
+    result = getattr(on.paths[checked.prep.algorithm], req.kind)(call, checked.prep, req.inputs)
     call.add_waits(req.inputs.performance_info)
-    return out
+    return result
+
+
+def run_dispatch(req: DispatchRequest, on: Chip | None = None) -> DispatchOutputs:
+    return run(req, on)
 
 
 def run_combine(req: CombineRequest, on: Chip | None = None) -> torch.Tensor:
-    """Combine on this rank, as :func:`run_dispatch`."""
-    on = on or chip()
-    req = on.adapt(req)
-    checked = attempt(on.check_combine, req)
-    call = open_call(req, checked, on.elastic)
-    x_out = on.paths[checked.prep.algorithm].combine(call, checked.prep, req.inputs)
-    call.add_waits(req.inputs.performance_info)
-    return x_out
+    return run(req, on)

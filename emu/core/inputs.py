@@ -102,11 +102,11 @@ class CombineInputs:
     assist_info: torch.Tensor
     ep_send_counts: torch.Tensor
     expert_scales: torch.Tensor
+    special: SpecialExperts = SpecialExperts()
     tp_send_counts: torch.Tensor | None = None
     x_active_mask: torch.Tensor | None = None
     expand_scales: torch.Tensor | None = None
     shared_expert_x: torch.Tensor | None = None
-    special: SpecialExperts = SpecialExperts()
     elastic_info: torch.Tensor | None = None
     performance_info: torch.Tensor | None = None
     positional: bool = False

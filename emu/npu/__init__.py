@@ -28,8 +28,6 @@ from torch.distributed import distributed_c10d as c10d
 from ..comm.groups import group_name
 from . import device, ops
 
-_installed = False
-
 
 def _hccl_comm_name(backend, rank: int = 0) -> str:
     """``pg._get_backend(torch.device("npu")).get_hccl_comm_name(rank)`` -> the group's name."""
@@ -67,8 +65,7 @@ def _submodules(tnpu: types.ModuleType) -> None:
 
 def install() -> types.ModuleType:
     """Install the npu device, ``torch.npu`` and ``torch_npu``; returns the torch_npu module."""
-    global _installed
-    if _installed:
+    if getattr(sys.modules.get("torch_npu"), "__mc2_emu__", False):
         return sys.modules["torch_npu"]
     module = device.make_device_module()
     device.register(module)
@@ -82,6 +79,7 @@ def install() -> types.ModuleType:
     tnpu.__getattr__ = ops.__getattr__
     tnpu.npu = module
     tnpu.__version__ = "2.13.0+mc2emu"
+    tnpu.__mc2_emu__ = True
     tnpu.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)
     tnpu.__path__ = []                      # a package, so "torch_npu.x" submodule imports resolve
     sys.modules["torch_npu"] = tnpu
@@ -90,5 +88,4 @@ def install() -> types.ModuleType:
     dist.ProcessGroupGloo.get_hccl_comm_name = _hccl_comm_name
     if not hasattr(dist, "is_hccl_available"):      # torch_npu adds it; there is no HCCL here
         dist.is_hccl_available = lambda: False
-    _installed = True
     return tnpu

@@ -12,6 +12,7 @@ import time
 import types
 
 import torch
+from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
 
 
 class Event:
@@ -69,34 +70,45 @@ class Stream:
         return 0
 
 
-_current = {"device": 0, "stream": Stream()}
+class DeviceState:
+    """The current device index and the one stream of a ``torch.npu`` module."""
 
+    def __init__(self):
+        self.device = 0
+        self.stream = Stream()
 
-def _set_device(device) -> None:
-    """Accepts 3, "npu:3" or torch.device("npu", 3); only remembered (tensors stay on the CPU)."""
-    if isinstance(device, torch.device):
-        _current["device"] = device.index or 0
-    elif isinstance(device, str):
-        _current["device"] = int(device.split(":")[1]) if ":" in device else 0
-    else:
-        _current["device"] = int(device)
+    def set_device(self, device) -> None:
+        """Accepts 3, "npu:3" or torch.device("npu", 3); only remembered (tensors stay on the CPU)."""
+        if isinstance(device, torch.device):
+            self.device = device.index or 0
+        elif isinstance(device, str):
+            self.device = int(device.split(":")[1]) if ":" in device else 0
+        else:
+            self.device = int(device)
+
+    def current_device(self) -> int:
+        return self.device
+
+    def current_stream(self, device=None) -> Stream:
+        return self.stream
 
 
 def make_device_module() -> types.ModuleType:
     """The ``torch.npu`` module: what MoE client code touches, all on the CPU."""
     m = types.ModuleType("torch.npu", __doc__)
+    state = DeviceState()
     m.Stream, m.Event = Stream, Event
     m.is_available = lambda: True
     m.is_initialized = lambda: True
     m._is_in_bad_fork = lambda: False
     m.device_count = lambda: 1
-    m.current_device = lambda: _current["device"]
-    m.set_device = _set_device
+    m.current_device = state.current_device
+    m.set_device = state.set_device
     m.synchronize = lambda device=None: None
     m.manual_seed = lambda seed: torch.manual_seed(seed)
     m.manual_seed_all = lambda seed: torch.manual_seed(seed)
-    m.current_stream = lambda device=None: _current["stream"]
-    m.default_stream = lambda device=None: _current["stream"]
+    m.current_stream = state.current_stream
+    m.default_stream = state.current_stream
     m.get_device_name = lambda device=None: "mc2-emu CPU (npu emulated)"
     m.empty_cache = lambda: None
     m.memory_allocated = lambda device=None: 0
@@ -136,6 +148,5 @@ class _Guard(torch._C._acc.DeviceGuard):
 
 def register(module: types.ModuleType) -> None:
     """Rename privateuse1 to npu and register the hooks, device guard and ``module``."""
-    from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
     _setup_privateuseone_for_python_backend(rename="npu", backend_module=module, hook=_Hooks(),
                                             device_guard=_Guard())
