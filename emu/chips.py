@@ -19,6 +19,7 @@ from .a3 import checks as a3_checks
 from .a3 import combine as a3_combine
 from .a3 import dispatch as a3_dispatch
 from .comm.call import Call, open_call
+from .comm.context import current
 from .core.inputs import CombineInputs, DispatchInputs
 from .core.layout import DispatchOutputs
 from .core.request import CombineRequest, DispatchRequest, Prepared, R, Request, attempt
@@ -65,12 +66,19 @@ def chip(soc: str | None = None) -> Chip:
 
 def run(req: Request, on: Chip | None = None) -> DispatchOutputs | torch.Tensor:
     """One op call on this rank: the chip reads the request, checks it, opens the call (every
-    rank learns of any error), runs its path's phases, and adds the waits to performance_info."""
+    rank learns of any error), runs its path's phases, and adds the waits to performance_info.
+    An error leaves a farewell in the flight recorder first (what this rank raised, blaming
+    whom), so that peers never take this rank for dead."""
     on = on or chip()
     req = on.adapt(req)
-    checked = attempt(getattr(on, f"check_{req.kind}"), req)
-    call = open_call(req, checked, on.elastic)
-    result = getattr(on.paths[checked.prep.algorithm], req.kind)(call, checked.prep, req.inputs)
+    try:
+        checked = attempt(getattr(on, f"check_{req.kind}"), req)
+        call = open_call(req, checked, on.elastic)
+        result = getattr(on.paths[checked.prep.algorithm], req.kind)(call, checked.prep, req.inputs)
+    except Exception as exc:
+        current().recorder.farewell(type(exc).__name__, getattr(exc, "kind", None), getattr(exc, "culprits", ()),
+                                    str(exc))
+        raise
     call.add_waits(req.inputs.performance_info)
     return result
 

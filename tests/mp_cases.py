@@ -131,7 +131,7 @@ def with_fault(rank: int, fault: str, **fields):
             return "finished", time.monotonic() - t0
         except Exception as exc:  # noqa: BLE001 - the test inspects it
             return f"{type(exc).__name__}: {exc}", time.monotonic() - t0, getattr(exc, "kind", None), \
-                getattr(exc, "culprits", ())
+                getattr(exc, "culprits", ()), getattr(exc, "states", {})
 
 
 def traced(rank: int, directory: str, **fields):

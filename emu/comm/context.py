@@ -77,6 +77,8 @@ def current() -> CommContext:
     if _current is None:
         _current = CommContext()
         atexit.register(_current.release_groups)
+    if not _current.recorder.registered and dist.is_initialized():
+        _current.recorder.register()          # pid and stack file, so peers can tell where it is
     return _current
 
 

@@ -1,9 +1,8 @@
 """A communication domain of one call (EP, TP, or A2's INTER / INTRA), and the transport seam.
 
 The operator computes with *logical* ids (the EP rank, or under elastic scaling the new id);
-a :class:`Domain` maps them to the group's ranks and global ranks, and moves bytes with one
-``all_to_all_single`` on either a registered ``ProcessGroup`` or a bare backend object the
-emulator built itself.
+a :class:`Domain` maps them to global ranks, and moves bytes with one ``all_to_all_single`` on
+the emulator's own gloo group of the same members (never on the user's group).
 """
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from .groups import group_label, group_ranks, survivor_group
+from .groups import group_label, group_ranks, own_group, own_group_name
 
 
 def timeout_s() -> float:
@@ -30,45 +29,64 @@ def timeout_s() -> float:
 class Domain:
     """One communication domain of a call, seen in *logical* ids.
 
-    Logical id i is the EP (or TP) rank the operator computes with: the group rank, or under
-    elastic scaling the new local id.  ``order[i]`` is the group rank of logical id i (None:
-    the identity), ``ranks[i]`` its global rank, ``ep_index[i]`` its original EP rank.
+    Logical id i is the EP (or TP) rank the operator computes with: the user group's rank, or
+    under elastic scaling the new local id.  ``ranks[i]`` is the global rank of logical id i,
+    ``ep_index[i]`` its original EP rank.  Collectives run on the emulator's own group of the
+    same members (:func:`~emu.comm.groups.own_group`, made on first use), whose ranks follow
+    the global ranks: ``order[i]`` is the own group's rank of logical id i (None: the identity).
+    ``name`` labels the domain in traces and flight records (the user's group name for EP/TP).
     """
 
     kind: str                     # "EP", "TP", "INTER" or "INTRA"
-    pg: ProcessGroup
     rank: int
     size: int
-    ranks: list[int] = field(default_factory=list)
+    ranks: list[int]
     order: np.ndarray | None = None
     ep_index: np.ndarray | None = None
     name: str = ""
-    bare: bool = False            # a backend object not registered with torch.distributed
+    prefix: str = "group"         # names the emulator's own group of these members
+    _pg: ProcessGroup | None = field(default=None, repr=False)
+
+    @classmethod
+    def of_members(cls, kind: str, ranks: list[int], rank: int, ep_index: np.ndarray, name: str = "",
+                   prefix: str = "group") -> "Domain":
+        """A domain of the global ``ranks`` (logical order); ``rank``: this rank's logical id."""
+        members = sorted(ranks)
+        order = np.array([members.index(g) for g in ranks], dtype=np.int64)
+        return cls(kind=kind, rank=rank, size=len(ranks), ranks=list(ranks),
+                   order=None if bool((order == np.arange(order.size)).all()) else order,
+                   ep_index=np.asarray(ep_index, dtype=np.int64), name=name, prefix=prefix)
 
     @classmethod
     def of(cls, kind: str, pg: ProcessGroup) -> "Domain":
+        """The domain of the user's group ``pg`` (its own group is made on first use)."""
         size = dist.get_world_size(pg)
-        return cls(kind=kind, pg=pg, rank=dist.get_rank(pg), size=size, ranks=group_ranks(pg),
-                   ep_index=np.arange(size), name=group_label(pg))
+        return cls.of_members(kind, group_ranks(pg), dist.get_rank(pg), np.arange(size), name=group_label(pg))
 
     @classmethod
     def subset(cls, kind: str, full: "Domain", members: list[int]) -> "Domain":
-        """A domain of the EP ranks ``members`` (ascending), made by them alone (bare gloo)."""
-        globals_ = [full.ranks[m] for m in members]
-        pg, name = survivor_group(globals_, timeout_s(), prefix=kind.lower())
-        return cls(kind=kind, pg=pg, rank=members.index(full.rank), size=len(members), ranks=globals_,
-                   ep_index=np.asarray(members, dtype=np.int64), name=name, bare=True)
+        """A domain of the EP ranks ``members`` (ascending) of ``full``."""
+        dom = cls.of_members(kind, [full.ranks[m] for m in members], members.index(full.rank), members,
+                             prefix=kind.lower())
+        dom.name = dom.backend_name()
+        return dom
 
     @classmethod
     def survivors(cls, full: "Domain", old_ep_ranks: np.ndarray, my_new_id: int) -> "Domain":
         """The EP domain of an elastic call: new id i = original EP rank ``old_ep_ranks[i]``."""
-        globals_ = [full.ranks[int(r)] for r in old_ep_ranks]
-        pg, name = survivor_group(globals_, timeout_s())
-        members = sorted(globals_)
-        order = np.array([members.index(g) for g in globals_], dtype=np.int64)
-        return cls(kind="EP", pg=pg, rank=my_new_id, size=len(globals_), ranks=globals_,
-                   order=None if bool((order == np.arange(order.size)).all()) else order,
-                   ep_index=np.asarray(old_ep_ranks, dtype=np.int64), name=name, bare=True)
+        dom = cls.of_members("EP", [full.ranks[int(r)] for r in old_ep_ranks], my_new_id, old_ep_ranks,
+                             prefix="survivors")
+        dom.name = dom.backend_name()
+        return dom
+
+    def backend(self) -> ProcessGroup:
+        """The emulator's own gloo group of this domain's members (made on first use)."""
+        if self._pg is None:
+            self._pg = own_group(self.ranks, timeout_s(), self.prefix)[0]
+        return self._pg
+
+    def backend_name(self) -> str:
+        return own_group_name(self.ranks, self.prefix)
 
     def describe(self) -> str:
         return f"{self.kind} group {self.name} (ranks {self.ranks})"
@@ -76,9 +94,7 @@ class Domain:
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None,
                    in_splits: list[int] | None):
         """Start an all_to_all_single on this domain; returns the Work (the transport seam)."""
-        if self.bare:
-            return self.pg.alltoall_base(out, inp, out_splits or [], in_splits or [], dist.AllToAllOptions())
-        return dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.pg, async_op=True)
+        return self.backend().alltoall_base(out, inp, out_splits or [], in_splits or [], dist.AllToAllOptions())
 
     def to_group(self, per_logical: np.ndarray) -> np.ndarray:
         """Reorder an array indexed by logical id into group-rank order."""

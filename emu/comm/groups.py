@@ -7,6 +7,7 @@ rank, < 128 chars) and :func:`resolve_group` maps a name, or a group object, bac
 from __future__ import annotations
 
 import hashlib
+import time
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -62,25 +63,55 @@ def group_ranks(pg: ProcessGroup) -> list[int]:
     return dist.get_process_group_ranks(pg)
 
 
-def survivor_group(global_ranks: list[int], timeout_s: float, prefix: str = "survivors") -> tuple[ProcessGroup, str]:
-    """A gloo group of exactly ``global_ranks`` (sorted), built by those ranks alone.
+def own_group(global_ranks: list[int], timeout_s: float, prefix: str) -> tuple[ProcessGroup, str]:
+    """A gloo group of exactly ``global_ranks`` (sorted), built by those ranks alone, whose
+    collectives give up after ``timeout_s``.  Returns (group, name).
 
-    Survivors of an elastic call cannot use ``new_group``: it waits for the whole world, and
-    with ``use_local_synchronization=True`` its name hashes each process's count of existing
-    groups, which differs between survivors with different histories (they then wait on
-    different keys forever).  So the group is a bare ``ProcessGroupGloo`` over the default
-    rendezvous store under a prefix that depends on the members only; it is created on first
-    use, reused afterwards, and not registered with torch.distributed (collectives on it go
-    through the backend object).  Returns (group, name).
+    Every collective of the emulator runs on such a group, never on the user's: a gloo thread
+    stuck in a collective keeps its process from exiting until *its group's* timeout (30
+    minutes by default for the user's groups), while these give up with EMU_TIMEOUT_S.  They
+    also let the survivors of an elastic call talk without the removed ranks: ``new_group``
+    waits for the whole world, and with ``use_local_synchronization=True`` its name hashes
+    each process's count of groups, which differs between survivors with different histories.
+    So the group is a bare ``ProcessGroupGloo`` over the default rendezvous store under a prefix
+    that depends on the members only, created on first use (after every member has arrived,
+    failing at once when one of them is gone), reused afterwards, and not registered with
+    torch.distributed (collectives on it go through the backend object).
     """
-    groups = current().bare_groups
+    ctx = current()
     key = (prefix,) + tuple(sorted(int(r) for r in global_ranks))
-    if key not in groups:
-        name = f"emu_{prefix}_" + "_".join(map(str, key))
-        if len(name) >= 100:
-            name = f"emu_{prefix}_" + hashlib.sha1(name.encode()).hexdigest()[:32]
+    if key not in ctx.bare_groups:
+        name = own_group_name(global_ranks, prefix)
         me = dist.get_rank()
         store = dist.PrefixStore(name + "/", c10d._get_default_store())
+        _arrive(store, me, list(key[1:]), timeout_s)
         pg = dist.ProcessGroupGloo(store, key[1:].index(me), len(key) - 1, timedelta(seconds=timeout_s))
-        groups[key] = (pg, name)
-    return groups[key]
+        ctx.bare_groups[key] = (pg, name)
+    return ctx.bare_groups[key]
+
+
+def own_group_name(global_ranks: list[int], prefix: str) -> str:
+    """The name of the own group of ``global_ranks`` (any order), < 100 chars."""
+    key = (prefix,) + tuple(sorted(int(r) for r in global_ranks))
+    name = f"emu_{prefix}_" + "_".join(map(str, key))
+    return name if len(name) < 100 else f"emu_{prefix}_" + hashlib.sha1(name.encode()).hexdigest()[:32]
+
+
+def _arrive(store: dist.Store, me: int, members: list[int], timeout_s: float) -> None:
+    """Wait until every member has arrived to build the group; raise at once when a missing
+    member has left (its process is gone, or it raised), or after ``timeout_s``."""
+    recorder = current().recorder
+    store.set(f"arrived/{me}", "1")
+    keys = [f"arrived/{r}" for r in members]
+    start = time.monotonic()
+    polls = 0
+    while not store.check(keys):
+        polls += 1
+        if polls % 10 == 0:
+            missing = [r for r in members if not store.check([f"arrived/{r}"])]
+            gone = [r for r in missing if recorder.farewell_of(r) is not None or recorder.alive(r) is False]
+            if gone:
+                raise RuntimeError(f"rank {gone[0]} left before the group was set up")
+            if time.monotonic() - start > timeout_s:
+                raise RuntimeError(f"timed out after {timeout_s:g} s waiting for ranks {missing} to set up the group")
+        time.sleep(0.01)

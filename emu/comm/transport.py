@@ -6,6 +6,7 @@ Every collective the emulator makes goes through :func:`issue`.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,9 +16,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..core.errors import CollectiveError, ErrorKind
+from ..core.errors import CollectiveError
 from ..debug.events import TraceEvent
-from ..debug.flight import maybe_fail
+from ..debug.flight import Failure, maybe_fail
 from .context import CommContext
 from .domain import Domain, timeout_s
 
@@ -28,7 +29,7 @@ class Transfer:
 
     phase: e.g. "EP header", "EP rows"; out / inp: buffers already in group-rank order;
     send_rows / recv_rows: (P,) rows per logical peer (splits and trace); row_bytes: bytes per
-    row; equal: equal splits (header exchanges, which the flight recorder notes); after:
+    row; equal: equal splits (header exchanges); after:
     called with (t0, t1) on success, returns extra trace fields (the header's waits).
     """
 
@@ -50,17 +51,24 @@ class CallTag:
     call_no: int
 
 
+def _cause(exc: BaseException) -> str:
+    """gloo's first sentence without its source location: "Connection closed by peer [host]:port"."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text)
+    return re.split(r"\.\s", text, maxsplit=1)[0][:200]
+
+
 def issue(ctx: CommContext, tag: CallTag, dom: Domain, xfer: Transfer) -> tuple[int, int]:
     """Issue ``xfer`` on ``dom`` and wait for it (at most EMU_TIMEOUT_S).
 
-    On failure raises CollectiveError naming this rank, the collective and the peers that
-    never finished it (DEAD_PEER when a peer's process is gone, else TIMEOUT).
+    On failure raises CollectiveError naming this rank, the collective and its causes first:
+    dead peers (process gone), stuck peers (alive, never arrived) or a peer that failed on its
+    own; then one line per state (``FlightRecorder.diagnose``).
     Returns (t0, t1) in CLOCK_MONOTONIC ns.
     """
     seq = ctx.next_seq(dom.name)
     maybe_fail(tag.op, xfer.phase)
-    if xfer.equal:                  # header exchanges only: the rows exchange follows at seq + 1
-        ctx.recorder.entered(dom.name, seq, tag.op, tag.call_no, xfer.phase)
+    ctx.recorder.entered(dom.name, seq, tag.op, tag.call_no, xfer.phase)
     splits_out = None if xfer.equal else [int(c) for c in dom.to_group(xfer.recv_rows)]
     splits_in = None if xfer.equal else [int(c) for c in dom.to_group(xfer.send_rows)]
     limit = timeout_s()
@@ -70,12 +78,11 @@ def issue(ctx: CommContext, tag: CallTag, dom: Domain, xfer: Transfer) -> tuple[
         work = dom.all_to_all(xfer.out, xfer.inp, splits_out, splits_in)
         work.wait(timeout=timedelta(seconds=limit))
     except RuntimeError as exc:
-        what = f"{tag.op} #{tag.call_no} {xfer.phase}"
-        diag = ctx.recorder.diagnose(dom.name, dom.ranks, seq, repr(what))
-        error = CollectiveError(
-            f"rank {dist.get_rank()}: all_to_all_single '{what}' (seq {seq}) on {dom.describe()} failed or did "
-            f"not complete within {limit:g} s (EMU_TIMEOUT_S). {diag.text}. Cause: {str(exc).splitlines()[0][:300]}",
-            ErrorKind.DEAD_PEER if diag.dead else ErrorKind.TIMEOUT, diag.dead or diag.behind)
+        failure = Failure(group=dom.name, ranks=tuple(dom.ranks), seq=seq, what=f"{tag.op} #{tag.call_no} {xfer.phase}",
+                          elapsed_s=(time.monotonic_ns() - t0) / 1e9, limit_s=limit,
+                          cause=_cause(exc))
+        diag = ctx.recorder.diagnose(failure)
+        error = CollectiveError(f"rank {dist.get_rank()}: {diag.text}", diag.kind, diag.culprits, diag.states)
     t1 = time.monotonic_ns()
     more = xfer.after(t0, t1) if xfer.after is not None and error is None else {}
     tracer = ctx.trace_sink()

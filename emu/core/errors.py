@@ -29,8 +29,19 @@ class ErrorKind(enum.Enum):
     MISMATCHED_CALL = "mismatched call"            # ranks are in different calls (op or call number)
     MISMATCHED_ATTRIBUTE = "mismatched attribute"  # ranks passed different values of an agreed attribute
     MISMATCHED_DATA = "mismatched data"            # inputs not from the dispatch they claim, foreign data
-    DEAD_PEER = "dead peer"                        # a peer's process is gone
-    TIMEOUT = "timeout"                            # a collective failed or made no progress in time
+    PEER_FAILED = "a peer failed"                  # a peer raised on its own and never came
+    DEAD_PEER = "dead peer"                        # a peer's process is gone without having raised
+    TIMEOUT = "timeout"                            # a peer is alive but made no progress in time
+
+
+class RankState(enum.Enum):
+    """Where a member of a failed collective was, as the failing rank found out."""
+
+    DEAD = "dead"              # its process is gone and it left no farewell: a cause
+    STUCK = "stuck"            # alive, never arrived before the deadline: a cause
+    FAILED = "failed"          # it raised (its farewell says what and why); a cause only if on its own
+    BEHIND = "behind"          # alive, not arrived yet when the collective failed fast
+    WAITING = "waiting"        # it arrived: it was in the collective too
 
 
 class EmuError(RuntimeError):
@@ -66,6 +77,14 @@ class PeerError(AclnnError):
 
 
 class CollectiveError(EmuError):
-    """A collective failed or timed out (``kind`` DEAD_PEER or TIMEOUT); names the rank, the
-    group and the collective; ``culprits``: the ranks that are dead or never arrived."""
+    """A collective failed or timed out; names the rank, the group and the collective.
+
+    kind: DEAD_PEER, TIMEOUT or PEER_FAILED; culprits: the ranks that caused it (dead, stuck,
+    or failed on their own), the same on every live rank; states: what every other member
+    of the group was doing (:class:`RankState`)."""
+
+    def __init__(self, message: str, kind: ErrorKind, culprits: tuple[int, ...] = (),
+                 states: dict[int, RankState] | None = None):
+        super().__init__(message, kind, culprits)
+        self.states = dict(states or {})
 

@@ -1,60 +1,149 @@
-"""Flight recorder and dead-peer diagnosis through the rendezvous store, and fault injection.
+"""Flight recorder, farewells and blame, through the rendezvous store; fault injection.
 
-Before every header exchange (the first collective of each group in a call; the rows
-exchange follows at the next sequence number) a rank writes, under
-``emu_fr/<group>/<global rank>``, the sequence number it reached in that group with the call
-and phase; once per process it writes its host and pid under ``emu_pid/<global rank>``.
-When a collective fails or times out, the live ranks read those keys to say which peers
-never reached the collective, which of them are dead (same host: their pid is gone or a
-zombie) and what each member reached.
+Records, under the job's rendezvous store (each a few microseconds):
 
-``EMU_FAULT=rank:op:phase`` (e.g. ``3:dispatch:EP rows``) makes that global rank exit with
-code 1 just before issuing that collective: a fault injection for tests and for users who
-want to see what their job does when a rank dies.
+* ``emu_pid/<rank>`` = host:pid, once per process;
+* ``emu_fr/<group>/<rank>`` and ``emu_last/<rank>``: before every collective, the sequence
+  number it reached in that group, the call and phase, and the process's collective count;
+* ``emu_bye/<rank>``: a *farewell* when an op raises: what it raised, blaming whom, at which
+  collective count (stale once the rank issues another collective);
+* ``emu_stack/<rank>`` = host:pid:path of the file its Python stacks are written to when it
+  receives SIGUSR2 (faulthandler), so a peer on the same host can ask where it is stuck.
+
+When a collective fails, :meth:`FlightRecorder.diagnose` classifies every other member of the
+group (:class:`~emu.core.errors.RankState`): a rank that raised is FAILED (never dead), a
+rank whose process is gone without a farewell is DEAD, a live rank that never arrived is
+STUCK after a timeout (its Python stack is fetched) or BEHIND after a fast failure; the
+causes are named first, the same on every live rank.
+
+``EMU_FAULT=rank:op:phase[:hang]`` (e.g. ``3:dispatch:EP rows``) makes that global rank exit
+with code 1 (or, with ``:hang``, sleep forever) just before issuing that collective: a
+fault injection for tests and for users who want to see what their job does then.
 """
 from __future__ import annotations
 
+import atexit
+import collections
+import faulthandler
 import json
 import os
+import re
+import signal
 import socket
+import tempfile
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import IO
 
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
+from ..core.errors import ErrorKind, RankState
 
-def _fault_spec() -> tuple[int, str, str] | None:
+STACK_SIGNAL = signal.SIGUSR2
+_HOST = socket.gethostname()
+
+
+def _fault_spec() -> tuple[int, str, str, str] | None:
     raw = os.environ.get("EMU_FAULT")
     if not raw:
         return None
-    parts = raw.split(":", 2)
-    return (int(parts[0]), parts[1], parts[2]) if len(parts) == 3 and parts[0].isdigit() else None
+    parts = raw.split(":")
+    if len(parts) < 3 or not parts[0].isdigit():
+        return None
+    action = parts[3] if len(parts) > 3 else "exit"
+    return int(parts[0]), parts[1], parts[2], action
 
 
 def maybe_fail(op: str, phase: str) -> None:
-    """Exit with code 1 here if EMU_FAULT names this rank, op and phase."""
+    """Exit with code 1 (or hang) here if EMU_FAULT names this rank, op and phase."""
     fault = _fault_spec()
     if fault is not None and fault[0] == dist.get_rank() and fault[1] == op and fault[2] == phase:
+        if fault[3] == "hang":
+            while True:
+                time.sleep(3600)
         os._exit(1)
 
 
 @dataclass(frozen=True)
-class Diagnosis:
-    """Why a collective failed, as far as the store tells: ``dead`` ranks (their process is
-    gone), ``behind`` ranks (never recorded reaching it), and the sentence saying so."""
+class Failure:
+    """A collective that failed on this rank: its group, the members' global ranks, its
+    sequence number and label, how long it ran against its deadline, and gloo's words."""
 
-    dead: tuple[int, ...]
-    behind: tuple[int, ...]
+    group: str
+    ranks: tuple[int, ...]
+    seq: int
+    what: str
+    elapsed_s: float
+    limit_s: float
+    cause: str
+
+    @property
+    def timed_out(self) -> bool:
+        return self.elapsed_s >= 0.95 * self.limit_s or "timed out" in self.cause.lower()
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """Who caused a failure: every other member's state, the culprits (dead, stuck, or failed
+    on their own), the error kind, and the explanation (first line, then one line per rank)."""
+
+    states: dict[int, RankState]
+    culprits: tuple[int, ...]
+    kind: ErrorKind
     text: str
 
 
-class FlightRecorder:
-    """Records this rank's progress in the rendezvous store and reads the others'."""
+def _spans(ranks: list[int]) -> str:
+    out, start = [], None
+    for i, r in enumerate(ranks):
+        start = r if start is None else start
+        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
+            out.append(f"{start}" if start == r else f"{start}-{r}")
+            start = None
+    return ", ".join(out)
 
-    def __init__(self):
+
+def _who(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {_spans(sorted(ranks))}"
+
+
+def _where(rec: dict | None) -> str:
+    if not rec:
+        return "no collective recorded"
+    return f"{rec['op']} #{rec['call']} {rec['phase']} (group {rec['group']}, seq {rec['seq']})"
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+) in (\S+)')
+
+
+def innermost_user_frame(dump: str) -> str | None:
+    """From a faulthandler dump: "in fn at file.py:12" for the main thread's innermost frame
+    outside torch and mc2-emu (the frame that called into them, if any)."""
+    blocks = re.split(r"\n(?=(?:Current thread|Thread) 0x)", dump.strip())
+    main = next((b for b in reversed(blocks) if b.startswith("Current thread")), blocks[-1] if blocks else "")
+    frames = _FRAME.findall(main)
+    lib = (os.sep + "torch" + os.sep, os.sep + "emu" + os.sep, os.sep + "threading.py")
+    wrappers = ("wrapper", "inner", "_fn", "decorate_context")
+    for i, (path, line, fn) in enumerate(frames):
+        if not any(part in path for part in lib):
+            called = [f for _, _, f in frames[:i] if f not in wrappers]     # innermost first
+            return f"in {called[-1] if called else fn} at {os.path.basename(path)}:{line}"
+    return None
+
+
+class FlightRecorder:
+    """This rank's records in the rendezvous store, its farewell, its stack file, and the
+    reading of everyone's records when a collective fails."""
+
+    def __init__(self, capacity: int = 64):
         self._store = None
-        self._pid_written = False
+        self.registered = False
+        self.count = 0                                    # collectives of this process
+        self.ring: collections.deque[dict] = collections.deque(maxlen=capacity)
+        self.stack_path: str | None = None
+        self._stack_file: IO[str] | None = None
 
     @property
     def store(self):
@@ -66,28 +155,68 @@ class FlightRecorder:
                 pass
         return self._store
 
+    def _set(self, key: str, value: str) -> None:
+        try:
+            self.store.set(key, value)
+        except (RuntimeError, AttributeError):
+            pass
+
+    def _get(self, key: str) -> str | None:
+        store = self.store
+        try:
+            return store.get(key).decode() if store is not None and store.check([key]) else None
+        except RuntimeError:
+            return None
+
+    def register(self) -> None:
+        """Once per process (after torch.distributed is up): pid record, stack file, SIGUSR2."""
+        if self.registered or self.store is None:
+            return
+        self.registered = True
+        me = dist.get_rank()
+        self._set(f"emu_pid/{me}", f"{_HOST}:{os.getpid()}")
+        directory = os.environ.get("EMU_TRACE") or os.path.join(tempfile.gettempdir(), "mc2-emu-stacks")
+        try:
+            os.makedirs(directory, exist_ok=True)
+            self.stack_path = os.path.join(directory, f"rank{me}-{os.getpid()}.stack")
+            self._stack_file = open(self.stack_path, "w", buffering=1)
+            faulthandler.register(STACK_SIGNAL, file=self._stack_file, all_threads=True, chain=False)
+            atexit.register(self._drop_empty_stack_file)
+            self._set(f"emu_stack/{me}", f"{_HOST}:{os.getpid()}:{self.stack_path}")
+        except (OSError, RuntimeError, ValueError):
+            self.stack_path = None
+
+    def _drop_empty_stack_file(self) -> None:
+        if self.stack_path and os.path.exists(self.stack_path) and os.path.getsize(self.stack_path) == 0:
+            os.unlink(self.stack_path)
+
     def entered(self, group: str, seq: int, op: str, call: int, phase: str) -> None:
         """Record that this rank is about to issue collective ``seq`` of ``group``."""
-        store = self.store
-        if store is None:
-            return
-        me = dist.get_rank()
-        if not self._pid_written:
-            store.set(f"emu_pid/{me}", f"{socket.gethostname()}:{os.getpid()}")
-            self._pid_written = True
-        store.set(f"emu_fr/{group}/{me}", json.dumps({"seq": seq, "op": op, "call": call, "phase": phase}))
+        self.register()
+        self.count += 1
+        rec = {"group": group, "seq": seq, "op": op, "call": call, "phase": phase, "n": self.count,
+               "t": time.time()}
+        self.ring.append(rec)
+        if self.store is not None:
+            me = dist.get_rank()
+            text = json.dumps(rec)
+            self._set(f"emu_fr/{group}/{me}", text)
+            self._set(f"emu_last/{me}", text)
+
+    def farewell(self, type_name: str, kind: ErrorKind | None, culprits: tuple[int, ...], message: str) -> None:
+        """Record, before the error leaves the op, that this rank raised it and blaming whom."""
+        last = self.ring[-1] if self.ring else None
+        self._set(f"emu_bye/{dist.get_rank()}", json.dumps({
+            "type": type_name, "kind": kind.name if kind is not None else None, "culprits": list(culprits),
+            "message": message.splitlines()[0][:400] if message else "", "n": self.count, "at": _where(last)}))
 
     def alive(self, rank: int) -> bool | None:
         """True/False when ``rank`` runs on this host and its pid can be checked, else None."""
-        store = self.store
-        key = f"emu_pid/{rank}"
-        try:
-            if store is None or not store.check([key]):
-                return None
-            host, pid = store.get(key).decode().rsplit(":", 1)
-        except RuntimeError:
+        rec = self._get(f"emu_pid/{rank}")
+        if rec is None:
             return None
-        if host != socket.gethostname():
+        host, pid = rec.rsplit(":", 1)
+        if host != _HOST:
             return None
         try:
             with open(f"/proc/{int(pid)}/stat") as f:
@@ -95,36 +224,135 @@ class FlightRecorder:
         except OSError:
             return False
 
-    def reached(self, group: str, ranks: list[int]) -> dict[int, dict | None]:
-        """What each global rank of ``group`` last recorded (None: nothing yet)."""
-        store = self.store
-        out: dict[int, dict | None] = {}
+    def farewell_of(self, rank: int) -> dict | None:
+        """The farewell of ``rank`` if it is current (no collective of it since), else None."""
+        raw = self._get(f"emu_bye/{rank}")
+        if raw is None:
+            return None
+        bye = json.loads(raw)
+        last = self._get(f"emu_last/{rank}")
+        return bye if last is None or bye["n"] >= json.loads(last)["n"] else None
+
+    def reached(self, group: str, rank: int) -> dict | None:
+        raw = self._get(f"emu_fr/{group}/{rank}")
+        return json.loads(raw) if raw else None
+
+    def last_record(self, rank: int) -> dict | None:
+        raw = self._get(f"emu_last/{rank}")
+        return json.loads(raw) if raw else None
+
+    def _state(self, r: int, failure: Failure) -> tuple[RankState, dict | None]:
+        alive = self.alive(r)                    # before the farewell: a farewell precedes any exit
+        bye = self.farewell_of(r)
+        if bye is not None:
+            return RankState.FAILED, bye
+        if alive is False:
+            return RankState.DEAD, None
+        rec = self.reached(failure.group, r)
+        if rec is not None and rec["seq"] >= failure.seq:
+            return RankState.WAITING, None
+        return (RankState.STUCK if failure.timed_out else RankState.BEHIND), None
+
+    def diagnose(self, failure: Failure, grace_s: float = 1.0) -> Diagnosis:
+        """Classify every other member of the failed collective, waiting up to ``grace_s`` for
+        ranks that have not arrived to be seen dead or to leave a farewell."""
+        me = dist.get_rank()
+        others = [r for r in failure.ranks if r != me]
+        deadline = time.monotonic() + grace_s
+        while True:
+            seen = {r: self._state(r, failure) for r in others}
+            if all(s != RankState.BEHIND for s, _ in seen.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        states = {r: s for r, (s, _) in seen.items()}
+        own_fault = [r for r, (s, bye) in seen.items()
+                     if s == RankState.FAILED and (bye["kind"] == ErrorKind.BAD_INPUT.name or r in bye["culprits"])]
+        dead = [r for r, s in states.items() if s == RankState.DEAD]
+        stuck = [r for r, s in states.items() if s == RankState.STUCK]
+        culprits = tuple(sorted(dead + stuck + own_fault)) or tuple(sorted(
+            r for r, s in states.items() if s == RankState.BEHIND))
+        kind = ErrorKind.DEAD_PEER if dead else ErrorKind.TIMEOUT if stuck or not own_fault else ErrorKind.PEER_FAILED
+        stacks = self.fetch_stacks(stuck) if stuck else {}
+        if failure.timed_out:
+            self.dump_own()
+        return Diagnosis(states=states, culprits=culprits, kind=kind,
+                         text=self._explain(failure, seen, culprits, stacks))
+
+    def _explain(self, failure: Failure, seen: dict, culprits: tuple[int, ...], stacks: dict[int, str]) -> str:
+        me = dist.get_rank()
+        how = (f"no progress for {failure.limit_s:g} s (EMU_TIMEOUT_S)" if failure.timed_out
+               else f"failed after {failure.elapsed_s:.2f} s ({failure.cause})")
+        causes = []
+        for r in culprits:
+            state, bye = seen[r]
+            causes.append(f"rank {r} is {state.value}" + (f" ({bye['type']}: {bye['message']})"
+                                                             if state == RankState.FAILED else ""))
+        lines = [f"{failure.what} (seq {failure.seq}) on group {failure.group} (ranks {_spans(sorted(failure.ranks))}): "
+                 f"{how}"
+                 + (": " + "; ".join(causes) if causes else "") + "."]
+        for r in culprits:
+            state, bye = seen[r]
+            if state == RankState.DEAD:
+                lines.append(f"  rank {r}: dead, its process is gone (last: {_where(self.last_record(r))})")
+            elif state == RankState.STUCK:
+                where = stacks.get(r) or "no stack (not on this host, or never used mc2-emu)"
+                lines.append(f"  rank {r}: stuck {where} (last: {_where(self.last_record(r))})")
+            elif state == RankState.FAILED:
+                lines.append(f"  rank {r}: failed on its own in {bye['at']}: {bye['type']}: {bye['message']}")
+            else:
+                lines.append(f"  rank {r}: not arrived (last: {_where(self.last_record(r))})")
+        after: dict[tuple[int, ...], list[int]] = {}
+        for r, (state, bye) in seen.items():
+            if state == RankState.FAILED and r not in culprits:
+                after.setdefault(tuple(bye["culprits"]), []).append(r)
+        for blamed, rs in sorted(after.items()):
+            lines.append(f"  {_who(rs)}: failed after {_who(list(blamed)) if blamed else 'a peer'}")
+        waiting = [r for r, (s, _) in seen.items() if s == RankState.WAITING] + [me]
+        behind = [r for r, (s, _) in seen.items() if s == RankState.BEHIND and r not in culprits]
+        lines.append(f"  {_who(sorted(waiting))}: in {failure.what} (seq {failure.seq})")
+        if behind:
+            lines.append(f"  {_who(behind)}: alive, not arrived yet")
+        if stacks or failure.timed_out:
+            lines.append(f"  Python stacks: {os.path.dirname(self.stack_path or '') or '(none)'}/rank*.stack")
+        return "\n".join(lines)
+
+    def fetch_stacks(self, ranks: list[int], wait_s: float = 1.0) -> dict[int, str]:
+        """Ask each rank (on this host) to dump its Python stacks; "in fn at file:line" each."""
+        pending = {}
         for r in ranks:
-            key = f"emu_fr/{group}/{r}"
+            rec = self._get(f"emu_stack/{r}")
+            if rec is None:
+                continue
+            host, pid, path = rec.split(":", 2)
+            if host != _HOST or not os.path.exists(path):
+                continue
             try:
-                out[r] = json.loads(store.get(key)) if store is not None and store.check([key]) else None
-            except RuntimeError:
-                out[r] = None
+                size = os.path.getsize(path)
+                os.kill(int(pid), STACK_SIGNAL)
+            except OSError:
+                continue
+            pending[r] = (path, size)
+        out: dict[int, str] = {}
+        deadline = time.monotonic() + wait_s
+        while pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+            for r, (path, size) in list(pending.items()):
+                if os.path.getsize(path) > size:
+                    time.sleep(0.05)                                  # let the dump finish
+                    with open(path) as f:
+                        f.seek(size)
+                        where = innermost_user_frame(f.read())
+                    out[r] = where or "in mc2-emu or torch"
+                    del pending[r]
         return out
 
-    def diagnose(self, group: str, ranks: list[int], seq: int, what: str) -> Diagnosis:
-        """Which peers never finished ``what`` (collective ``seq`` of ``group``), and why."""
-        me = dist.get_rank()
-        state = self.reached(group, ranks)
-        dead = [r for r in ranks if r != me and self.alive(r) is False]
-        behind = [r for r in ranks if r != me and (state[r] is None or state[r]["seq"] < seq)]
-        parts = []
-        if dead:
-            parts.append("dead: " + ", ".join(f"rank {r}" + (f" (last in {state[r]['op']} #{state[r]['call']} "
-                                                                 f"{state[r]['phase']}, seq {state[r]['seq']})"
-                                                                 if state[r] else "") for r in dead)
-                         + f"; it never finished {what} (seq {seq})" + ";")
-        if behind:
-            parts.append("never reached it: " + ", ".join(f"rank {r}" for r in behind))
-        table = "; ".join(f"rank {r}: " + (f"seq {s['seq']} ({s['op']} #{s['call']} {s['phase']})" if s else "none")
-                          for r, s in state.items())
-        text = (" ".join(parts) + ". " if parts else "") + f"Flight recorder for {group}: {table}"
-        return Diagnosis(dead=tuple(dead), behind=tuple(behind), text=text)
+    def dump_own(self) -> None:
+        """Write this rank's Python stacks and its last collectives next to its stack file."""
+        if self._stack_file is None:
+            return
+        faulthandler.dump_traceback(file=self._stack_file, all_threads=True)
+        with open(self.stack_path.replace(".stack", ".flight.json"), "w") as f:
+            json.dump(list(self.ring), f, indent=1)
 
     def message(self, key: str, message: str | None = None, wait_s: float = 0.0) -> str | None:
         """Set (message given) or read a short text under ``key`` in the rendezvous store."""
