@@ -71,12 +71,14 @@ def run(req: Request, on: Chip | None = None) -> DispatchOutputs | torch.Tensor:
     whom), so that peers never take this rank for dead."""
     on = on or chip()
     req = on.adapt(req)
+    recorder = current().recorder
+    recorder.begin_op()
     try:
         checked = attempt(getattr(on, f"check_{req.kind}"), req)
         call = open_call(req, checked, on.elastic)
         result = getattr(on.paths[checked.prep.algorithm], req.kind)(call, checked.prep, req.inputs)
     except Exception as exc:
-        current().recorder.farewell(type(exc).__name__, getattr(exc, "kind", None), getattr(exc, "culprits", ()),
+        recorder.farewell(type(exc).__name__, getattr(exc, "kind", None), getattr(exc, "culprits", ()),
                                     str(exc))
         raise
     call.add_waits(req.inputs.performance_info)

@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from datetime import timedelta
+from functools import partial
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -28,13 +29,15 @@ from torch.distributed import distributed_c10d as c10d  # noqa: E402
 
 from emu import disable_trace, enable_trace, group_name  # noqa: E402
 from emu.debug.trace import merge  # noqa: E402
+from emu.testing.failures import run_reporting  # noqa: E402
 from emu.testing.scenario import Scenario, compare, rank_groups, run_rank, run_reference, summary  # noqa: E402
 
 DOC_EXAMPLE = dict(moe=7, shared=1, shared_ranks=1, bs=8, h=7168, k=3, zero=1, copy=1, const=1,
                    data="doc", experts="identity")
 
 
-def parse_args(world: int) -> tuple[Scenario, argparse.Namespace]:
+def parse_args() -> argparse.Namespace:
+    """The flags (parsed before torch.distributed starts, so --help works with plain python)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--removed", choices=["idle", "dead"], default="idle",
                    help="what the ranks removed by elastic scaling do (default idle)")
@@ -44,6 +47,8 @@ def parse_args(world: int) -> tuple[Scenario, argparse.Namespace]:
     p.add_argument("--special", action="store_true", help="send odd tokens' last slot to the special experts")
     p.add_argument("--trace", default=None, metavar="DIR",
                    help="record every collective into DIR (per-rank JSONL + DIR/trace.json for Perfetto)")
+    p.add_argument("--traceback", action="store_true",
+                   help="print each failing rank's traceback too (default: one line per rank and a summary)")
     for f in dataclasses.fields(Scenario):
         if f.name in ("ep", "removed", "elastic_flag0"):
             continue
@@ -53,7 +58,11 @@ def parse_args(world: int) -> tuple[Scenario, argparse.Namespace]:
             p.add_argument(flag, action="store_true", default=default, help=f"(default {default})")
         else:
             p.add_argument(flag, type=type(f.default), default=default, help=f"(default {default})")
-    a = p.parse_args()
+    return p.parse_args()
+
+
+def scenario(a: argparse.Namespace, world: int) -> Scenario:
+    """The scenario of the flags on a world of ``world`` ranks."""
     a.soc = a.soc.upper()
     if a.soc == "A2":                       # A2: no shared experts, special experts, TP or elastic
         a.shared_ranks, a.zero, a.copy, a.const, a.no_elastic = 0, 0, 0, 0, True
@@ -66,7 +75,7 @@ def parse_args(world: int) -> tuple[Scenario, argparse.Namespace]:
     fields["ep"] = world // (2 if a.tp == 2 else 1)
     if a.special:
         fields["special_frac"] = 1.0
-    return Scenario(**fields), a
+    return Scenario(**fields)
 
 
 def removed_ranks(sc: Scenario, args: argparse.Namespace) -> str:
@@ -100,10 +109,11 @@ def run_phase(sc: Scenario, label: str, store, group_ep, group_tp) -> bool:
     return store.get(f"emu_main/{label}/verdict") == b"1"
 
 
-def main() -> int:
+def run_job(args: argparse.Namespace) -> int:
+    """The job on this rank: exit status 0 only if every rank that called the op matched."""
     dist.init_process_group("gloo", timeout=timedelta(seconds=float(os.environ.get("EMU_TIMEOUT_S", "60"))))
-    me = dist.get_world_size() and dist.get_rank()
-    sc, args = parse_args(dist.get_world_size())
+    me = dist.get_rank()
+    sc = scenario(args, dist.get_world_size())
     if args.trace:
         enable_trace(args.trace)
     store = c10d._get_default_store()
@@ -133,6 +143,11 @@ def main() -> int:
     time.sleep(0.05)
     dist.destroy_process_group()
     return 0 if ok else 1
+
+
+def main() -> int:
+    args = parse_args()
+    return run_reporting(partial(run_job, args), args.traceback)
 
 
 if __name__ == "__main__":

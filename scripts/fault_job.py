@@ -11,8 +11,8 @@ warm-up dispatch + combine, then rank ``--rank`` fails while the others run disp
     hang           it sleeps forever instead of calling dispatch
 
 Each rank that raises prints one JSON line (``FAULT {...}``: rank, error type, kind, culprits,
-every peer's state, seconds from the call to the error, wall clock) and then leaves through
-the interpreter's normal exit with code 1.  ``scripts/stress_faults.py`` repeats this.
+every peer's state, seconds from the call to the error, wall clock; also ``--out DIR/rank<r>.json``)
+and then leaves through the interpreter's normal exit with code 1.  ``scripts/stress_faults.py`` repeats this.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def main() -> int:
     p.add_argument("--fault", choices=FAULTS, required=True)
     p.add_argument("--rank", type=int, default=None, help="the failing rank (default: the last)")
     p.add_argument("--no-warmup", action="store_true", help="fail in the very first call")
+    p.add_argument("--out", default=None, metavar="DIR", help="write each record to DIR/rank<r>.json too")
     a = p.parse_args()
     dist.init_process_group("gloo")                          # torch's default timeout: 30 minutes
     me, world = dist.get_rank(), dist.get_world_size()
@@ -56,11 +57,15 @@ def main() -> int:
     try:
         run_rank(sc, me, group)
     except emu.EmuError as exc:
-        print("FAULT " + json.dumps({
+        record = json.dumps({
             "rank": me, "type": type(exc).__name__, "kind": exc.kind.name, "culprits": list(exc.culprits),
             "states": {str(r): s.name for r, s in getattr(exc, "states", {}).items()},
             "seconds": round(time.monotonic() - t0, 3), "t": time.time(), "first_line": str(exc).splitlines()[0],
-            "message": str(exc)}), flush=True)
+            "message": str(exc)})
+        if a.out:
+            with open(os.path.join(a.out, f"rank{me}.json"), "w") as f:
+                f.write(record)
+        print("FAULT " + record, flush=True)
         return 1
     print(f"rank {me}: no error", flush=True)
     return 0

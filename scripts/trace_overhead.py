@@ -20,10 +20,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch.distributed as dist  # noqa: E402
 
 from emu import disable_trace, enable_trace, group_name  # noqa: E402
+from emu.testing.failures import run_reporting  # noqa: E402
 from emu.testing.scenario import Scenario, run_rank  # noqa: E402
 
 
 def main() -> int:
+    return run_reporting(run)
+
+
+def run() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--h", type=int, default=7168)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -22,11 +23,15 @@ pytestmark = pytest.mark.timeout(180)
 def run_fault(fault: str, *flags: str) -> tuple[list[dict], float]:
     """Run the fault job on 4 ranks; returns every FAULT record and when the job ended (wall)."""
     env = dict(os.environ, EMU_TIMEOUT_S=str(TIMEOUT_S), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
-                           os.path.join(ROOT, "scripts", "fault_job.py"), "--fault", fault, *flags],
-                          capture_output=True, text=True, env=env, timeout=150)
-    end = time.time()
-    records = [json.loads(line[6:]) for line in proc.stdout.splitlines() if line.startswith("FAULT ")]
+    with tempfile.TemporaryDirectory() as out:
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+                        os.path.join(ROOT, "scripts", "fault_job.py"), "--fault", fault, "--out", out, *flags],
+                       capture_output=True, text=True, env=env, timeout=150)
+        end = time.time()
+        records = []
+        for name in sorted(os.listdir(out)):
+            with open(os.path.join(out, name)) as f:
+                records.append(json.load(f))
     return records, end
 
 

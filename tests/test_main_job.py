@@ -27,3 +27,21 @@ def test_main_job_doc_example(flags):
     assert survivors == [["0", "0"], ["1", "1"], ["6", "2"], ["7", "3"]], out
     if "--special" not in flags:
         assert out.count("[1.296875, 1.296875, 1.296875]") == 12, out    # bf16(0.3 + 1.0) everywhere
+
+
+@pytest.mark.timeout(240)
+def test_main_job_error_is_one_line_per_rank_and_a_summary():
+    """A configuration error: one line per rank and one summary line, no rank's traceback."""
+    env = dict(os.environ, EMU_TIMEOUT_S="60", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+                           os.path.join(ROOT, "launch", "dispatch.py"), "--moe", "7", "--h", "1024"],
+                          capture_output=True, text=True, env=env, timeout=220)
+    assert proc.returncode != 0
+    lines = proc.stdout.splitlines()
+    rule = "moe_expert_num=7 violates: must be a multiple of ep_world_size - shared_expert_rank_num = 3"
+    assert sorted(l.split(":")[0] for l in lines if l.startswith("rank ")) == [f"rank {r}" for r in range(4)], lines
+    assert all(l.split(": ", 1)[1].startswith("AclnnError [561002]: ") and rule in l
+               for l in lines if l.startswith("rank ")), lines
+    assert [l for l in lines if l.startswith("FAIL:")] == [
+        f"FAIL: 4 of 4 ranks raised: AclnnError [561002] aclnnMoeDistributeDispatchV3: {rule} (ranks 0-3)"], lines
+    assert len(lines) == 5 and "emu/" not in proc.stderr, proc.stderr[-2000:]

@@ -141,6 +141,7 @@ class FlightRecorder:
         self._store = None
         self.registered = False
         self.count = 0                                    # collectives of this process
+        self.attempt = 0                                  # op calls of this process (aligned across ranks)
         self.ring: collections.deque[dict] = collections.deque(maxlen=capacity)
         self.stack_path: str | None = None
         self._stack_file: IO[str] | None = None
@@ -190,12 +191,16 @@ class FlightRecorder:
         if self.stack_path and os.path.exists(self.stack_path) and os.path.getsize(self.stack_path) == 0:
             os.unlink(self.stack_path)
 
+    def begin_op(self) -> None:
+        """An op call starts (every rank calls the ops in the same order, so the numbers align)."""
+        self.attempt += 1
+
     def entered(self, group: str, seq: int, op: str, call: int, phase: str) -> None:
         """Record that this rank is about to issue collective ``seq`` of ``group``."""
         self.register()
         self.count += 1
         rec = {"group": group, "seq": seq, "op": op, "call": call, "phase": phase, "n": self.count,
-               "t": time.time()}
+               "attempt": self.attempt, "t": time.time()}
         self.ring.append(rec)
         if self.store is not None:
             me = dist.get_rank()
@@ -208,7 +213,8 @@ class FlightRecorder:
         last = self.ring[-1] if self.ring else None
         self._set(f"emu_bye/{dist.get_rank()}", json.dumps({
             "type": type_name, "kind": kind.name if kind is not None else None, "culprits": list(culprits),
-            "message": message.splitlines()[0][:400] if message else "", "n": self.count, "at": _where(last)}))
+            "message": message.splitlines()[0][:400] if message else "", "n": self.count, "attempt": self.attempt,
+            "at": _where(last)}))
 
     def alive(self, rank: int) -> bool | None:
         """True/False when ``rank`` runs on this host and its pid can be checked, else None."""
@@ -225,11 +231,14 @@ class FlightRecorder:
             return False
 
     def farewell_of(self, rank: int) -> dict | None:
-        """The farewell of ``rank`` if it is current (no collective of it since), else None."""
+        """The farewell ``rank`` left in this rank's current op call (not an earlier one), if it
+        issued no collective since; else None."""
         raw = self._get(f"emu_bye/{rank}")
         if raw is None:
             return None
         bye = json.loads(raw)
+        if bye["attempt"] < self.attempt:
+            return None
         last = self._get(f"emu_last/{rank}")
         return bye if last is None or bye["n"] >= json.loads(last)["n"] else None
 
