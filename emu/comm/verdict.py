@@ -10,24 +10,9 @@ from collections.abc import Callable
 import numpy as np
 
 from ..core.errors import TILING_ERROR, ErrorKind, PeerError
+from ..core.ranks import who
 from .domain import Domain
 from .header import Header
-
-
-def spans(ranks: list[int]) -> str:
-    """[0, 1, 2, 4, 5] -> "0-2, 4-5"."""
-    out, start = [], None
-    for i, r in enumerate(ranks):
-        if start is None:
-            start = r
-        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
-            out.append(f"{start}" if start == r else f"{start}-{r}")
-            start = None
-    return ", ".join(out)
-
-
-def who(ranks: list[int]) -> str:
-    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {spans(ranks)}"
 
 
 def _minority(groups: list[list[int]]) -> tuple[int, ...]:

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
 from ..core.errors import ErrorKind, RankState
+from ..core.ranks import spans, who
 
 STACK_SIGNAL = signal.SIGUSR2
 _HOST = socket.gethostname()
@@ -93,20 +94,6 @@ class Diagnosis:
     culprits: tuple[int, ...]
     kind: ErrorKind
     text: str
-
-
-def _spans(ranks: list[int]) -> str:
-    out, start = [], None
-    for i, r in enumerate(ranks):
-        start = r if start is None else start
-        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
-            out.append(f"{start}" if start == r else f"{start}-{r}")
-            start = None
-    return ", ".join(out)
-
-
-def _who(ranks: list[int]) -> str:
-    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {_spans(sorted(ranks))}"
 
 
 def _where(rec: dict | None) -> str:
@@ -296,7 +283,7 @@ class FlightRecorder:
             state, bye = seen[r]
             causes.append(f"rank {r} is {state.value}" + (f" ({bye['type']}: {bye['message']})"
                                                              if state == RankState.FAILED else ""))
-        lines = [f"{failure.what} (seq {failure.seq}) on group {failure.group} (ranks {_spans(sorted(failure.ranks))}): "
+        lines = [f"{failure.what} (seq {failure.seq}) on group {failure.group} (ranks {spans(sorted(failure.ranks))}): "
                  f"{how}"
                  + (": " + "; ".join(causes) if causes else "") + "."]
         for r in culprits:
@@ -315,12 +302,12 @@ class FlightRecorder:
             if state == RankState.FAILED and r not in culprits:
                 after.setdefault(tuple(bye["culprits"]), []).append(r)
         for blamed, rs in sorted(after.items()):
-            lines.append(f"  {_who(rs)}: failed after {_who(list(blamed)) if blamed else 'a peer'}")
+            lines.append(f"  {who(rs)}: failed after {who(list(blamed)) if blamed else 'a peer'}")
         waiting = [r for r, (s, _) in seen.items() if s == RankState.WAITING] + [me]
         behind = [r for r, (s, _) in seen.items() if s == RankState.BEHIND and r not in culprits]
-        lines.append(f"  {_who(sorted(waiting))}: in {failure.what} (seq {failure.seq})")
+        lines.append(f"  {who(sorted(waiting))}: in {failure.what} (seq {failure.seq})")
         if behind:
-            lines.append(f"  {_who(behind)}: alive, not arrived yet")
+            lines.append(f"  {who(behind)}: alive, not arrived yet")
         if stacks or failure.timed_out:
             lines.append(f"  Python stacks: {os.path.dirname(self.stack_path or '') or '(none)'}/rank*.stack")
         return "\n".join(lines)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
 from ..core.errors import AclnnError, CollectiveError, EmuError
+from ..core.ranks import spans
 
 _COUNT = "emu_fail/count"
 _DONE = "emu_fail/summarised"
@@ -33,16 +34,6 @@ def _say(line: str) -> None:
     """One line in one write: lines of ranks sharing a pipe never interleave."""
     sys.stdout.flush()
     os.write(sys.stdout.fileno(), (line + "\n").encode())
-
-
-def _spans(ranks: list[int]) -> str:
-    out, start = [], None
-    for i, r in enumerate(ranks):
-        start = r if start is None else start
-        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
-            out.append(f"{start}" if start == r else f"{start}-{r}")
-            start = None
-    return ", ".join(out)
 
 
 def describe(exc: BaseException) -> str:
@@ -103,7 +94,7 @@ def _summarise(store, world: int, quiet_s: float = 1.0, most_s: float = 5.0) -> 
     for i in range(1, seen + 1):
         rank, text = store.get(f"emu_fail/{i}").decode().split("\t", 1)
         by_cause.setdefault(text, []).append(int(rank))
-    parts = [f"{text} (rank{'s' if len(rs) > 1 else ''} {_spans(sorted(rs))})" for text, rs in by_cause.items()]
+    parts = [f"{text} (rank{'s' if len(rs) > 1 else ''} {spans(sorted(rs))})" for text, rs in by_cause.items()]
     _say(f"FAIL: {seen} of {world} ranks raised: " + "; ".join(parts))
 
 
