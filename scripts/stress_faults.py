@@ -2,13 +2,17 @@
 
     python scripts/stress_faults.py [--runs 20] [--ranks 4,8] [--timeout 5] [--faults ...]
 
-Each run starts a fresh torchrun job in which one random rank fails (exits before dispatch,
-dies in dispatch's or combine's EP rows exchange, or sleeps forever) and checks:
+Each run starts a fresh job (one process a rank, with torchrun's environment and an agent
+store, through ``emu.testing.jobs.run_job``: torchrun itself would end every rank as soon as
+the failing one exits, before the others can report) in which one random rank fails (exits
+before dispatch, dies in dispatch's or combine's EP rows exchange, or sleeps forever), and
+checks:
 
 * every live rank raised;
 * every live rank names the failing rank first (the first sentence), blames it alone
   (culprits), and lists no other rank as dead;
-* every process has exited within EMU_TIMEOUT_S + 5 s of the failing call.
+* every live process has exited on its own within EMU_TIMEOUT_S + 5 s of the failing call
+  (the sleeping rank is killed once the others are gone).
 
 Prints one line per (fault, ranks) with the counts, and a last line ``stress: N/M runs passed``.
 """
@@ -19,36 +23,35 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+from emu.testing.jobs import run_job  # noqa: E402
+
 FAULTS = ("exit-before", "dispatch-rows", "combine-rows", "hang")
 WORDS = {"exit-before": "dead", "dispatch-rows": "dead", "combine-rows": "dead", "hang": "stuck"}
 
 
 def one_run(fault: str, ranks: int, bad: int, timeout_s: float) -> dict:
-    """One torchrun job; returns what was checked."""
-    env = dict(os.environ, EMU_TIMEOUT_S=str(timeout_s), OMP_NUM_THREADS="1")
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-               os.path.join(HERE, "fault_job.py"), "--fault", fault, "--rank", str(bad), "--out", out]
-        subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s + 120)
-        end = time.time()
-        recs = []
-        for name in sorted(os.listdir(out)):
-            with open(os.path.join(out, name)) as f:
-                recs.append(json.load(f))
+    """One job (every rank a process of its own, no launcher that ends the job early);
+    returns what was checked."""
+    job = run_job([os.path.join(HERE, "fault_job.py"), "--fault", fault, "--rank", str(bad)], ranks,
+                  env={"EMU_TIMEOUT_S": f"{timeout_s:g}", "OMP_NUM_THREADS": "1"}, timeout_s=timeout_s + 120,
+                  stuck={bad} if fault == "hang" else set())
+    recs = [json.loads(line[6:]) for p in job for line in p.stdout.splitlines() if line.startswith("FAULT ")]
     live = sorted(set(range(ranks)) - {bad})
-    named_first = [r for r in recs if f"rank {bad} is {WORDS[fault]}" in r["first_line"].split(": ")[-1]]
+    word = WORDS[fault]
+    named_first = [r for r in recs if f"rank {bad} is {word}" in r["first_line"].split(": ")[-1]]
     only = [r for r in recs if r["culprits"] == [bad]
-            and [p for p, s in r["states"].items() if s == "DEAD"] == ([str(bad)] if WORDS[fault] == "dead" else [])]
-    start = min((r["t"] - r["seconds"] for r in recs), default=end)
+            and [p for p, s in r["states"].items() if s == "DEAD"] == ([str(bad)] if word == "dead" else [])]
+    start = min((r["t"] - r["seconds"] for r in recs), default=time.time())
+    exit_s = max(job[r].exited_at for r in live) - start
     return dict(all_raised=sorted(r["rank"] for r in recs) == live, named_first=len(named_first) == len(live),
-                only_culprit=len(only) == len(live), exit_s=end - start,
-                exited=end - start <= timeout_s + 5, error_s=max((r["seconds"] for r in recs), default=float("nan")))
+                only_culprit=len(only) == len(live), exit_s=exit_s, exited=exit_s <= timeout_s + 5
+                and not any(job[r].killed for r in live), error_s=max((r["seconds"] for r in recs), default=float("nan")))
 
 
 def main() -> int:

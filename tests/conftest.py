@@ -9,12 +9,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 os.environ.setdefault("EMU_TIMEOUT_S", "30")
 
 
-def world_fixture(n: int):
-    """A module-scoped fixture: one n-rank world shared by every test of the module."""
-    @pytest.fixture(scope="module")
-    def _world():
-        from world import World
-        w = World(n, timeout_s=float(os.environ["EMU_TIMEOUT_S"]))
-        yield w
-        w.close()
-    return _world
+@pytest.fixture
+def world(emu_world):
+    """The module's world (its size from the module's ``emu_world`` marker)."""
+    return emu_world

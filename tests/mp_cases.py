@@ -1,4 +1,5 @@
-"""Functions the test worlds run on every rank (``World.run("mp_cases:fn", ...)``)."""
+"""Functions the test worlds run on every rank (``emu_world.run(mp_cases.fn, ...)``); each
+finds its rank with ``emu.testing.this_rank()``."""
 from __future__ import annotations
 
 import os
@@ -12,12 +13,13 @@ import emu
 from emu.core.layout import DispatchOutputs
 from emu.testing.scenario import (Scenario, combine_inputs, combine_kwargs, dispatch_kwargs, expert_outputs,
                                   make_rank_data, route, run_rank)
-import world
+from emu.testing import leave, this_rank
 from world_groups import groups_for
 
 
-def scenario(rank: int, by_name: bool = True, **fields) -> tuple:
+def scenario(by_name: bool = True, **fields) -> tuple:
     """Run one scenario on this rank; returns (dispatch 7-tuple, x_out, perf wait_us)."""
+    rank = this_rank().rank
     sc = Scenario(**fields)
     ep_g, tp_g = groups_for(sc)
     if by_name:
@@ -52,7 +54,7 @@ def _call(fn, kw: dict):
     return fn(*args, **kw)
 
 
-def bad_call(rank: int, op: str, change: dict, bad_ranks: list[int] | None = None, env: dict | None = None,
+def bad_call(op: str, change: dict, bad_ranks: list[int] | None = None, env: dict | None = None,
              callers: list[int] | None = None, **fields) -> str:
     """One call of ``op`` where ``bad_ranks`` (None = all) apply ``change`` to their kwargs.
 
@@ -61,6 +63,7 @@ def bad_call(rank: int, op: str, change: dict, bad_ranks: list[int] | None = Non
     ``change`` maps a keyword to a new value, or to a mutator (``mutators.derive``) called with
     the original kwargs to derive a bad tensor from a good one.
     """
+    rank = this_rank().rank
     sc = Scenario(**fields)
     if rank not in (callers if callers is not None else sc.survivors()):
         return "idle"
@@ -81,8 +84,9 @@ def bad_call(rank: int, op: str, change: dict, bad_ranks: list[int] | None = Non
     return "ok"
 
 
-def mismatched_calls(rank: int, odd_rank: int, **fields) -> str:
+def mismatched_calls(odd_rank: int, **fields) -> str:
     """Every rank dispatches; then ``odd_rank`` dispatches again while the others combine."""
+    rank = this_rank().rank
     sc = Scenario(**fields)
     kw = _dispatch_kwargs(sc, rank)
     outs = _call(emu.moe_distribute_dispatch_v2, dict(kw))
@@ -93,8 +97,9 @@ def mismatched_calls(rank: int, odd_rank: int, **fields) -> str:
     return "ok"
 
 
-def delayed_dispatch(rank: int, late_rank: int, delay_s: float, **fields) -> list[int]:
+def delayed_dispatch(late_rank: int, delay_s: float, **fields) -> list[int]:
     """Dispatch twice with ``late_rank`` entering ``delay_s`` late; returns performance_info."""
+    rank = this_rank().rank
     sc = Scenario(**fields)
     perf = torch.full((sc.ep,), 5, dtype=torch.int64)              # the op adds, never clears
     for _ in range(2):
@@ -105,46 +110,48 @@ def delayed_dispatch(rank: int, late_rank: int, delay_s: float, **fields) -> lis
     return perf.tolist()
 
 
-def elastic(rank: int, removed_mode: str = "idle", warmup: bool = True, directory: str | None = None, **fields):
+def elastic(removed_mode: str = "idle", warmup: bool = True, directory: str | None = None, **fields):
     """The doc's elastic flow on this rank: an optional non-elastic warm-up on every rank, then
     only the survivors run the scenario.  Removed ranks idle (return "idle") or die: they report
     "dead" and their process exits with code 0 before the survivors are done."""
+    rank = this_rank().rank
     sc = Scenario(**fields)
     if warmup:
         full = Scenario(**{**fields, "removed": "", "elastic_flag0": False})
-        scenario(rank, **full.asdict())
+        scenario(**full.asdict())
     if rank in sc.survivors():
-        return traced(rank, directory, **fields) if directory else scenario(rank, **fields)
+        return traced(directory, **fields) if directory else scenario(**fields)
     if removed_mode == "dead":
-        world.reply_and_exit(rank, "dead")
+        leave("dead")
     time.sleep(0.2)                                                # idle: doing something else
     return "idle"
 
 
-def with_fault(rank: int, fault: str, **fields):
+def with_fault(fault: str, **fields):
     """Run a scenario with ``EMU_FAULT=fault`` set (the named rank exits mid-call);
     returns (result or raise, seconds until this rank returned or raised)."""
     t0 = time.monotonic()
     with mock.patch.dict(os.environ, {"EMU_FAULT": fault}):
         try:
-            scenario(rank, **fields)
+            scenario(**fields)
             return "finished", time.monotonic() - t0
         except Exception as exc:  # noqa: BLE001 - the test inspects it
             return f"{type(exc).__name__}: {exc}", time.monotonic() - t0, getattr(exc, "kind", None), \
                 getattr(exc, "culprits", ()), getattr(exc, "states", {})
 
 
-def traced(rank: int, directory: str, **fields):
+def traced(directory: str, **fields):
     """Run a scenario with tracing into ``directory`` (then tracing off again)."""
     emu.enable_trace(directory)
     try:
-        return scenario(rank, **fields)
+        return scenario(**fields)
     finally:
         emu.disable_trace()
 
 
-def v1_matches_v2(rank: int, **fields) -> bool:
+def v1_matches_v2(**fields) -> bool:
     """The V1 pair (torch_npu names, expand_idx, rows back by position) gives the V2 outputs."""
+    rank = this_rank().rank
     sc = Scenario(**fields)
     kw = _dispatch_kwargs(sc, rank)
     for name in ("elastic_info", "zero_expert_num", "copy_expert_num", "const_expert_num", "comm_alg",
@@ -164,9 +171,3 @@ def v1_matches_v2(rank: int, **fields) -> bool:
                                     ck.pop("expert_scales"), ck.pop("group_ep"), ck.pop("ep_world_size"),
                                     ck.pop("ep_rank_id"), ck.pop("moe_expert_num"), **ck)
     return same and torch.equal(y1, y2) and outs1[2].numel() == sc.rank_bs(rank // (2 if sc.tp == 2 else 1)) * sc.k
-
-
-def scenario_with_env(rank: int, env: dict, **fields):
-    """``scenario`` with environment variables set on this rank for the call."""
-    with mock.patch.dict(os.environ, env):
-        return scenario(rank, **fields)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from emu.core.errors import ErrorKind, RankState
-from world import World
+import mp_cases
+from emu.testing import World, WorldSpec
 
 pytestmark = pytest.mark.timeout(120)
 TIMEOUT_S = 8.0
@@ -20,16 +21,13 @@ FIELDS = dict(ep=4, moe=6, shared_ranks=1, k=2, bs=4, h=1024)
 ], ids=["mid-dispatch", "combine-header", "mid-combine"])
 def test_dead_rank_named_by_every_live_rank(fault, collective):
     dead = int(fault.split(":")[0])
-    world = World(4, timeout_s=TIMEOUT_S)
-    try:
-        res = world.run("mp_cases:with_fault", fault=fault, deadline_s=60, **FIELDS)
-    finally:
-        world.close(force=True)
-    assert res[dead] == "exited(1)", res
+    with World(WorldSpec.of(4, emu_timeout=TIMEOUT_S)) as world:
+        res = world.run(mp_cases.with_fault, fault=fault, deadline_s=60, **FIELDS)
+    assert res[dead].exit_code == 1, res[dead]
     for g, r in enumerate(res):
         if g == dead:
             continue
-        message, seconds, kind, culprits, states = r
+        message, seconds, kind, culprits, states = r.get()
         assert message.startswith("CollectiveError"), (g, message)
         assert kind == ErrorKind.DEAD_PEER and culprits == (dead,), (g, kind, culprits, message)
         assert states[dead] == RankState.DEAD, (g, states)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import world_fixture
 from emu.core.errors import ErrorKind
 from mutators import (add, cast, derive, elastic_field, elastic_tables, extra_dim, first_columns, first_rows,
                       first_slot_id, first_slot_twice, widen)
+import mp_cases
 from mp_check import assert_all_raise, check_scenario
 
-world = world_fixture(4)
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.emu_world(4), pytest.mark.timeout(300)]
 
 NULL, INVALID, TILING = 161001, 161002, 561002
 BASE = dict(ep=4, moe=6, shared_ranks=1, k=2, bs=4, h=1024)
@@ -87,14 +86,14 @@ def _fields(extra: dict) -> tuple[dict, dict | None]:
 def test_dispatch_error_on_every_rank(world, name):
     change, code, text, extra = DISPATCH[name]
     fields, env = _fields(extra)
-    assert_all_raise(world.run("mp_cases:bad_call", op="dispatch", change=change, env=env, **fields), code, text)
+    assert_all_raise(world.run(mp_cases.bad_call, op="dispatch", change=change, env=env, **fields), code, text)
 
 
 @pytest.mark.parametrize("name", list(COMBINE))
 def test_combine_error_on_every_rank(world, name):
     change, code, text, extra = COMBINE[name]
     fields, env = _fields(extra)
-    assert_all_raise(world.run("mp_cases:bad_call", op="combine", change=change, env=env, **fields), code, text)
+    assert_all_raise(world.run(mp_cases.bad_call, op="combine", change=change, env=env, **fields), code, text)
 
 
 @pytest.mark.parametrize("op,change,code,text", [
@@ -104,7 +103,7 @@ def test_combine_error_on_every_rank(world, name):
 ])
 def test_one_bad_rank_fails_every_rank(world, op, change, code, text):
     """Only rank 2 gets bad input: it raises its own error, the others a PeerError naming it."""
-    res = world.run("mp_cases:bad_call", op=op, change=change, bad_ranks=[2], **BASE)
+    res = world.run(mp_cases.bad_call, op=op, change=change, bad_ranks=[2], **BASE)
     assert_all_raise(res, code, text, bad_ranks=[2])
 
 
@@ -122,15 +121,15 @@ def test_one_bad_rank_fails_every_rank(world, op, change, code, text):
 def test_attribute_mismatch_names_the_attribute(world, op, change, attribute):
     """Rank 1 passes a different (but locally valid) attribute: every rank raises, naming it
     and which ranks passed what."""
-    res = world.run("mp_cases:bad_call", op=op, change=change, bad_ranks=[1], **BASE)
+    res = world.run(mp_cases.bad_call, op=op, change=change, bad_ranks=[1], **BASE)
     assert_all_raise(res, TILING, attribute, bad_ranks=None, kind=ErrorKind.MISMATCHED_ATTRIBUTE, culprits=(1,))
-    assert all(f"attribute {attribute}" in r.message and "rank 1 passed" in r.message for r in res), res[0].message
+    assert all(f"attribute {attribute}" in r.error.message and "rank 1 passed" in r.error.message for r in res), res[0]
 
 
 def test_mismatched_call_sequence(world):
-    res = world.run("mp_cases:mismatched_calls", odd_rank=3, **BASE)
+    res = world.run(mp_cases.mismatched_calls, odd_rank=3, **BASE)
     assert_all_raise(res, TILING, "mismatched calls", kind=ErrorKind.MISMATCHED_CALL, culprits=(3,))
-    assert all("rank 3 called dispatch" in r.message for r in res)
+    assert all("rank 3 called dispatch" in r.error.message for r in res)
 
 
 def test_world_usable_after_errors(world):
@@ -141,9 +140,9 @@ def test_world_usable_after_errors(world):
 def test_tp2_bad_rank_fails_both_domains(world):
     """tp 2 (ep 2 x tp 2): a bad rank's EP and TP peers all raise; no rank hangs."""
     fields = dict(ep=2, tp=2, moe=2, shared_ranks=0, k=1, h=1024)
-    res = world.run("mp_cases:bad_call", op="dispatch", change={"x": None}, bad_ranks=[0], **fields)
+    res = world.run(mp_cases.bad_call, op="dispatch", change={"x": None}, bad_ranks=[0], **fields)
     assert_all_raise(res, NULL, "x=None", bad_ranks=[0])
-    res = world.run("mp_cases:bad_call", op="combine", change={"tp_send_counts": None}, bad_ranks=[3], **fields)
+    res = world.run(mp_cases.bad_call, op="combine", change={"tp_send_counts": None}, bad_ranks=[3], **fields)
     assert_all_raise(res, TILING, "tp_send_counts", bad_ranks=[3])
     check_scenario(world, **fields, seed=5)
 
@@ -165,27 +164,27 @@ def _survivors(res):
     ({"expert_ids": derive(first_slot_id, 5)}, TILING, "[E'="),
 ])
 def test_elastic_errors_on_every_survivor(world, change, code, text):
-    res = world.run("mp_cases:bad_call", op="dispatch", change=change, **ELASTIC_BASE)
-    assert res[2] == "idle"
+    res = world.run(mp_cases.bad_call, op="dispatch", change=change, **ELASTIC_BASE)
+    assert res[2].value == "idle"
     assert_all_raise(_survivors(res), code, text)
 
 
 def test_elastic_removed_rank_calling_is_rejected(world):
     """Rank 2 is removed by the table but calls anyway: it raises on its own, naming the rule."""
-    res = world.run("mp_cases:bad_call", op="dispatch", change={}, callers=[2], **ELASTIC_BASE)
+    res = world.run(mp_cases.bad_call, op="dispatch", change={}, callers=[2], **ELASTIC_BASE)
     assert_all_raise([res[2]], TILING, "removed ranks must not call")
-    assert res[0] == res[1] == res[3] == "idle"
+    assert res[0].value == res[1].value == res[3].value == "idle"
 
 
 def test_elastic_with_tp2_rejected(world):
-    res = world.run("mp_cases:bad_call", op="dispatch", callers=[0, 1, 2, 3],
+    res = world.run(mp_cases.bad_call, op="dispatch", callers=[0, 1, 2, 3],
                     change={"elastic_info": torch.tensor([1, 2, 0, 2, 0, 1, 0, 1], dtype=torch.int32)},
                     ep=2, tp=2, moe=2, shared_ranks=0, k=1, h=1024)
     assert_all_raise(res, TILING, "elastic_info")
 
 
 def test_elastic_combine_error_on_every_survivor(world):
-    res = world.run("mp_cases:bad_call", op="combine", change={"expert_scales": derive(first_columns, "expert_scales", 1)},
+    res = world.run(mp_cases.bad_call, op="combine", change={"expert_scales": derive(first_columns, "expert_scales", 1)},
                     **ELASTIC_BASE)
     assert_all_raise(_survivors(res), TILING, "expert_scales.shape")
-    check_scenario(world, target="mp_cases:elastic", run_kwargs={"warmup": False}, **ELASTIC_BASE, seed=9)
+    check_scenario(world, target=mp_cases.elastic, run_kwargs={"warmup": False}, **ELASTIC_BASE, seed=9)

@@ -9,12 +9,12 @@ from collections import defaultdict
 
 import pytest
 
-from conftest import world_fixture
 from emu.debug import events as trace_events
 from emu.debug import report, trace
+import mp_cases
+from emu.testing import WorldSpec
 from mp_check import check_scenario
 
-world = world_fixture(4)
 pytestmark = pytest.mark.timeout(300)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = [dict(ep=4, moe=6, shared_ranks=1, k=2, h=1024, quant=2, seed=1),
@@ -23,12 +23,13 @@ RUNS = [dict(ep=4, moe=6, shared_ranks=1, k=2, h=1024, quant=2, seed=1),
 
 
 @pytest.fixture(scope="module")
-def traced_dir(world, tmp_path_factory):
+def traced_dir(emu_pool, tmp_path_factory):
+    world = emu_pool.get(WorldSpec.of(4))
     d = str(tmp_path_factory.mktemp("trace"))
     for fields in RUNS[:2]:
-        check_scenario(world, target="mp_cases:traced", run_kwargs={"directory": d}, **fields)
+        check_scenario(world, target=mp_cases.traced, run_kwargs={"directory": d}, **fields)
     # an elastic run over the survivors' own group (rank 3 idle)
-    check_scenario(world, target="mp_cases:elastic", run_kwargs={"warmup": False, "directory": d}, **RUNS[2])
+    check_scenario(world, target=mp_cases.elastic, run_kwargs={"warmup": False, "directory": d}, **RUNS[2])
     return d
 
 

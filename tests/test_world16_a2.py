@@ -7,13 +7,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import world_fixture
 from emu.testing.scenario import RankResult, Scenario, compare, run_reference
 from mutators import derive, first_columns, widen
+import mp_cases
 from mp_check import assert_all_raise, check_scenario
 
-world = world_fixture(16)
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.emu_world(16), pytest.mark.timeout(300)]
 A2 = dict(soc="A2", ep=16, shared=1, shared_ranks=0, moe=16, k=2, bs=4, h=1024, comm_alg="fullmesh")
 
 
@@ -45,7 +44,7 @@ def test_a2_fullmesh_matches_reference(world, fields):
     ("combine", {"ori_x": torch.zeros(4, 1024, dtype=torch.bfloat16)}, 561002, "ori_x"),
 ])
 def test_a2_errors_on_every_rank(world, op, change, code, text):
-    res = world.run("mp_cases:bad_call", op=op, change=change, **A2)
+    res = world.run(mp_cases.bad_call, op=op, change=change, **A2)
     assert_all_raise(res, code, text)
 
 
@@ -68,7 +67,7 @@ def test_a2_env_selects_hierarchy(world):
     """comm_alg "" with HCCL_INTRA_PCIE_ENABLE=1 and HCCL_INTRA_ROCE_ENABLE=0 runs hierarchy."""
     env = {"HCCL_INTRA_PCIE_ENABLE": "1", "HCCL_INTRA_ROCE_ENABLE": "0"}
     hier = {**A2, "comm_alg": "hierarchy", "seed": 21}
-    got = world.run("mp_cases:scenario_with_env", env=env, **{**hier, "comm_alg": ""})
+    got = [o.get() for o in world.run(mp_cases.scenario, env=env, **{**hier, "comm_alg": ""})]
     want = run_reference(Scenario(**hier))
     assert all(not compare(RankResult(dispatch=g[0], x_out=g[1]), w) for g, w in zip(got, want)), got[0]
 
@@ -81,10 +80,10 @@ def test_a2_env_selects_hierarchy(world):
 ])
 def test_a2_hierarchy_checks(world, change, text):
     fields = {**A2, "comm_alg": "hierarchy"}
-    res = world.run("mp_cases:bad_call", op="dispatch", change={**change, "expert_scales": change.get(
+    res = world.run(mp_cases.bad_call, op="dispatch", change={**change, "expert_scales": change.get(
         "expert_scales", torch.rand(4, 2))}, **fields)
     if text is None:
-        assert res == ["ok"] * 16, res[0]
+        assert [o.value for o in res] == ["ok"] * 16, res[0]
     else:
         assert_all_raise(res, 561002, text)
 

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import world_fixture
 from emu.core.errors import ErrorKind
+import mp_cases
 from mp_check import assert_all_raise, check_scenario
 
-world = world_fixture(8)
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.emu_world(8), pytest.mark.timeout(300)]
 
 H = 1024
 CASES = {
@@ -69,18 +68,18 @@ ELASTIC = {
 @pytest.mark.parametrize("name", list(ELASTIC))
 def test_elastic_removed_ranks_idle(world, name):
     """Warm-up on all 8 ranks, then only the survivors call with elastic_info; removed ranks idle."""
-    check_scenario(world, target="mp_cases:elastic", run_kwargs={"removed_mode": "idle"}, **ELASTIC[name])
+    check_scenario(world, target=mp_cases.elastic, run_kwargs={"removed_mode": "idle"}, **ELASTIC[name])
 
 
 def test_one_bad_rank_among_8_fails_all_with_its_message(world):
-    res = world.run("mp_cases:bad_call", op="dispatch", change={"quant_mode": 1}, bad_ranks=[5], h=H)
+    res = world.run(mp_cases.bad_call, op="dispatch", change={"quant_mode": 1}, bad_ranks=[5], h=H)
     assert_all_raise(res, 561002, "quant_mode", bad_ranks=[5])
     for g, r in enumerate(res):
         if g != 5:
-            assert "static quant (1) is not supported" in r.message, r.message    # the bad rank's own words
-    res = world.run("mp_cases:mismatched_calls", odd_rank=3, h=H)
+            assert "static quant (1) is not supported" in r.error.message, r.error.message   # the bad rank's words
+    res = world.run(mp_cases.mismatched_calls, odd_rank=3, h=H)
     assert_all_raise(res, 561002, "rank 3 called dispatch #", kind=ErrorKind.MISMATCHED_CALL, culprits=(3,))
-    assert all("while ranks 0-2, 4-7 called combine #" in r.message for r in res), res[0].message
+    assert all("while ranks 0-2, 4-7 called combine #" in r.error.message for r in res), res[0]
     check_scenario(world, h=H, seed=50)
 
 
@@ -90,4 +89,4 @@ def test_one_bad_rank_among_8_fails_all_with_its_message(world):
     dict(tp=2, ep=4, moe=3, shared_ranks=1, k=2, uneven=True, h=H, seed=62),
 ], ids=["plain", "shared-replicas-quant-mask", "tp2-uneven"])
 def test_v1_api_matches_v2(world, fields):
-    assert world.run("mp_cases:v1_matches_v2", **fields) == [True] * 8
+    assert [o.get() for o in world.run(mp_cases.v1_matches_v2, **fields)] == [True] * 8

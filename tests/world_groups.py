@@ -16,7 +16,3 @@ def groups_for(sc: Scenario) -> tuple:
         _cache[key] = rank_groups(sc)
     return _cache[key]
 
-
-def clear() -> None:
-    """Drop every group object (none may outlive destroy_process_group)."""
-    _cache.clear()

@@ -16,9 +16,10 @@ rank whose process is gone without a farewell is DEAD, a live rank that never ar
 STUCK after a timeout (its Python stack is fetched) or BEHIND after a fast failure; the
 causes are named first, the same on every live rank.
 
-``EMU_FAULT=rank:op:phase[:hang]`` (e.g. ``3:dispatch:EP rows``) makes that global rank exit
-with code 1 (or, with ``:hang``, sleep forever) just before issuing that collective: a
-fault injection for tests and for users who want to see what their job does then.
+``EMU_FAULT=rank:op:phase[:action]`` (e.g. ``3:dispatch:EP rows``) makes that global rank exit
+with code 1 just before issuing that collective (``:hang``: sleep forever there;
+``:delay=0.5``: wait that long first); several faults are separated by ``;``.  A fault
+injection for tests and for users who want to see what their job does then.
 """
 from __future__ import annotations
 
@@ -46,22 +47,26 @@ STACK_SIGNAL = signal.SIGUSR2
 _HOST = socket.gethostname()
 
 
-def _fault_spec() -> tuple[int, str, str, str] | None:
-    raw = os.environ.get("EMU_FAULT")
-    if not raw:
-        return None
-    parts = raw.split(":")
-    if len(parts) < 3 or not parts[0].isdigit():
-        return None
-    action = parts[3] if len(parts) > 3 else "exit"
-    return int(parts[0]), parts[1], parts[2], action
+def _fault_specs() -> list[tuple[int, str, str, str]]:
+    """EMU_FAULT: ``rank:op:phase[:action]`` entries separated by ";"; action exit (default),
+    hang, or delay=SECONDS."""
+    out = []
+    for raw in os.environ.get("EMU_FAULT", "").split(";"):
+        parts = raw.strip().split(":")
+        if len(parts) >= 3 and parts[0].isdigit():
+            out.append((int(parts[0]), parts[1], parts[2], parts[3] if len(parts) > 3 else "exit"))
+    return out
 
 
 def maybe_fail(op: str, phase: str) -> None:
-    """Exit with code 1 (or hang) here if EMU_FAULT names this rank, op and phase."""
-    fault = _fault_spec()
-    if fault is not None and fault[0] == dist.get_rank() and fault[1] == op and fault[2] == phase:
-        if fault[3] == "hang":
+    """Exit with code 1, hang, or wait here if EMU_FAULT names this rank, op and phase."""
+    for rank, f_op, f_phase, action in _fault_specs():
+        if rank != dist.get_rank() or f_op != op or f_phase != phase:
+            continue
+        if action.startswith("delay="):
+            time.sleep(float(action.split("=", 1)[1]))
+            continue
+        if action == "hang":
             while True:
                 time.sleep(3600)
         os._exit(1)
@@ -124,8 +129,8 @@ class FlightRecorder:
     """This rank's records in the rendezvous store, its farewell, its stack file, and the
     reading of everyone's records when a collective fails."""
 
-    def __init__(self, capacity: int = 64):
-        self._store = None
+    def __init__(self, capacity: int = 64, store=None):
+        self._store = store                               # None: the default store, once there is one
         self.registered = False
         self.count = 0                                    # collectives of this process
         self.attempt = 0                                  # op calls of this process (aligned across ranks)
@@ -268,7 +273,7 @@ class FlightRecorder:
         culprits = tuple(sorted(dead + stuck + own_fault)) or tuple(sorted(
             r for r, s in states.items() if s == RankState.BEHIND))
         kind = ErrorKind.DEAD_PEER if dead else ErrorKind.TIMEOUT if stuck or not own_fault else ErrorKind.PEER_FAILED
-        stacks = self.fetch_stacks(stuck) if stuck else {}
+        stacks = {r: innermost_user_frame(d) or "in mc2-emu or torch" for r, d in self.fetch_stacks(stuck).items()}
         if failure.timed_out:
             self.dump_own()
         return Diagnosis(states=states, culprits=culprits, kind=kind,
@@ -313,7 +318,7 @@ class FlightRecorder:
         return "\n".join(lines)
 
     def fetch_stacks(self, ranks: list[int], wait_s: float = 1.0) -> dict[int, str]:
-        """Ask each rank (on this host) to dump its Python stacks; "in fn at file:line" each."""
+        """Ask each rank (on this host) to dump its Python stacks (SIGUSR2); their dumps."""
         pending = {}
         for r in ranks:
             rec = self._get(f"emu_stack/{r}")
@@ -337,8 +342,7 @@ class FlightRecorder:
                     time.sleep(0.05)                                  # let the dump finish
                     with open(path) as f:
                         f.seek(size)
-                        where = innermost_user_frame(f.read())
-                    out[r] = where or "in mc2-emu or torch"
+                        out[r] = f.read()
                     del pending[r]
         return out
 
