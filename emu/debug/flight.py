@@ -140,12 +140,16 @@ class FlightRecorder:
 
     @property
     def store(self):
-        """The default rendezvous store (None before torch.distributed is initialised)."""
+        """The job's rendezvous store itself, under the default group's key prefix (None before
+        torch.distributed is initialised): a launcher holding that store reads the records too."""
         if self._store is None:
             try:
-                self._store = c10d._get_default_store()
+                store = c10d._get_default_store()
             except (RuntimeError, ValueError):
-                pass
+                return None
+            while isinstance(store, dist.PrefixStore):
+                store = store.underlying_store
+            self._store = store
         return self._store
 
     def _set(self, key: str, value: str) -> None:
