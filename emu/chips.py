@@ -20,10 +20,12 @@ from .a3 import combine as a3_combine
 from .a3 import dispatch as a3_dispatch
 from .comm.call import Call, open_call
 from .comm.context import current
+from .comm.watching import watched_group
 from .core.inputs import CombineInputs, DispatchInputs
 from .core.layout import DispatchOutputs
 from .core.request import CombineRequest, DispatchRequest, Prepared, R, Request, attempt
 from .core.soc import current_soc
+from .debug.watch import Fingerprint, Watcher, call_site
 
 
 @dataclass(frozen=True)
@@ -71,18 +73,31 @@ def run(req: Request, on: Chip | None = None) -> DispatchOutputs | torch.Tensor:
     whom), so that peers never take this rank for dead."""
     on = on or chip()
     req = on.adapt(req)
-    recorder = current().recorder
+    ctx = current()
+    recorder = ctx.recorder
     recorder.begin_op()
+    watched = _watch(ctx.watcher, req) if ctx.watcher is not None else None
     try:
         checked = attempt(getattr(on, f"check_{req.kind}"), req)
         call = open_call(req, checked, on.elastic)
         result = getattr(on.paths[checked.prep.algorithm], req.kind)(call, checked.prep, req.inputs)
     except Exception as exc:
-        recorder.farewell(type(exc).__name__, getattr(exc, "kind", None), getattr(exc, "culprits", ()),
-                                    str(exc))
+        recorder.farewell(type(exc).__name__, getattr(exc, "kind", None), getattr(exc, "culprits", ()), str(exc))
         raise
+    finally:
+        if watched is not None:
+            ctx.watcher.after(watched)
     call.add_waits(req.inputs.performance_info)
     return result
+
+
+def _watch(watcher: Watcher, req: Request) -> dict | None:
+    """The op as one collective of its EP group in the watch (None: the group is unknown)."""
+    where = watched_group(req)
+    if where is None:
+        return None
+    main = req.inputs.x if req.kind == "dispatch" else req.inputs.expand_x
+    return watcher.before(*where, Fingerprint.of(req.kind, main, call_site()))
 
 
 def run_dispatch(req: DispatchRequest, on: Chip | None = None) -> DispatchOutputs:

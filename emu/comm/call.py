@@ -8,6 +8,7 @@ raises naming the rank, the group and the collective (:mod:`emu.comm.transport`)
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -82,7 +83,8 @@ class Call:
                                                 after=partial(self._waits, kind, recv)))
         hdr = Header.decode(dom.from_group(recv.numpy()))
         if error == 0:
-            problem = judge(hdr, dom, dist.get_rank(), (self.op, self.call_no), self.attrs, self._peer_message)
+            sites = self._watched_site if self.ctx.watcher is not None else (lambda r: None)
+            problem = judge(hdr, dom, dist.get_rank(), (self.op, self.call_no), self.attrs, self._peer_message, sites)
             if problem is not None:
                 self.abort(problem)
         return hdr
@@ -98,6 +100,12 @@ class Call:
 
     def _peer_message(self, origin: int, call_no: int) -> str | None:
         return self.ctx.recorder.message(f"emu_err/{origin}/{call_no}")
+
+    def _watched_site(self, rank: int) -> str | None:
+        """Where ``rank`` called this op, from its last watch record (this op's own)."""
+        raw = self.ctx.recorder.message(f"emu_watch_last/{rank}")
+        rec = json.loads(raw) if raw else None
+        return rec["site"] if rec and rec["op"] == self.op else None
 
     def exchange_segments(self, kind: str, send: torch.Tensor, sent: Segments, received: Segments,
                           phase: str) -> torch.Tensor:
@@ -198,7 +206,7 @@ def open_call(req: Request, checked: Checked, elastic: bool = True) -> Call:
     order = (["TP", "EP"] if req.kind == "combine" else ["EP", "TP"]) if tp is not None else ["EP"]
     ctx = current()
     attrs = checked.prep.agreed[:MAX_ATTRS] if error is None else ()
-    call = Call(op=req.kind, ep=ep, tp=tp, attrs=attrs, ctx=ctx, call_no=ctx.next_call(ep.name),
+    call = Call(op=req.kind, ep=ep, tp=tp, attrs=attrs, ctx=ctx, call_no=ctx.next_call(ep.name, req.kind),
                 clock_ns=time.monotonic_ns(), pending=order)
     if error is not None:
         call.abort(error)

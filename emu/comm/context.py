@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from ..debug.flight import FlightRecorder
 from ..debug.trace import Tracer
+from ..debug.watch import Jitter, Watcher
 
 TRACE_ENV = "EMU_TRACE"
 
@@ -24,7 +25,7 @@ TRACE_ENV = "EMU_TRACE"
 class CommContext:
     """Mutable state of one process's emulator communication."""
 
-    call_counters: dict[str, int] = field(default_factory=dict)     # EP group name -> last call number
+    call_counters: dict[tuple[str, str], int] = field(default_factory=dict)  # (EP group, op) -> last call
     group_seq: dict[str, int] = field(default_factory=dict)         # group name -> last collective seq
     collectives_issued: int = 0                                     # every collective (benchmarks count them)
     wire_buffers: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -33,10 +34,14 @@ class CommContext:
     recorder: FlightRecorder = field(default_factory=FlightRecorder)
     tracer: Tracer | None = None
     trace_checked: bool = False                                     # EMU_TRACE read once
+    watcher: Watcher | None = None                                  # emu.watch() / EMU_WATCH
+    jitter: Jitter | None = field(default_factory=Jitter.from_env)  # EMU_JITTER_MS
 
-    def next_call(self, group: str) -> int:
-        self.call_counters[group] = self.call_counters.get(group, 0) + 1
-        return self.call_counters[group]
+    def next_call(self, group: str, op: str) -> int:
+        """The number of this op's call on ``group`` (per op: ``combine #1`` is the first combine)."""
+        key = (group, op)
+        self.call_counters[key] = self.call_counters.get(key, 0) + 1
+        return self.call_counters[key]
 
     def next_seq(self, group: str) -> int:
         self.collectives_issued += 1

@@ -68,6 +68,7 @@ def issue(ctx: CommContext, tag: CallTag, dom: Domain, xfer: Transfer) -> tuple[
     """
     seq = ctx.next_seq(dom.name)
     maybe_fail(tag.op, xfer.phase)
+    jitter_ms = ctx.jitter.sleep() if ctx.jitter is not None else None
     ctx.recorder.entered(dom.name, seq, tag.op, tag.call_no, xfer.phase)
     splits_out = None if xfer.equal else [int(c) for c in dom.to_group(xfer.recv_rows)]
     splits_in = None if xfer.equal else [int(c) for c in dom.to_group(xfer.send_rows)]
@@ -93,7 +94,7 @@ def issue(ctx: CommContext, tag: CallTag, dom: Domain, xfer: Transfer) -> tuple[
             send_rows=xfer.send_rows.tolist(), recv_rows=xfer.recv_rows.tolist(), row_bytes=xfer.row_bytes,
             bytes_out=int(xfer.send_rows.sum()) * xfer.row_bytes, bytes_in=int(xfer.recv_rows.sum()) * xfer.row_bytes,
             dtype=str(xfer.inp.dtype).replace("torch.", ""), t0=t0, t1=t1, error=str(error) if error else None,
-            **more))
+            jitter_ms=jitter_ms, **more))
     if error is not None:
         raise error
     return t0, t1

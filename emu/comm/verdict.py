@@ -23,12 +23,24 @@ def _minority(groups: list[list[int]]) -> tuple[int, ...]:
     return tuple(sorted(r for g in groups if len(g) < biggest for r in g))
 
 
+def _sites(ranks: list[int], site_of: Callable[[int], str | None]) -> str:
+    """"; called at client.py:30 (ranks 0-2), client.py:34 (rank 3)" when the watch knows them."""
+    by_site: dict[str, list[int]] = {}
+    for r in ranks:
+        site = site_of(r)
+        if site:
+            by_site.setdefault(site, []).append(r)
+    return ("; called at " + ", ".join(f"{s} ({who(rs)})" for s, rs in by_site.items())) if by_site else ""
+
+
 def judge(hdr: Header, dom: Domain, me: int, call: tuple[str, int], attrs: tuple[tuple[str, int], ...],
-          message_of: Callable[[int, int], str | None]) -> PeerError | None:
+          message_of: Callable[[int, int], str | None],
+          site_of: Callable[[int], str | None] = lambda r: None) -> PeerError | None:
     """A peer's error, a call mismatch or an attribute mismatch on ``dom``, else None.
 
     me: this global rank; call: (op, call number) of this rank; attrs: its agreed attributes;
-    message_of(origin, call_no): the message a rank that rejected its input left behind.
+    message_of(origin, call_no): the message a rank that rejected its input left behind;
+    site_of(rank): the rank's call site, when the watch records it.
     """
     ranks = dom.ranks
     op, call_no = call
@@ -56,8 +68,9 @@ def judge(hdr: Header, dom: Domain, me: int, call: tuple[str, int], attrs: tuple
     if len(calls) > 1:
         groups = sorted(calls.items(), key=lambda kv: len(kv[1]))
         desc = " while ".join(f"{who(sorted(rs))} called {o} #{no}" for (o, no), rs in groups)
-        return PeerError(TILING_ERROR, f"rank {me}: mismatched calls on {dom.describe()}: {desc}",
-                         kind=ErrorKind.MISMATCHED_CALL, culprits=_minority([rs for _, rs in groups]))
+        return PeerError(TILING_ERROR, f"rank {me}: mismatched calls on {dom.describe()}: {desc}"
+                         + _sites(ranks, site_of), kind=ErrorKind.MISMATCHED_CALL,
+                         culprits=_minority([rs for _, rs in groups]))
     for idx, (name, value) in enumerate(attrs):
         col = hdr.attrs[:, idx]
         if (col != value).any():
@@ -67,6 +80,6 @@ def judge(hdr: Header, dom: Domain, me: int, call: tuple[str, int], attrs: tuple
             desc = " while ".join(f"{who(sorted(rs))} passed {v}"
                                   for v, rs in sorted(by_value.items(), key=lambda kv: len(kv[1])))
             return PeerError(TILING_ERROR, f"rank {me}: attribute {name} differs between the ranks of "
-                             f"{op} call #{call_no} on {dom.describe()}: {desc}",
+                             f"{op} call #{call_no} on {dom.describe()}: {desc}" + _sites(ranks, site_of),
                              kind=ErrorKind.MISMATCHED_ATTRIBUTE, culprits=_minority(list(by_value.values())))
     return None

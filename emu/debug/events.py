@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2                 # 2: jitter_ms
 
 
 @dataclass
@@ -23,7 +23,8 @@ class TraceEvent:
     send_rows / recv_rows: rows to / from each member (indexed like group_ranks); row_bytes;
     bytes_out / bytes_in; dtype: of the wire buffer; t0 / t1: CLOCK_MONOTONIC ns; anchor:
     CLOCK_REALTIME - CLOCK_MONOTONIC of the process (ns), to align machines; wait_us: per
-    member, how long this rank waited for it (header exchanges only); error: the failure, if any.
+    member, how long this rank waited for it (header exchanges only); error: the failure, if any;
+    jitter_ms: the delay EMU_JITTER_MS put before it.
     """
 
     rank: int
@@ -46,6 +47,7 @@ class TraceEvent:
     anchor: int = 0
     wait_us: list[int] | None = None
     error: str | None = None
+    jitter_ms: float | None = None
     schema: int = SCHEMA_VERSION
 
     def to_json(self) -> str:

@@ -112,16 +112,21 @@ _FRAME = re.compile(r'File "([^"]+)", line (\d+) in (\S+)')
 
 def innermost_user_frame(dump: str) -> str | None:
     """From a faulthandler dump: "in fn at file.py:12" for the main thread's innermost frame
-    outside torch and mc2-emu (the frame that called into them, if any)."""
+    outside torch, mc2-emu and the standard library's threading / multiprocessing (naming the
+    function it called into), else its innermost frame ("in fn at emu/x.py:3")."""
     blocks = re.split(r"\n(?=(?:Current thread|Thread) 0x)", dump.strip())
     main = next((b for b in reversed(blocks) if b.startswith("Current thread")), blocks[-1] if blocks else "")
     frames = _FRAME.findall(main)
-    lib = (os.sep + "torch" + os.sep, os.sep + "emu" + os.sep, os.sep + "threading.py")
-    wrappers = ("wrapper", "inner", "_fn", "decorate_context")
+    lib = (os.sep + "torch" + os.sep, os.sep + "emu" + os.sep, os.sep + "threading.py",
+           os.sep + "multiprocessing" + os.sep)
+    wrappers = ("wrapper", "inner", "_fn", "decorate_context", "watched")
     for i, (path, line, fn) in enumerate(frames):
         if not any(part in path for part in lib):
             called = [f for _, _, f in frames[:i] if f not in wrappers]     # innermost first
             return f"in {called[-1] if called else fn} at {os.path.basename(path)}:{line}"
+    if frames:
+        path, line, fn = frames[0]
+        return f"in {fn} at {os.sep.join(path.split(os.sep)[-2:])}:{line}"
     return None
 
 

@@ -22,7 +22,6 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import torch.distributed as dist
 
 from ..comm.context import current
 from ..comm.groups import group_name
+from ..comm.watching import watch_from_env
 from ..core.errors import ErrorKind, RankState
 from ..debug.flight import FlightRecorder, innermost_user_frame
 
@@ -250,6 +250,7 @@ def _serve(rank: int, spec: WorldSpec, port: int, inbox, outbox) -> None:
     """A rank: join the world, make the groups, then run commands until told to stop."""
     global _here, _outbox
     os.environ.update(spec.rank_env())
+    watch_from_env()                               # EMU_WATCH / EMU_JITTER_MS of the world
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=spec.timeout_s))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=spec.size,

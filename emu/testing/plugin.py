@@ -37,8 +37,8 @@ _USED = pytest.StashKey[list]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "emu_world(size, soc='A3', tp=1, timeout=120, emu_timeout=None, env=None): "
-                                       "the world the emu_world fixture gives this test")
+    config.addinivalue_line("markers", "emu_world(size, soc='A3', tp=1, timeout=120, emu_timeout=None, env=None, "
+                                       "fresh=False): the world the emu_world fixture gives this test")
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +57,17 @@ def _world_for(request: pytest.FixtureRequest, spec: WorldSpec) -> World:
 
 @pytest.fixture
 def emu_world(request: pytest.FixtureRequest) -> World:
-    """A started :class:`~emu.testing.World` of the size the ``emu_world`` marker asks (default 4)."""
+    """A started :class:`~emu.testing.World` of the size the ``emu_world`` marker asks (default 4);
+    ``fresh=True`` in the marker: a world of its own, not reused by later tests (for a test
+    that leaves the ranks out of step on purpose)."""
     marker = request.node.get_closest_marker("emu_world")
-    spec = WorldSpec.of(*(marker.args if marker else (4,)), **(marker.kwargs if marker else {}))
+    options = dict(marker.kwargs) if marker else {}
+    fresh = options.pop("fresh", False)
+    spec = WorldSpec.of(*(marker.args if marker else (4,)), **options)
+    pool = request.getfixturevalue("emu_pool")
+    if fresh:
+        pool.taint(spec)
+        request.addfinalizer(lambda: pool.taint(spec))
     return _world_for(request, spec)
 
 

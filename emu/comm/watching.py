@@ -1,0 +1,53 @@
+"""Turning the watch on (``emu.watch()``, ``EMU_WATCH``, ``EMU_JITTER_MS``) and the group an
+emulator op is watched on.  The watch itself is :mod:`emu.debug.watch`."""
+from __future__ import annotations
+
+import os
+
+import torch.distributed as dist
+
+from ..core.checks import usable_remap
+from ..core.request import Request
+from ..debug.watch import Jitter, Watcher
+from .context import current
+from .groups import group_name, resolve_group
+
+
+def watch(strict: bool = False) -> Watcher:
+    """Watch every collective of this process from now on (``strict``: check each across its
+    group first and raise at the first divergence); returns the watcher."""
+    ctx = current()
+    if ctx.watcher is None:
+        ctx.watcher = Watcher(strict, ctx.recorder, group_name, ctx.jitter)
+        ctx.watcher.install()
+    ctx.watcher.strict = strict
+    return ctx.watcher
+
+
+def unwatch() -> None:
+    """Stop watching (torch.distributed's collectives are unwrapped)."""
+    ctx = current()
+    if ctx.watcher is not None:
+        ctx.watcher.uninstall()
+        ctx.watcher = None
+
+
+def watch_from_env() -> None:
+    """``EMU_WATCH=1`` / ``strict``, or ``EMU_JITTER_MS`` (delays need the wrappers): watch."""
+    mode = os.environ.get("EMU_WATCH", "").lower()
+    if mode in ("strict", "1", "true", "on", "record") or Jitter.from_env() is not None:
+        watch(strict=mode == "strict")
+
+
+def watched_group(req: Request) -> tuple[str, list[int]] | None:
+    """(name, global ranks) of the group an op is watched on: its EP group, or under active
+    elastic scaling the survivors alone; None when the group is unknown."""
+    pg = resolve_group(req.place.group_ep)
+    if pg is None:
+        return None
+    ranks = dist.get_process_group_ranks(pg)
+    remap = usable_remap(req.inputs.elastic_info, req.cfg, req.place.ep_rank_id, req.kind)
+    if remap is not None and remap.active:
+        ranks = [ranks[int(r)] for r in remap.survivors()]
+        return f"{group_name(pg)}/survivors {','.join(map(str, sorted(ranks)))}", ranks
+    return group_name(pg), ranks
