@@ -16,8 +16,8 @@ FIELDS = dict(ep=4, moe=6, shared_ranks=1, k=2, bs=4, h=1024)
 
 @pytest.mark.parametrize("fault,collective", [
     ("2:dispatch:EP rows", "dispatch #1 EP rows"),
-    ("1:combine:EP header", "combine #2 EP header"),
-    ("3:combine:EP rows", "combine #2 EP rows"),
+    ("1:combine:EP header", "combine #1 EP header"),
+    ("3:combine:EP rows", "combine #1 EP rows"),
 ], ids=["mid-dispatch", "combine-header", "mid-combine"])
 def test_dead_rank_named_by_every_live_rank(fault, collective):
     dead = int(fault.split(":")[0])
