@@ -83,10 +83,11 @@ def run(req: Request, on: Chip | None = None) -> DispatchOutputs | torch.Tensor:
         result = getattr(on.paths[checked.prep.algorithm], req.kind)(call, checked.prep, req.inputs)
     except Exception as exc:
         recorder.farewell(type(exc).__name__, getattr(exc, "kind", None), getattr(exc, "culprits", ()), str(exc))
-        raise
-    finally:
         if watched is not None:
-            ctx.watcher.after(watched)
+            ctx.watcher.after(watched, failed=True)
+        raise
+    if watched is not None:
+        ctx.watcher.after(watched)
     call.add_waits(req.inputs.performance_info)
     return result
 

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch.distributed as dist  # noqa: E402
 from torch.distributed import distributed_c10d as c10d  # noqa: E402
 
-from emu import disable_trace, enable_trace, group_name  # noqa: E402
+from emu import disable_trace, enable_trace, group_name, mark  # noqa: E402
 from emu.debug.trace import merge  # noqa: E402
 from emu.testing.failures import run_reporting  # noqa: E402
 from emu.testing.scenario import Scenario, compare, rank_groups, run_rank, run_reference, summary  # noqa: E402
@@ -120,11 +120,13 @@ def run_job(args: argparse.Namespace) -> int:
     ep_group, tp_group = rank_groups(sc)
     ep_name, tp_name = group_name(ep_group), group_name(tp_group) if tp_group is not None else ""
     del ep_group, tp_group                  # no group object may outlive destroy_process_group()
+    mark("warm-up")
     ok = run_phase(sc, "warm-up (every rank, no elastic_info)", store, ep_name, tp_name)
     gone = removed_ranks(sc, args)
     if gone:
         elastic = dataclasses.replace(sc, removed=gone)
         if me in elastic.survivors():
+            mark("elastic")
             ok = run_phase(elastic, f"elastic (ranks {gone} removed, {args.removed})", store, ep_name, "") and ok
         elif args.removed == "dead":
             print(f"rank {me}: removed, exiting with code 0", flush=True)

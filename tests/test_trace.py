@@ -101,6 +101,6 @@ def test_report_script_prints_and_draws(traced_dir):
     rows = report.rank_table(trace_events.load(traced_dir))
     assert [r["rank"] for r in rows] == [0, 1, 2, 3]
     assert sum(r["bytes_out"] for r in rows) == sum(r["bytes_in"] for r in rows)
-    for name in ("timeline.png", "traffic.png"):
+    for name in ("timeline.png", "traffic.png", "waits.png"):
         with open(os.path.join(traced_dir, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -4,11 +4,18 @@ real processes, a fresh world per buggy client)."""
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 
 import pytest
 
 import watch_clients as wc
 from emu.core.errors import ErrorKind
+from emu.debug import events as trace_events
+from emu.debug import report
+from emu.debug.divergence import load_watch
+from emu.debug.watch import Jitter
+from emu.testing import WorldSpec
 
 STRICT = dict(env={"EMU_WATCH": "strict"}, emu_timeout=5, fresh=True)
 pytestmark = pytest.mark.timeout(240)
@@ -78,3 +85,35 @@ def test_send_recv_mismatch(world):
         assert e.type_name == "WatchDivergence" and e.culprits == (1,), e
         assert f"group p2p 0->1 (ranks 0-1), seq 1: rank 0 called send([4, 16] float32) at " \
                f"{at('dist.send(')}; rank 1 called recv([8, 16] float32) at {at('dist.recv(')}" in e.message, e.message
+
+
+def test_after_the_fact_report_and_pytorch_analyzer(emu_pool, tmp_path):
+    """Record-only watch with tracing: a rank skips the warm-up.  The report names the first
+    divergence with call sites, and PyTorch's flight-recorder analyzer, run as users run it on
+    the dumps the report writes, names the missing rank."""
+    spec = WorldSpec.of(4, env={"EMU_WATCH": "1", "EMU_TRACE": str(tmp_path)}, emu_timeout=5)
+    got = emu_pool.get(spec).run(wc.skipped_warmup)
+    emu_pool.taint(spec)                                  # its ranks are out of step now
+    assert got[3].ok and all(o.error.kind == ErrorKind.TIMEOUT and o.error.culprits == (3,) for o in got[:3])
+    lines = report.report(str(tmp_path), pictures=False)
+    assert f"  group emu_hccl_0 (ranks 0-3), seq 3: ranks 0-2 called dispatch at {DISPATCH}; rank 3 never got " \
+           f"there (last: combine at {COMBINE}, group emu_hccl_0 seq 2)" in lines, "\n".join(lines)
+    assert any(line.startswith("stacks written at a timeout:") for line in lines), "\n".join(lines)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.flight_recorder.fr_trace",
+                          str(tmp_path / "fr"), "-p", "rank"], capture_output=True, text=True, timeout=60)
+    text = out.stdout + out.stderr
+    assert "Not all ranks joining collective, sequence number: 3" in text and "missing ranks: {3}" in text, text
+
+
+def test_jitter_is_seeded_and_recorded(emu_pool, tmp_path):
+    """EMU_JITTER_MS delays each collective (watched or the emulator's own) by a seeded random
+    0..N ms, and the traces record the delays."""
+    a, b = Jitter(3, seed=7), Jitter(3, seed=7)
+    assert [a.sleep() for _ in range(4)] == [b.sleep() for _ in range(4)]
+    spec = WorldSpec.of(4, env={"EMU_WATCH": "1", "EMU_TRACE": str(tmp_path), "EMU_JITTER_MS": "3",
+                                "EMU_JITTER_SEED": "1"})
+    assert [o.get() for o in emu_pool.get(spec).run(wc.correct_client)] == ["ok"] * 4
+    emu_pool.taint(spec)
+    delays = [e.jitter_ms for e in trace_events.load(str(tmp_path))]
+    watched = [r["jitter_ms"] for recs in load_watch(str(tmp_path)).values() for r in recs]
+    assert delays and watched and all(0 <= d <= 3 for d in delays + watched) and len(set(delays)) > 1

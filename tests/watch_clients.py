@@ -3,6 +3,7 @@ world with EMU_WATCH=strict).  Line numbers matter: tests assert the call sites.
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -80,14 +81,21 @@ def send_recv_mismatch():
     return "done"
 
 
-def metrics_thread_race(steps: int = 3):
-    """A metrics thread all-reduces on the MoE group while the main thread runs the layer:
-    the interleaving depends on timing, so ranks may see different orders."""
+def metrics_thread_race(steps: int = 4):
+    """After each step the main thread lets a metrics thread all-reduce on the MoE layer's group,
+    runs a 10 ms optimizer step, then the next step's dispatch: without delays the all-reduce
+    always comes first on every rank; a few ms of delay before a collective reorders them on
+    some ranks (on the NPU: another collective on the MC2 group, a hang)."""
     r = et.this_rank()
+    errors, ready = [], threading.Semaphore(0)
 
     def metrics():
-        for _ in range(steps):
-            dist.all_reduce(torch.ones(1))
+        try:
+            for _ in range(steps):
+                ready.acquire()
+                dist.all_reduce(torch.ones(1))                   # races the next step's dispatch
+        except Exception as exc:  # noqa: BLE001 - re-raised on the main thread
+            errors.append(exc)
 
     t = threading.Thread(target=metrics)
     t.start()
@@ -95,6 +103,14 @@ def metrics_thread_race(steps: int = 3):
         for step in range(steps):
             x, ids = _tokens(4, r.rank * 10 + step)
             _layer(x, ids)
+            ready.release()
+            time.sleep(0.01)                                          # the optimizer step
     finally:
-        t.join()
+        t.join(timeout=30)
+    if errors:
+        raise errors[0]
     return "ok"
+
+
+def jitter(ms: float, seed: int) -> None:
+    emu.set_jitter(ms, seed)

@@ -40,7 +40,8 @@ class Call:
     tp: Domain | None
     attrs: tuple[tuple[str, int], ...]
     ctx: CommContext
-    call_no: int = 0
+    call_no: int = 0                                      # this op's calls on the group: "combine #1"
+    order: int = 0                                        # all op calls on the group: what ranks must agree on
     clock_ns: int = 0
     pending: list[str] = field(default_factory=list)     # domains whose header is still due
     extra: dict = field(default_factory=dict)            # further domains by kind
@@ -72,7 +73,7 @@ class Call:
         dom = self.domain(kind)
         if kind in self.pending:
             self.pending.remove(kind)
-        out = Outgoing(op=self.op, call_no=self.call_no, error=error, rows=rows, row_bytes=row_bytes,
+        out = Outgoing(op=self.op, order=self.order, call_no=self.call_no, error=error, rows=rows, row_bytes=row_bytes,
                        clock_ns=self.clock_ns, expect=expect, origin=origin, attrs=tuple(v for _, v in self.attrs))
         send = out.encode()
         if dom.order is not None:
@@ -84,7 +85,8 @@ class Call:
         hdr = Header.decode(dom.from_group(recv.numpy()))
         if error == 0:
             sites = self._watched_site if self.ctx.watcher is not None else (lambda r: None)
-            problem = judge(hdr, dom, dist.get_rank(), (self.op, self.call_no), self.attrs, self._peer_message, sites)
+            problem = judge(hdr, dom, dist.get_rank(), (self.op, self.call_no, self.order), self.attrs,
+                            self._peer_message, sites)
             if problem is not None:
                 self.abort(problem)
         return hdr
@@ -98,8 +100,8 @@ class Call:
             self.wait_us = w
         return {"wait_us": w.tolist()}
 
-    def _peer_message(self, origin: int, call_no: int) -> str | None:
-        return self.ctx.recorder.message(f"emu_err/{origin}/{call_no}")
+    def _peer_message(self, origin: int, order: int) -> str | None:
+        return self.ctx.recorder.message(f"emu_err/{origin}/{order}")
 
     def _watched_site(self, rank: int) -> str | None:
         """Where ``rank`` called this op, from its last watch record (this op's own)."""
@@ -143,7 +145,7 @@ class Call:
         code = err.code if isinstance(err, AclnnError) else TILING_ERROR
         origins = getattr(err, "origins", None) or [dist.get_rank()]
         if not isinstance(err, PeerError):          # peers quote this rank's own message
-            self.ctx.recorder.message(f"emu_err/{dist.get_rank()}/{self.call_no}", str(err)[:2000])
+            self.ctx.recorder.message(f"emu_err/{dist.get_rank()}/{self.order}", str(err)[:2000])
         for kind in list(self.pending):
             dom = self.domain(kind)
             if dom is None:
@@ -203,11 +205,12 @@ def open_call(req: Request, checked: Checked, elastic: bool = True) -> Call:
     if remap is None:
         raise error if error is not None else AclnnError(TILING_ERROR, f"{req.kind}: elastic_info is unusable")
     ep = Domain.survivors(full, remap.survivors(), int(remap.to_new[place.ep_rank_id])) if remap.active else full
-    order = (["TP", "EP"] if req.kind == "combine" else ["EP", "TP"]) if tp is not None else ["EP"]
+    headers = (["TP", "EP"] if req.kind == "combine" else ["EP", "TP"]) if tp is not None else ["EP"]
     ctx = current()
     attrs = checked.prep.agreed[:MAX_ATTRS] if error is None else ()
-    call = Call(op=req.kind, ep=ep, tp=tp, attrs=attrs, ctx=ctx, call_no=ctx.next_call(ep.name, req.kind),
-                clock_ns=time.monotonic_ns(), pending=order)
+    order, call_no = ctx.next_call(ep.name, req.kind)
+    call = Call(op=req.kind, ep=ep, tp=tp, attrs=attrs, ctx=ctx, call_no=call_no, order=order,
+                clock_ns=time.monotonic_ns(), pending=headers)
     if error is not None:
         call.abort(error)
     return call

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import atexit
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from ..debug.events import TraceEvent
 from ..debug.flight import FlightRecorder
 from ..debug.trace import Tracer
 from ..debug.watch import Jitter, Watcher
@@ -25,7 +27,7 @@ TRACE_ENV = "EMU_TRACE"
 class CommContext:
     """Mutable state of one process's emulator communication."""
 
-    call_counters: dict[tuple[str, str], int] = field(default_factory=dict)  # (EP group, op) -> last call
+    call_counters: dict[tuple[str, str], int] = field(default_factory=dict)  # (EP group, op or "") -> last
     group_seq: dict[str, int] = field(default_factory=dict)         # group name -> last collective seq
     collectives_issued: int = 0                                     # every collective (benchmarks count them)
     wire_buffers: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -37,11 +39,13 @@ class CommContext:
     watcher: Watcher | None = None                                  # emu.watch() / EMU_WATCH
     jitter: Jitter | None = field(default_factory=Jitter.from_env)  # EMU_JITTER_MS
 
-    def next_call(self, group: str, op: str) -> int:
-        """The number of this op's call on ``group`` (per op: ``combine #1`` is the first combine)."""
-        key = (group, op)
-        self.call_counters[key] = self.call_counters.get(key, 0) + 1
-        return self.call_counters[key]
+    def next_call(self, group: str, op: str) -> tuple[int, int]:
+        """(the place of this call among all op calls on ``group``, its number among ``op``'s
+        calls there): ranks must agree on the first; messages show the second (``combine #1``
+        is the first combine)."""
+        for key in ((group, ""), (group, op)):
+            self.call_counters[key] = self.call_counters.get(key, 0) + 1
+        return self.call_counters[group, ""], self.call_counters[group, op]
 
     def next_seq(self, group: str) -> int:
         self.collectives_issued += 1
@@ -93,6 +97,16 @@ def enable_trace(directory: str) -> None:
     if ctx.tracer is not None:
         ctx.tracer.close()
     ctx.tracer, ctx.trace_checked = Tracer(directory, dist.get_rank()), True
+
+
+def mark(label: str) -> None:
+    """Name the phase that starts now in this rank's trace (the report's timeline shows it)."""
+    tracer = current().trace_sink() if dist.is_initialized() else None
+    if tracer is not None:
+        now = time.monotonic_ns()
+        tracer.record(TraceEvent(rank=dist.get_rank(), pid=os.getpid(), op="mark", call=0, phase=label, group="",
+                                 group_ranks=[], seq=0, kind="mark", send_rows=[], recv_rows=[], row_bytes=0,
+                                 bytes_out=0, bytes_in=0, dtype="", t0=now, t1=now))
 
 
 def disable_trace() -> None:

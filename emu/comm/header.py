@@ -16,8 +16,8 @@ import torch
 MAGIC = 0x4D43325F454D55          # "MC2_EMU"
 OPS = {1: "dispatch", 2: "combine"}
 OP_CODE = {v: k for k, v in OPS.items()}
-_MAGIC, _OP, _CALL, _ERR, _ROWS, _ROW_BYTES, _CLOCK, _EXPECT, _ORIGIN, _NATTR = range(10)
-_ATTRS = 10
+_MAGIC, _OP, _ORDER, _ERR, _ROWS, _ROW_BYTES, _CLOCK, _EXPECT, _ORIGIN, _NATTR, _CALL = range(11)
+_ATTRS = 11
 HEADER_LEN = 40
 MAX_ATTRS = HEADER_LEN - _ATTRS
 
@@ -30,6 +30,7 @@ class Outgoing:
     """
 
     op: str
+    order: int
     call_no: int
     error: int
     rows: np.ndarray
@@ -44,6 +45,7 @@ class Outgoing:
         h = torch.zeros(len(self.rows), HEADER_LEN, dtype=torch.int64)
         h[:, _MAGIC] = MAGIC
         h[:, _OP] = OP_CODE[self.op]
+        h[:, _ORDER] = self.order
         h[:, _CALL] = self.call_no
         h[:, _ERR] = self.error
         h[:, _ROWS] = torch.from_numpy(np.asarray(self.rows, dtype=np.int64))
@@ -62,13 +64,16 @@ class Header:
     """What every source of one domain told this rank; (P,) int64 arrays in logical order.
 
     genuine: the block carries the emulator's magic (False: a collective outside the op);
-    op / call_no: the source's call; error / origin: its error code and the rank it blames;
+    op / order: the source's op and the place of its call among its op calls on the group (what
+    every rank must agree on); call_no: the call's number among its op's calls (for messages);
+    error / origin: its error code and the rank it blames;
     rows / row_bytes: what it sends this rank; expect: the rows it expects back; clock: its
     CLOCK_MONOTONIC entry time (ns); attrs (P, MAX_ATTRS): its agreed attributes.
     """
 
     genuine: np.ndarray
     op: np.ndarray
+    order: np.ndarray
     call_no: np.ndarray
     error: np.ndarray
     rows: np.ndarray
@@ -81,7 +86,7 @@ class Header:
     @classmethod
     def decode(cls, block: np.ndarray) -> "Header":
         """From the (P, HEADER_LEN) int64 block received, rows in logical order."""
-        return cls(genuine=block[:, _MAGIC] == MAGIC, op=block[:, _OP], call_no=block[:, _CALL],
+        return cls(genuine=block[:, _MAGIC] == MAGIC, op=block[:, _OP], order=block[:, _ORDER], call_no=block[:, _CALL],
                    error=block[:, _ERR], rows=block[:, _ROWS], row_bytes=block[:, _ROW_BYTES],
                    clock=block[:, _CLOCK], expect=block[:, _EXPECT], origin=block[:, _ORIGIN],
                    attrs=block[:, _ATTRS:])

@@ -33,17 +33,18 @@ def _sites(ranks: list[int], site_of: Callable[[int], str | None]) -> str:
     return ("; called at " + ", ".join(f"{s} ({who(rs)})" for s, rs in by_site.items())) if by_site else ""
 
 
-def judge(hdr: Header, dom: Domain, me: int, call: tuple[str, int], attrs: tuple[tuple[str, int], ...],
+def judge(hdr: Header, dom: Domain, me: int, call: tuple[str, int, int], attrs: tuple[tuple[str, int], ...],
           message_of: Callable[[int, int], str | None],
           site_of: Callable[[int], str | None] = lambda r: None) -> PeerError | None:
     """A peer's error, a call mismatch or an attribute mismatch on ``dom``, else None.
 
-    me: this global rank; call: (op, call number) of this rank; attrs: its agreed attributes;
-    message_of(origin, call_no): the message a rank that rejected its input left behind;
+    me: this global rank; call: (op, its call number, the call's place among the group's op
+    calls) of this rank; attrs: its agreed attributes; message_of(origin, place): the message a
+    rank that rejected its input left behind;
     site_of(rank): the rank's call site, when the watch records it.
     """
     ranks = dom.ranks
-    op, call_no = call
+    op, call_no, _order = call
     bad = np.flatnonzero(~hdr.genuine)
     if bad.size:
         culprits = [ranks[i] for i in bad]
@@ -56,18 +57,21 @@ def judge(hdr: Header, dom: Domain, me: int, call: tuple[str, int], attrs: tuple
         via = sorted({ranks[i] for i in err} - set(origins))
         details = []
         for o in origins:
-            text = message_of(o, int(hdr.call_no[err[0]]))
+            text = message_of(o, int(hdr.order[err[0]]))
             details.append(f"rank {o}: {text}" if text else f"rank {o}: error {int(hdr.error[err[0]])}")
         return PeerError(int(hdr.error[err[0]]),
                          f"rank {me}: {op} call #{call_no} aborted because {who(origins)} rejected its input"
                          + (f" (reported through {who(via)})" if via else "")
                          + f" on {dom.describe()}: " + " | ".join(details), origins=origins)
     calls: dict[tuple[str, int], list[int]] = {}
+    numbers: dict[tuple[str, int], int] = {}
     for i in range(dom.size):
-        calls.setdefault((hdr.op_name(i), int(hdr.call_no[i])), []).append(ranks[i])
+        key = (hdr.op_name(i), int(hdr.order[i]))
+        calls.setdefault(key, []).append(ranks[i])
+        numbers[key] = int(hdr.call_no[i])
     if len(calls) > 1:
         groups = sorted(calls.items(), key=lambda kv: len(kv[1]))
-        desc = " while ".join(f"{who(sorted(rs))} called {o} #{no}" for (o, no), rs in groups)
+        desc = " while ".join(f"{who(sorted(rs))} called {o} #{numbers[o, order]}" for (o, order), rs in groups)
         return PeerError(TILING_ERROR, f"rank {me}: mismatched calls on {dom.describe()}: {desc}"
                          + _sites(ranks, site_of), kind=ErrorKind.MISMATCHED_CALL,
                          culprits=_minority([rs for _, rs in groups]))

@@ -3,13 +3,14 @@ emulator op is watched on.  The watch itself is :mod:`emu.debug.watch`."""
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import torch.distributed as dist
 
 from ..core.checks import usable_remap
 from ..core.request import Request
 from ..debug.watch import Jitter, Watcher
-from .context import current
+from .context import CommContext, current
 from .groups import group_name, resolve_group
 
 
@@ -18,10 +19,15 @@ def watch(strict: bool = False) -> Watcher:
     group first and raise at the first divergence); returns the watcher."""
     ctx = current()
     if ctx.watcher is None:
-        ctx.watcher = Watcher(strict, ctx.recorder, group_name, ctx.jitter)
+        ctx.watcher = Watcher(strict, ctx.recorder, group_name, ctx.jitter, partial(_trace_dir, ctx))
         ctx.watcher.install()
     ctx.watcher.strict = strict
     return ctx.watcher
+
+
+def _trace_dir(ctx: CommContext) -> str | None:
+    tracer = ctx.trace_sink() if dist.is_initialized() else None
+    return tracer.directory if tracer is not None else None
 
 
 def unwatch() -> None:
@@ -30,6 +36,16 @@ def unwatch() -> None:
     if ctx.watcher is not None:
         ctx.watcher.uninstall()
         ctx.watcher = None
+
+
+def set_jitter(ms: float, seed: int = 0) -> None:
+    """Delay each collective of this rank by a random 0..``ms`` ms (seeded by ``seed`` and the
+    rank) from now on, or stop delaying (``ms`` 0); like EMU_JITTER_MS / EMU_JITTER_SEED.
+    User collectives are delayed only while watched (``watch()``)."""
+    ctx = current()
+    ctx.jitter = Jitter(ms, seed) if ms > 0 else None
+    if ctx.watcher is not None:
+        ctx.watcher.jitter = ctx.jitter
 
 
 def watch_from_env() -> None:

@@ -118,7 +118,7 @@ def innermost_user_frame(dump: str) -> str | None:
     main = next((b for b in reversed(blocks) if b.startswith("Current thread")), blocks[-1] if blocks else "")
     frames = _FRAME.findall(main)
     lib = (os.sep + "torch" + os.sep, os.sep + "emu" + os.sep, os.sep + "threading.py",
-           os.sep + "multiprocessing" + os.sep)
+           os.sep + "multiprocessing" + os.sep, "<string>", "<frozen ")
     wrappers = ("wrapper", "inner", "_fn", "decorate_context", "watched")
     for i, (path, line, fn) in enumerate(frames):
         if not any(part in path for part in lib):

@@ -51,6 +51,8 @@ def merge(directory: str) -> str:
     out: list[dict] = []
     if events:
         base = min(e.t0 + e.anchor for e in events)
+        marks = [e for e in events if e.kind == "mark"]
+        events = [e for e in events if e.kind != "mark"]
         tids = {g: i + 1 for i, g in enumerate(sorted({e.group for e in events}))}
         for r in sorted({e.rank for e in events}):
             out.append({"ph": "M", "name": "process_name", "pid": r, "args": {"name": f"rank {r}"}})
@@ -62,6 +64,8 @@ def merge(directory: str) -> str:
             out.append({"ph": "X", "name": e.label(), "cat": e.kind, "pid": e.rank, "tid": tids[e.group],
                         "ts": ts, "dur": max(te - ts, 0.001),
                         "args": {k: getattr(e, k) for k in _SLICE_ARGS if getattr(e, k) is not None}})
+        for m in marks:                                           # phases named with emu.mark
+            out.append({"ph": "i", "s": "p", "name": m.phase, "pid": m.rank, "tid": 0, "ts": aligned_us(m, m.t0, base)})
         transfers, _ = match_transfers(events)
         flow = 0
         for tr in transfers:

@@ -9,8 +9,9 @@ group.  Each collective gets a :class:`Fingerprint` (op, input shapes and dtypes
 ``file:line``) and the group's next sequence number.
 
 * record: the fingerprint goes to the rank's ring, to ``watch-rank<r>.jsonl`` in the trace
-  directory (``EMU_TRACE``), and to ``emu_watch_last/<rank>`` in the rendezvous store (so a
-  stuck rank's peers can say where it is);
+  directory when tracing is on (``EMU_TRACE``: a line when issued, an ``end`` line when it
+  completes), and to ``emu_watch_last/<rank>`` in the rendezvous store (so a stuck rank's
+  peers can say where it is);
 * strict (like ``TORCH_DISTRIBUTED_DEBUG=DETAIL``): before the collective every member puts its
   fingerprint in the store and reads the others'; at the first divergence every rank raises
   :class:`WatchDivergence` naming it: ``group 0 (ranks 0-3), seq 5: ranks 0, 2-3 called dispatch
@@ -146,8 +147,10 @@ class Watcher:
     """This rank's view of every watched collective (see module doc)."""
 
     def __init__(self, strict: bool, recorder: FlightRecorder, name_of: Callable[[object], str],
-                 jitter: Jitter | None = None, capacity: int = 256):
+                 jitter: Jitter | None = None, trace_dir: Callable[[], str | None] = lambda: None,
+                 capacity: int = 256):
         self.strict = strict
+        self.trace_dir = trace_dir
         self.recorder = recorder
         self.name_of = name_of
         self.jitter = jitter
@@ -164,10 +167,13 @@ class Watcher:
         delay = self.jitter.sleep() if self.jitter is not None else 0.0
         with self._lock:
             seq = self.seq[group] = self.seq.get(group, 0) + 1
-        rec = {"rank": dist.get_rank(), "group": group, "group_ranks": list(ranks), "seq": seq, **asdict(fp),
-               "t0": time.monotonic_ns(), "t1": None, "jitter_ms": round(delay, 3), "pid": os.getpid()}
+        me = dist.get_rank()
+        peer = next((r for r in ranks if r != me), None) if group.startswith("p2p ") else None
+        rec = {"rank": me, "group": group, "group_ranks": list(ranks), "seq": seq, **asdict(fp), "out_shapes": [],
+               "peer": peer, "t0": time.monotonic_ns(), "t1": None, "jitter_ms": round(delay, 3), "pid": os.getpid()}
         self.ring.append(rec)
         self.recorder._set(f"emu_watch_last/{rec['rank']}", json.dumps(rec))
+        self._write(rec)
         if self.strict:
             self._check(rec, fp)
         self._mc2_rule(rec, fp)
@@ -190,12 +196,15 @@ class Watcher:
                 raise MC2GroupShared(TILING_ERROR, text, kind=ErrorKind.BAD_INPUT, culprits=())
             warnings.warn(text, stacklevel=4)
 
-    def after(self, rec: dict) -> None:
-        rec["t1"] = time.monotonic_ns()
-        self._write(rec)
+    def after(self, rec: dict, failed: bool = False) -> None:
+        """The collective returned (``failed``: it raised, so it never completed: t1 stays None)."""
+        rec["t1"] = None if failed else time.monotonic_ns()
+        self._write({"end": True, "rank": rec["rank"], "group": rec["group"], "seq": rec["seq"], "t1": rec["t1"]})
 
     def _write(self, rec: dict) -> None:
-        directory = os.environ.get("EMU_TRACE")
+        """One line of ``watch-rank<r>.jsonl`` in the trace directory (a record when issued, an
+        ``end`` line when it completes), when tracing is on."""
+        directory = self.trace_dir()
         if not directory:
             return
         if self._file is None:
@@ -280,9 +289,12 @@ class Watcher:
             fp = Fingerprint.of(name, args[:1] if name != "barrier" else (), call_site())
             rec = watcher.before(*where, fp)
             try:
-                return original(*args, **kwargs)
-            finally:
-                watcher.after(rec)
+                result = original(*args, **kwargs)
+            except BaseException:
+                watcher.after(rec, failed=True)
+                raise
+            watcher.after(rec)
+            return result
 
         watched.__emu_watched__ = True
         watched.__wrapped__ = original
