@@ -3,6 +3,8 @@
     torchrun --nproc-per-node 4 -m emu.npu.run user_script.py args...
 
 Subprocesses the script starts import the same torch_npu (emu/npu/shim is put on PYTHONPATH).
+With tracing on (EMU_TRACE) every collective is watched too (EMU_WATCH=1), unless EMU_WATCH says
+otherwise.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import os
 import runpy
 import sys
 
+from ..comm.watching import watch
 from . import install
 
 
@@ -19,6 +22,9 @@ def main() -> None:
     shim = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (shim, os.environ.get("PYTHONPATH")) if p)
     install()
+    if os.environ.get("EMU_TRACE") and "EMU_WATCH" not in os.environ:
+        os.environ["EMU_WATCH"] = "1"                   # subprocesses too
+        watch()
     script = sys.argv[1]
     sys.argv = sys.argv[1:]
     runpy.run_path(script, run_name="__main__")
