@@ -1,155 +1,129 @@
 """Main job: the operator doc's example, verified bit for bit on every rank.
 
-    torchrun --nproc-per-node 8 launch/dispatch.py [--removed idle|dead] [--special] [--no-elastic] ...
+    python launch/dispatch.py [--nproc-per-node 8] [flags]     (starts itself under torchrun)
+    torchrun --nproc-per-node 8 launch/dispatch.py [flags]
 
-By default (the doc example): EP 8, TP 1, Bs 8, H 7168, K 3, one shared expert on rank 0,
-7 MoE experts, zero/copy/const one each, bf16, x = 1, every token picks experts 0, 1, 2
-with weight 0.1, identity experts.  Every rank first runs a non-elastic warm-up dispatch +
-combine; then only ranks {0, 1, 6, 7} run dispatch + combine with
-elastic_info = [1, 4, 1, 3, 0, 1, -1, -1, -1, -1, 2, 3, 0, 1, 6, 7, -1, -1, -1, -1]
-while ranks 2-5 idle (--removed idle) or exit with code 0 (--removed dead).  Every rank that
-calls the op is compared with the single-process reference; exit status 0 only if all match.
-Any other configuration: --data random --no-elastic plus the attribute flags (--tp 2, --quant 2 ...).
+By default (the doc example, on any world of 2-64 ranks): EP = the world, TP 1, Bs 8, H 7168,
+one shared expert on rank 0, one MoE expert on every other rank, K = min(3, E), zero / copy /
+const experts one each, bf16; x = 1, every token picks experts 0, 1, 2 with weight 0.1,
+identity experts.  Every rank first runs a non-elastic warm-up dispatch + combine; then the
+middle of the MoE ranks is removed by elastic scaling (on 8 ranks: ranks 2-5, with
+elastic_info = [1, 4, 1, 3, 0, 1, -1, -1, -1, -1, 2, 3, 0, 1, 6, 7, -1, -1, -1, -1]) and
+only the survivors run dispatch + combine while the removed ranks idle (--removed idle) or
+exit with code 0 (--removed dead).  Every rank that calls the op is compared with the
+single-process reference; exit status 0 only if all match.  Any other configuration: the
+attribute flags (--data random --tp 2, --quant 2 --smooth ...).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
-import time
-from datetime import timedelta
 from functools import partial
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import torch.distributed as dist  # noqa: E402
-from torch.distributed import distributed_c10d as c10d  # noqa: E402
-
-from emu import disable_trace, enable_trace, group_name, mark  # noqa: E402
-from emu.debug.trace import merge  # noqa: E402
 from emu.testing.failures import run_reporting  # noqa: E402
-from emu.testing.scenario import Scenario, compare, rank_groups, run_rank, run_reference, summary  # noqa: E402
+from emu.testing.jobs import under_torchrun  # noqa: E402
+from emu.testing.mainjob import PlanError, plan, precheck, run_job  # noqa: E402
+from emu.testing.scenario import Scenario  # noqa: E402
 
-DOC_EXAMPLE = dict(moe=7, shared=1, shared_ranks=1, bs=8, h=7168, k=3, zero=1, copy=1, const=1,
-                   data="doc", experts="identity")
+HELP = {
+    "tp": "tp_world_size: 0 or 1 (no TP) or 2 (EP = world / 2, TP groups of 2; one MoE expert per rank)",
+    "moe": "moe_expert_num E (default: one MoE expert per MoE rank, EP - shared ranks; EP on A2)",
+    "shared": "shared_expert_num N_s, 0-4 (default 1)",
+    "shared_ranks": "shared_expert_rank_num S: ranks 0..S-1 host the shared experts (default 1; 0: none)",
+    "bs": "tokens per rank Bs, 1-512 (default 8)",
+    "h": "hidden size H: 1024-8192 on A3; a multiple of 32 up to 7168 (fullmesh) / 10240 on A2 (default 7168)",
+    "k": "experts per token K, 1-16 and <= E (default min(3, E))",
+    "quant": "quant_mode: 0 (none) or 2 (dynamic int8) (default 0)",
+    "smooth": "with --quant 2: pass smooth scales",
+    "comm_quant": "combine's comm_quant_mode: 0 or 2 (int8 on the wire) (default 0)",
+    "mask": "x_active_mask: none, 1d (a prefix of the tokens) or 2d (per (token, k) slot) (default none)",
+    "global_bs": "global_bs: 0 (Bs * EP) or a multiple of EP >= Bs * EP (default 0)",
+    "uneven": "unequal batch sizes (rank r has Bs - (r mod 3) tokens) with global_bs = Bs * EP",
+    "token_nums_type": "expert_token_nums_type: 0 (cumulative) or 1 (counts) (default 1)",
+    "dtype": "activation dtype (default bf16)",
+    "zero": "zero experts (default 1 on A3)", "copy": "copy experts (default 1 on A3)",
+    "const": "const experts (default 1 on A3)",
+    "special_frac": "share of slots sent to the special experts, with --data random (default 0)",
+    "shared_x": "pass shared_expert_x to combine (needs --shared-ranks 0)",
+    "seed": "seed of the random data (default 0)",
+    "calls": "dispatch + combine pairs per phase, same data (default 1)",
+    "data": "doc (x = 1, experts 0..K-1, weight 0.1: the operator doc's data) or random (default doc)",
+    "experts": "the experts: identity or scaled (row * (1 + e/64)) (default identity)",
+    "soc": "the chip: A3, or A2 (needs a multiple of 8 ranks, >= 16; no shared / special experts, TP, "
+           "elastic) (default A3)",
+    "comm_alg": "A2: fullmesh (default) or hierarchy; '' lets HCCL_INTRA_PCIE_ENABLE / _ROCE_ENABLE choose",
+}
+CHOICES = {"mask": ["none", "1d", "2d"], "data": ["doc", "random"], "experts": ["identity", "scaled"],
+           "dtype": ["bf16", "fp16"], "soc": ["A3", "A2", "a3", "a2"], "comm_alg": ["", "fullmesh", "hierarchy"],
+           "tp": [0, 1, 2], "quant": [0, 2], "comm_quant": [0, 2], "token_nums_type": [0, 1]}
+SKIP = ("ep", "removed", "elastic_flag0")
 
 
 def parse_args() -> argparse.Namespace:
     """The flags (parsed before torch.distributed starts, so --help works with plain python)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if os.environ.get("LOCAL_RANK", "0") != "0":                  # under torchrun: one rank reports
+        p.exit = lambda status=0, message=None: sys.exit(status)
+        p.print_usage = p.print_help = lambda file=None: None
+    p.add_argument("--nproc-per-node", type=int, default=8,
+                   help="ranks to start when run without torchrun (default 8)")
     p.add_argument("--removed", choices=["idle", "dead"], default="idle",
-                   help="what the ranks removed by elastic scaling do (default idle)")
-    p.add_argument("--removed-ranks", default=None,
-                   help="EP ranks removed by elastic scaling (default: the middle half, 2-5 of 8)")
-    p.add_argument("--no-elastic", action="store_true", help="only the warm-up call on every rank")
-    p.add_argument("--special", action="store_true", help="send odd tokens' last slot to the special experts")
+                   help="what the ranks removed by elastic scaling do: idle, or dead (exit with code 0)")
+    p.add_argument("--removed-ranks", default=None, metavar="R,R,...",
+                   help="MoE ranks removed in the elastic phase (default: the middle of the MoE ranks, at most "
+                        "half of them, while K MoE experts survive; 2-5 of 8)")
+    p.add_argument("--no-elastic", action="store_true", help="only the warm-up phase, on every rank")
+    p.add_argument("--special", action="store_true", help="send every odd token's last slot to a special expert")
     p.add_argument("--trace", default=None, metavar="DIR",
                    help="record every collective into DIR (per-rank JSONL + DIR/trace.json for Perfetto)")
     p.add_argument("--traceback", action="store_true",
                    help="print each failing rank's traceback too (default: one line per rank and a summary)")
     for f in dataclasses.fields(Scenario):
-        if f.name in ("ep", "removed", "elastic_flag0"):
+        if f.name in SKIP:
             continue
-        default = DOC_EXAMPLE.get(f.name, f.default)
         flag = f"--{f.name.replace('_', '-')}"
         if isinstance(f.default, bool):
-            p.add_argument(flag, action="store_true", default=default, help=f"(default {default})")
+            p.add_argument(flag, action="store_true", default=None, help=HELP[f.name])
         else:
-            p.add_argument(flag, type=type(f.default), default=default, help=f"(default {default})")
+            p.add_argument(flag, type=type(f.default), default=None, choices=CHOICES.get(f.name), help=HELP[f.name])
     return p.parse_args()
 
 
-def scenario(a: argparse.Namespace, world: int) -> Scenario:
-    """The scenario of the flags on a world of ``world`` ranks."""
-    a.soc = a.soc.upper()
-    if a.soc == "A2":                       # A2: no shared experts, special experts, TP or elastic
-        a.shared_ranks, a.zero, a.copy, a.const, a.no_elastic = 0, 0, 0, 0, True
-        a.comm_alg = a.comm_alg or "fullmesh"
-        if a.moe % world:
-            a.moe = world * max(1, a.moe // world)
-        os.environ["EMU_SOC"] = "A2"
-    fields = {f.name: getattr(a, f.name) for f in dataclasses.fields(Scenario)
-              if f.name not in ("ep", "removed", "elastic_flag0")}
-    fields["ep"] = world // (2 if a.tp == 2 else 1)
-    if a.special:
-        fields["special_frac"] = 1.0
-    return Scenario(**fields)
-
-
-def removed_ranks(sc: Scenario, args: argparse.Namespace) -> str:
-    if args.no_elastic or sc.tp == 2:
-        return ""
-    if args.removed_ranks is not None:
-        return args.removed_ranks
-    return ",".join(map(str, range(sc.ep // 4, sc.ep - sc.ep // 4)))
-
-
-def run_phase(sc: Scenario, label: str, store, group_ep, group_tp) -> bool:
-    """Run ``sc`` on the ranks that call the op, verify each, report through the store; the
-    lowest calling rank prints the table.  Returns whether every calling rank matched."""
-    me = dist.get_rank()
-    callers = sc.survivors()
-    got = run_rank(sc, me, group_ep, group_tp)
-    want = run_reference(sc)[me]
-    row = summary(sc, me, got, compare(got, want))
-    store.set(f"emu_main/{label}/{me}", json.dumps(row))
-    if me == callers[0]:
-        rows = [json.loads(store.get(f"emu_main/{label}/{g}")) for g in callers]
-        print(f"\n== {label}: {len(callers)} ranks call the op: {callers}")
-        print(f"{'rank':>4} {'id':>3} {'role':>6} {'expert_token_nums':>18} {'ep_recv_counts (head)':>26} "
-              f"{'first triples':>28} {'x_out[0,:3]':>28} {'ms':>6}  verdict")
-        for r in rows:
-            print(f"{r['rank']:>4} {r['id']:>3} {r['role']:>6} {str(r['token_nums']):>18} {r['counts']:>26} "
-                  f"{r['triples']:>28} {str(r['x_out']):>28} {r['ms']:>6.1f}  {r['verdict']}")
-        ok = all(r["ok"] for r in rows)
-        print(f"{label}: {'PASS' if ok else 'FAIL'}: {sum(r['ok'] for r in rows)}/{len(rows)} ranks match the reference")
-        store.set(f"emu_main/{label}/verdict", "1" if ok else "0")
-    return store.get(f"emu_main/{label}/verdict") == b"1"
-
-
-def run_job(args: argparse.Namespace) -> int:
-    """The job on this rank: exit status 0 only if every rank that called the op matched."""
-    dist.init_process_group("gloo", timeout=timedelta(seconds=float(os.environ.get("EMU_TIMEOUT_S", "60"))))
-    me = dist.get_rank()
-    sc = scenario(args, dist.get_world_size())
-    if args.trace:
-        enable_trace(args.trace)
-    store = c10d._get_default_store()
-    ep_group, tp_group = rank_groups(sc)
-    ep_name, tp_name = group_name(ep_group), group_name(tp_group) if tp_group is not None else ""
-    del ep_group, tp_group                  # no group object may outlive destroy_process_group()
-    mark("warm-up")
-    ok = run_phase(sc, "warm-up (every rank, no elastic_info)", store, ep_name, tp_name)
-    gone = removed_ranks(sc, args)
-    if gone:
-        elastic = dataclasses.replace(sc, removed=gone)
-        if me in elastic.survivors():
-            mark("elastic")
-            ok = run_phase(elastic, f"elastic (ranks {gone} removed, {args.removed})", store, ep_name, "") and ok
-        elif args.removed == "dead":
-            print(f"rank {me}: removed, exiting with code 0", flush=True)
-            os._exit(0)
-        else:
-            label = f"elastic (ranks {gone} removed, {args.removed})"
-            store.wait([f"emu_main/{label}/verdict"], timedelta(seconds=float(os.environ.get("EMU_TIMEOUT_S", "60"))))
-            ok = store.get(f"emu_main/{label}/verdict") == b"1" and ok
-    if args.trace:
-        disable_trace()
-        store.set(f"emu_main/traced/{me}", "1")
-        if me == 0:
-            callers = elastic.survivors() if gone and args.removed == "dead" else range(dist.get_world_size())
-            store.wait([f"emu_main/traced/{g}" for g in callers])
-            print(f"\ntrace: {merge(args.trace)} (python scripts/trace_report.py {args.trace})")
-    time.sleep(0.05)
-    dist.destroy_process_group()
-    return 0 if ok else 1
+def options(a: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(a).items() if k not in ("nproc_per_node", "traceback")}
 
 
 def main() -> int:
     args = parse_args()
-    return run_reporting(partial(run_job, args), args.traceback)
+    under = "RANK" in os.environ
+    world = int(os.environ["WORLD_SIZE"]) if under else args.nproc_per_node
+    try:
+        job = plan(world, options(args))
+    except PlanError as exc:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"launch/dispatch.py: {exc}", file=sys.stderr)
+        return 2
+    if under:
+        return run_reporting(partial(lambda p: 0 if run_job(p) else 1, job), args.traceback)
+    problem = precheck(job)
+    if problem is not None:
+        print(f"launch/dispatch.py: these flags make a call the operator rejects: {problem}", file=sys.stderr)
+        return 2
+    return under_torchrun(os.path.abspath(__file__), rank_argv(sys.argv[1:]), world, args.traceback)
+
+
+def rank_argv(argv: list[str]) -> list[str]:
+    """The flags for the ranks: all but --nproc-per-node."""
+    out, skip = [], False
+    for a in argv:
+        if not skip and a != "--nproc-per-node" and not a.startswith("--nproc-per-node="):
+            out.append(a)
+        skip = a == "--nproc-per-node"
+    return out
 
 
 if __name__ == "__main__":

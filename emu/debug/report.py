@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import os
 import sys
 from collections import defaultdict
@@ -206,7 +207,9 @@ def report(directory: str, pictures: bool = True) -> list[str]:
         out.append(f"{len(colls)} collectives from {len({e.rank for e in colls})} ranks "
                    f"(Perfetto: {merge(directory)})")
         out.append(format_table(rank_table(colls)))
-        if pictures:
+        if pictures and importlib.util.find_spec("matplotlib") is None:
+            out.append("no pictures: matplotlib is not installed (pip install -e '.[report]')")
+        elif pictures:
             for name, draw, wanted in (("timeline.png", plot_timeline, events), ("traffic.png", plot_traffic, colls),
                                        ("waits.png", plot_waits, colls)):
                 draw(wanted, os.path.join(directory, name))

@@ -71,3 +71,23 @@ def run_job(argv: list[str], nproc: int, env: dict | None = None, timeout_s: flo
             code, at, killed = ended[r]
             result.append(RankProcess(r, code, text[0], text[1], at, killed))
     return result
+
+
+def under_torchrun(script: str, argv: list[str], nproc: int, show_stderr: bool = False) -> int:
+    """Run ``script argv...`` under torchrun with ``nproc`` ranks: its output streamed as it
+    comes, torchrun's own report of failed ranks (stderr) kept back unless ``show_stderr`` or
+    unless no rank said why it failed; returns torchrun's exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), script, *argv]
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
+                                env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+        said_why = False
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            said_why = said_why or line.startswith(("FAIL:", "rank ")) or " FAIL: " in line
+        code = proc.wait()
+        if code != 0 and (show_stderr or not said_why):
+            err.seek(0)
+            sys.stderr.write(err.read())
+    return code
