@@ -80,7 +80,7 @@ def main() -> int:
                 covered |= {cmd, cmd + " &"}
                 continue
             musts = {"examples/quickstart.py": ("x_out equals a dense MoE",), "emu.npu.run": ("CLIENT OK",),
-                     "torchfrtrace": (), "trace_report.py": ("wrote", "collectives from 8 ranks"),
+                     "torchfrtrace": (), "trace_report.py": ("collectives from 8 ranks",),
                      "emu.debug.report": ("every group's ranks agree",)}
             must = next((m for key, m in musts.items() if key in cmd), ("PASS",))
             run(venv + cmd, clone, must=must, limit_s=600)
