@@ -1,6 +1,6 @@
 """mc2-emu: a multi-process CPU emulator of Huawei CANN's MoE dispatch / combine (V1, V2/V3).
 
-Public API (torch_npu names, spec §14)::
+Public API (torch_npu names, docs/dispatch.md)::
 
     emu.moe_distribute_dispatch_v2(...)  -> 7-tuple
     emu.moe_distribute_combine_v2(...)   -> x_out

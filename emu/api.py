@@ -1,4 +1,4 @@
-"""Public API with torch_npu's names, keywords and defaults (spec §14).
+"""Public API with torch_npu's names, keywords and defaults (docs/dispatch.md).
 
 Each function binds torch_npu's signature to one typed request (input bundle, attributes,
 placement) and hands it to the chip the SoC setting selects (:mod:`emu.chips`).  Every rank
@@ -43,7 +43,7 @@ def moe_distribute_dispatch_v2(x: torch.Tensor, expert_ids: torch.Tensor, group_
     """Dispatch tokens to experts (aclnnMoeDistributeDispatchV3).
 
     x (Bs, H) bf16/fp16; expert_ids (Bs, K) int32; scales (N_s + E, H) fp32 smooth scales
-    (quant_mode 2); x_active_mask (Bs,) or (Bs, K) bool.  Returns, with A as in spec §10.2:
+    (quant_mode 2); x_active_mask (Bs,) or (Bs, K) bool.  Returns, with A as in docs/errors.md:
     expand_x (A*max(tp,1), H) x.dtype or int8; dynamic_scales (A*tp if tp > 1 else A,) fp32;
     assist_info_for_combine (max(Bs*K, 128*A),) int32; expert_token_nums (L_r,) int64;
     ep_recv_counts (W*L_r*(2 if tp == 2 else 1),) int32; tp_recv_counts (tp,) int32;

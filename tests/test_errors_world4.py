@@ -1,5 +1,5 @@
 """Bad input on 4 real processes: the operator's error class on every rank, never a hang,
-and the world still usable afterwards (spec §10, §15)."""
+and the world still usable afterwards (docs/errors.md)."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Rounding chains of spec §5 and §9 against independent numpy float32 / float16 arithmetic."""
+"""Rounding chains of docs/quantisation.md and docs/combine.md against independent numpy float32 / float16 arithmetic."""
 from __future__ import annotations
 
 import numpy as np

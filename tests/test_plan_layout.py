@@ -1,4 +1,4 @@
-"""The distributed path's pure pieces on the spec §3.4 world, worked by hand."""
+"""The distributed path's pure pieces on the docs/dispatch.md world, worked by hand."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""The single-process reference on hand-worked worlds (spec §3.4 and our own cases)."""
+"""The single-process reference on hand-worked worlds (docs/dispatch.md and our own cases)."""
 from __future__ import annotations
 
 import numpy as np
@@ -35,7 +35,7 @@ SPEC_IDS = [[[0, 3], [2, 3]], [[1, 0], [5, 4]], [[0, 1], [0, 2]], [[4, 5], [3, 0
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("nums_type,token_nums", [(1, [5, 2]), (0, [5, 7])])
 def test_spec_worked_example(nums_type, token_nums):
-    """Spec §3.4: W=4, S=1, N_s=1, E=6 (L=2), K=2, Bs=2."""
+    """Spec docs/dispatch.md: W=4, S=1, N_s=1, E=6 (L=2), K=2, Bs=2."""
     cfg = MoeConfig(ep_world_size=4, moe_expert_num=6, shared_expert_rank_num=1, expert_token_nums_type=nums_type)
     outs = reference_dispatch(cfg, [DispatchInputs(_x(r, 2), _ids(SPEC_IDS[r])) for r in range(4)])
     r1 = outs[1]
@@ -132,7 +132,7 @@ def test_quant_half_to_even_and_scale_chain():
 
 @pytest.mark.timeout(30)
 def test_quant_smooth_row_per_destination():
-    """Smooth scales: MoE expert e uses row N_s + e, shared expert j row j (spec §5)."""
+    """Smooth scales: MoE expert e uses row N_s + e, shared expert j row j (docs/quantisation.md)."""
     cfg = MoeConfig(ep_world_size=2, moe_expert_num=1, shared_expert_rank_num=1, quant_mode=2)
     scales = torch.tensor([[1.0, 1.0], [2.0, 0.5]])          # row 0: shared 0, row 1: expert 0
     x = torch.tensor([[127.0, 127.0]], dtype=BF)
@@ -194,7 +194,7 @@ def test_combine_special_experts_and_2d_mask():
 
 @pytest.mark.timeout(30)
 def test_combine_tokens_matches_numpy_float32_loop():
-    """combine_tokens against a plain numpy float32 loop over tokens and k (spec §9.3)."""
+    """combine_tokens against a plain numpy float32 loop over tokens and k (docs/combine.md)."""
     rng = np.random.default_rng(7)
     bs, k, h, E, z, c, q, ns = 6, 4, 16, 4, 1, 1, 2, 1
     ids = rng.integers(0, E + z + c + q, size=(bs, k)).astype(np.int32)
@@ -294,7 +294,7 @@ def test_elastic_flag_zero_keeps_routing_but_elastic_shapes():
 
 @pytest.mark.timeout(30)
 def test_a2_fullmesh_hand_worked():
-    """a2.md §5.1: W=16, E=16 (L=1), Bs=2, K=2, ids[r] = [[r, r+3], [r+3, r+5]] (mod 16).
+    """docs/atlas-a2.md: W=16, E=16 (L=1), Bs=2, K=2, ids[r] = [[r, r+3], [r+3, r+5]] (mod 16).
     Rank 3 receives r0 (t0,k1), r0 (t1,k0), r3 (t0,k0), r14 (t1,k1); every rank's occ = [0,0,1,0]."""
     cfg = MoeConfig(ep_world_size=16, moe_expert_num=16, shared_expert_num=0)
     ids = {r: [[r, (r + 3) % 16], [(r + 3) % 16, (r + 5) % 16]] for r in range(16)}
@@ -322,7 +322,7 @@ def test_a2_fullmesh_hand_worked():
 
 @pytest.mark.timeout(30)
 def test_a2_hierarchy_hand_worked():
-    """a2.md §5.2 (servers 0-7, 8-15): rank 3 as in §5.1 plus expand_scales
+    """docs/atlas-a2.md (servers 0-7, 8-15): rank 3 as in docs/quantisation.md plus expand_scales
     [w0[0,1], w0[1,0], w3[0,0], w14[1,1]], ep_recv_counts of 16 + 2*32*2*2 = 272 entries; combine on
     rank 14: out[0] = XT((0 + P0) + P1) with P0 = XT(y1*w[0,1]) (server 0 first) and P1 = XT(y14*w[0,0])."""
     cfg = MoeConfig(ep_world_size=16, moe_expert_num=16, shared_expert_num=0)

@@ -1,5 +1,5 @@
-"""Validation order and rules without processes (spec §10); the multi-process error tests
-check that every rank raises.  Also the HCCL_BUFFSIZE window formula (§10.4)."""
+"""Validation order and rules without processes (docs/errors.md); the multi-process error tests
+check that every rank raises.  Also the HCCL_BUFFSIZE window formula (docs/errors.md)."""
 from __future__ import annotations
 
 import pytest
@@ -133,7 +133,7 @@ def _combine_kw(cfg: MoeConfig, **over):
 def test_combine_rules():
     cfg = MoeConfig(ep_world_size=8, moe_expert_num=7, shared_expert_rank_num=1)
     validate_combine(**_combine_kw(cfg))
-    validate_combine(**_combine_kw(cfg, tp_send_counts=None))                # SGLang passes None (spec §15)
+    validate_combine(**_combine_kw(cfg, tp_send_counts=None))                # SGLang passes None (docs/errors.md)
     _raises(161001, "expert_scales=None", validate_combine, **_combine_kw(cfg, expert_scales=None))
     _raises(161002, "group_ep", validate_combine, **_combine_kw(cfg, ep_name="x" * 128))
     _raises(161002, "expand_x.dtype", validate_combine,

@@ -1,5 +1,5 @@
 """Atlas A2 fullmesh on 16 real processes (EMU_SOC=A2), bit-exact against the A2 reference
-(a2.md §2), its checks, and the env selection of comm_alg."""
+(docs/atlas-a2.md), its checks, and the env selection of comm_alg."""
 from __future__ import annotations
 
 import pytest

@@ -1,8 +1,8 @@
-"""Atlas A2 parameter checks, in the operator's order (spec a2.md §1.2, §1.3, §7).
+"""Atlas A2 parameter checks, in the operator's order (docs/atlas-a2.md).
 
 Layer 1 (161001) and layer 2 (161002) are those of A3; tiling (561002) then checks commAlg,
 shapes and attributes.  A2 tiling does not look at sharedExpertNum / sharedExpertRankNum /
-tp values (forced to 0), globalBs or output sizes; as a2.md §7 chooses, mc2-emu also rejects
+tp values (forced to 0), globalBs or output sizes; as docs/atlas-a2.md chooses, mc2-emu also rejects
 the limits the doc states but tiling does not check (ep in [16, 256] multiple of 8, hierarchy
 ep <= 64 with 2/4/8 servers, fullmesh L <= 24).
 """
@@ -45,7 +45,7 @@ def _mask_rule(c: Checker, mask, bs: int) -> None:
 
 
 def _doc_limits(c: Checker, cfg: MoeConfig, alg: str) -> None:
-    """Limits of the doc that A2 tiling does not check (a2.md §7: rejected here)."""
+    """Limits of the doc that A2 tiling does not check (docs/atlas-a2.md: rejected here)."""
     W = cfg.ep_world_size
     c.tiling(W >= 16, "ep_world_size", W, "the doc supports ep_world_size in {16, ..., 256} on Atlas A2 "
              "(8 passes the hardware's tiling; mc2-emu is stricter)")
@@ -132,8 +132,8 @@ def validate_combine_a2(req: CombineRequest) -> tuple[Geometry, str]:
 
 
 def on_a2(req: R) -> R:
-    """The request as A2 sees it: tp, shared experts and the shard type forced to 0 (a2.md
-    §1.2), the operator named as on Atlas A2 in messages."""
+    """The request as A2 sees it: tp, shared experts and the shard type forced to 0
+    (docs/atlas-a2.md), the operator named as on Atlas A2 in messages."""
     cfg = replace(req.cfg, tp_world_size=0, shared_expert_num=0, shared_expert_rank_num=0, expert_shard_type=0)
     return replace(req, op=f"{req.op} (A2)", cfg=cfg)
 
@@ -154,6 +154,6 @@ def check_combine(req: CombineRequest) -> Prepared:
         c.tiling(req.inputs.expand_scales is not None, "expand_scales", None,
                  "required with hierarchy (the hardware reads it; null faults the device)")
         c.tiling(req.cfg.comm_quant_mode == 0, "comm_quant_mode", req.cfg.comm_quant_mode,
-                 "mc2-emu does not emulate hierarchy int8 partials yet (a2.md §3.4 is opaque)")
+                 "mc2-emu does not emulate hierarchy int8 partials yet (their layout is not known)")
     act = active_set(*req.inputs.expert_ids.shape, req.inputs.x_active_mask if alg == "fullmesh" else None)
     return prepare(req, geom, req.inputs.expand_x.dtype, act, alg)

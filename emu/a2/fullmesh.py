@@ -1,4 +1,4 @@
-"""Atlas A2 (Ascend910B) fullmesh path of dispatch / combine (spec a2.md §2).
+"""Atlas A2 (Ascend910B) fullmesh path of dispatch / combine (docs/atlas-a2.md).
 
 Fullmesh moves tokens exactly as A3 does without shared experts (same expand_x layout, counts
 and quantisation, the smooth row being the expert id), but its third output is the source-side
@@ -22,7 +22,7 @@ from ..core.request import Prepared
 
 
 def dispatch(call: Call, prep: Prepared, inp: DispatchInputs) -> DispatchOutputs:
-    """A2 fullmesh dispatch: the 7 outputs at torch_npu's eager shapes (a2.md §4): assist
+    """A2 fullmesh dispatch: the 7 outputs at torch_npu's eager shapes (docs/atlas-a2.md): assist
     holds occ (Bs*K entries written), ep_recv_counts has E entries (+ 2*G*K*(W/8) zero tail
     entries when expert_scales is given), expand_scales is not written."""
     out = a3_dispatch.dispatch(call, prep, inp)

@@ -1,4 +1,4 @@
-"""Atlas A2 hierarchy path (spec a2.md §3) with its real two-level communication.
+"""Atlas A2 hierarchy path (docs/atlas-a2.md) with its real two-level communication.
 
 A server is 8 consecutive EP ranks; rank p = 8*s + i.  Domains: "EP" (the whole group, for
 the header: call checks, errors and the step-1 counts), "INTER" (the ranks with local index
@@ -10,7 +10,7 @@ dispatch: each token is quantised once (no smoothing), then
   2. INTRA: relay (d, i) copies each struct once per hit on its server to the expert's rank;
   the expert rank lays the rows out in blocks (l, p), increasing t (the A3/fullmesh layout), with
   expand_scales[row] = expert_scales_p[t, k]; the epRecvCounts tail gets the pre-reduction
-  tables of a2.md §3.2 (relay: innerCnt / innerOff per source server; source: outerCnt / outerOff),
+  tables of docs/atlas-a2.md (relay: innerCnt / innerOff per source server; source: outerCnt / outerOff),
   their padding zero.
 combine:
   1. INTER: p sends, to rank (d, i), the ids of its tokens that hit server d (the relay's routing
@@ -18,7 +18,7 @@ combine:
   2. INTRA: each expert rank returns its rows, with their expand_scales weight, to the relay of
      the row's source;
   3. the relay forms, per token, P_d = XT(fp32(y_k0) * w_k0 [+ fp32(y_k) * w_k ...]) over the
-     token's hits on its server in k order (each multiply and add rounded separately, a2.md §7);
+     token's hits on its server in k order (each multiply and add rounded separately, docs/atlas-a2.md);
   4. INTER: P_d goes back to p, which adds them in increasing server order: out = XT(0 + P_0 + ...).
 The mask is ignored (every token flows, every x_out row is written), as on the hardware.
 """
@@ -79,7 +79,7 @@ def dispatch(call: Call, prep: Prepared, inp: DispatchInputs) -> DispatchOutputs
     bs = ids.shape[0]
     quant = cfg.quant_mode == 2
     if quant:
-        payload, scale = dynamic_quant(x, None)          # once per token, no smoothing (a2.md §3.1)
+        payload, scale = dynamic_quant(x, None)          # once per token, no smoothing (docs/atlas-a2.md)
     else:
         payload, scale = x, torch.zeros(bs, dtype=F32)
     per_server, counts, incoming = _server_counts(call, ids, L, n_srv)
@@ -232,7 +232,7 @@ def _inner_order(ids: np.ndarray, t: np.ndarray, server: int, L: int) -> tuple[n
 
 
 def outer_tables(ids: np.ndarray, L: int, n_srv: int) -> tuple[np.ndarray, np.ndarray]:
-    """Source-side tail tables (a2.md §3.2): outerCnt (Bs,) = running count of the servers each
+    """Source-side tail tables (docs/atlas-a2.md): outerCnt (Bs,) = running count of the servers each
     token goes to; outerOff (Bs*K,) = for each (token, server ascending) ``server*Bs + position of
     the token in that server's inner order``, zero-padded."""
     bs, k = ids.shape
@@ -276,7 +276,7 @@ def inner_tables(ids: np.ndarray, t: np.ndarray, server: int, L: int, W: int, G:
 
 
 def write_tail(tail: torch.Tensor, E: int, G: int, K: int, n_srv: int, inner: dict, outer: tuple) -> None:
-    """Place the tables in the int32 ep_recv_counts tail at a2.md §3.2's byte offsets."""
+    """Place the tables in the int32 ep_recv_counts tail at docs/atlas-a2.md's byte offsets."""
     as16 = tail.view(torch.int16)
     for s, (cnt, off) in inner.items():
         as16[2 * E + G * s: 2 * E + G * (s + 1)] = torch.from_numpy(cnt.astype(np.int16))

@@ -1,8 +1,8 @@
-"""Atlas A3 checks of dispatch and combine, in the operator's order (spec §10, §15).
+"""Atlas A3 checks of dispatch and combine, in the operator's order (docs/errors.md).
 
 Layers: the aclnn wrapper (161001 null pointers), the generated layer (161002 dtypes not
 among the compiled variants), tiling (561002 attributes, shapes, window), then the
-emulator's own data checks where the hardware would hang or corrupt (spec §15, 561002).
+emulator's own data checks where the hardware would hang or corrupt (docs/errors.md, 561002).
 Output-buffer checks of tiling are omitted: outputs are allocated here at the eager
 shapes, which always pass them.
 """
@@ -40,7 +40,7 @@ def _align(v: int, a: int) -> int:
 
 
 def window_need(geom: Geometry) -> int:
-    """Bytes of window one call needs (spec §10.4)."""
+    """Bytes of window one call needs (docs/errors.md)."""
     comb = _align(2 * geom.H, 512)
     disp = _align(_align(2 * geom.H, 32) + 44, 512)
     return 2 * (geom.max_bs * disp * geom.W * geom.L + geom.max_bs * comb * (geom.K + geom.Ns))
@@ -109,7 +109,7 @@ def _window(c: Checker, geom: Geometry) -> None:
 
 
 def validate_dispatch(req: DispatchRequest) -> Geometry:
-    """All checks of dispatch (spec §10.1-§10.2, §10.4) in order; returns the geometry."""
+    """All checks of dispatch (docs/errors.md) in order; returns the geometry."""
     inp, cfg, place = req.inputs, req.cfg, req.place
     x, expert_ids, scales, mask, elastic = inp.x, inp.expert_ids, inp.scales, inp.x_active_mask, inp.elastic_info
     tp_name = place.tp_name if cfg.tp_world_size > 1 else ""
@@ -159,7 +159,7 @@ def _elastic_length(c: Checker, cfg: MoeConfig, elastic) -> None:
 
 
 def validate_combine(req: CombineRequest) -> Geometry:
-    """All checks of combine (spec §10.1, §10.3) in order; returns the geometry.  V1
+    """All checks of combine (docs/errors.md) in order; returns the geometry.  V1
     (``inputs.positional``): ``assist_info`` is expand_idx (Bs*K entries)."""
     inp, cfg, place = req.inputs, req.cfg, req.place
     expand_x, expert_ids, assist_info, mask = inp.expand_x, inp.expert_ids, inp.assist_info, inp.x_active_mask
@@ -224,7 +224,7 @@ def validate_combine(req: CombineRequest) -> Geometry:
 
 
 def _combine_shapes(c: Checker, req: CombineRequest, geom: Geometry, tp_send_counts) -> None:
-    """Combine's tensor lengths and shapes (spec §10.3), in order."""
+    """Combine's tensor lengths and shapes (docs/errors.md), in order."""
     inp, cfg, rank = req.inputs, req.cfg, req.place.ep_rank_id
     bs, k, h = inp.expert_ids.shape[0], geom.K, geom.H
     tp = cfg.tp_world_size
@@ -283,7 +283,7 @@ def check_combine(req: CombineRequest) -> Prepared:
 
 
 def own_rows(geom: Geometry, rank: int, ep_send_counts: torch.Tensor) -> int:
-    """Rows this rank received in dispatch: ``ep_send_counts[W*L_r - 1]`` (spec §9.1)."""
+    """Rows this rank received in dispatch: ``ep_send_counts[W*L_r - 1]`` (docs/combine.md)."""
     return int(ep_send_counts[geom.recv_blocks(rank) - 1])
 
 

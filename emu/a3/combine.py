@@ -1,4 +1,4 @@
-"""Atlas A3 combine on this rank, phase by phase (spec §9).
+"""Atlas A3 combine on this rank, phase by phase (docs/combine.md).
 
 Phases:
 
@@ -33,8 +33,8 @@ from .checks import own_rows
 def combine(call: Call, prep: Prepared, inp: CombineInputs) -> torch.Tensor:
     """Run combine for this rank; returns x_out (Bs, H) XT (inactive tokens zero).
 
-    The special-expert ranges of the weighted sum use the ORIGINAL ``moe_expert_num`` (spec
-    §7, §9.3).  ``inp.positional`` (V1, no triples): a holder finds each row's source from
+    The special-expert ranges of the weighted sum use the ORIGINAL ``moe_expert_num`` (docs/elastic.md,
+    docs/combine.md).  ``inp.positional`` (V1, no triples): a holder finds each row's source from
     ep_send_counts and the source matches the rows to its own send plan by position (same
     order both sides)."""
     geom = prep.route
@@ -147,7 +147,7 @@ def _cross_check(call: Call, hdr: Header, send_counts: np.ndarray, expected: np.
 
 
 def tp_reduce_scatter(call: Call, geom: Geometry, inp: CombineInputs, own: int) -> torch.Tensor:
-    """TP reduce-scatter (spec §9.2.1): own rows + the peer's partials for them, in XT."""
+    """TP reduce-scatter (docs/combine.md): own rows + the peer's partials for them, in XT."""
     tp = call.tp
     peer = 1 - tp.rank
     peer_count = int(inp.tp_send_counts[peer])

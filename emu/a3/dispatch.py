@@ -1,4 +1,4 @@
-"""Atlas A3 dispatch on this rank, phase by phase (spec §2-§6).
+"""Atlas A3 dispatch on this rank, phase by phase (docs/dispatch.md).
 
 Notation as in :mod:`emu.core.attrs`.  Phases:
 
@@ -65,7 +65,7 @@ def dispatch(call: Call, prep: Prepared, inp: DispatchInputs) -> DispatchOutputs
 
 
 def plan_rows(dom: Domain, geom: Geometry, prep: Prepared, inp: DispatchInputs) -> WireRows:
-    """The send plan of this rank (spec §2.3-§2.5), reordered so that destinations follow
+    """The send plan of this rank (docs/dispatch.md), reordered so that destinations follow
     the group's rank order (they differ under elastic scaling)."""
     plan = send_plan(geom, dom.rank, inp.expert_ids, prep.act)
     cols = (plan.token, plan.slot, plan.local, plan.smooth_row)
@@ -85,7 +85,7 @@ def exchange_counts(call: Call, rows: WireRows, width: int) -> tuple[Segments, S
 
 def _quantise_copies(x: torch.Tensor, scales: torch.Tensor | None, token: np.ndarray,
                      smooth_row: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic int8 copies for the rows to send (spec §5): (n, H) int8 and (n,) fp32.
+    """Dynamic int8 copies for the rows to send (docs/quantisation.md): (n, H) int8 and (n,) fp32.
 
     A copy depends only on (token, smooth row) (only on the token without smooth scales), so
     each distinct pair is quantised once and the results gathered: bit-identical, K times less work."""
@@ -124,7 +124,7 @@ def pack_rows(call: Call, inp: DispatchInputs, rows: WireRows, sent: Segments, q
 
 def lay_out(dom: Domain, prep: Prepared, recv: torch.Tensor, received: Segments,
             quant: bool) -> tuple[DispatchOutputs, int, np.ndarray]:
-    """Place the received rows (spec §3-§4): blocks local-expert major, source minor.
+    """Place the received rows (docs/dispatch.md): blocks local-expert major, source minor.
 
     Returns the outputs (EP part written), the rows received and ep_recv_counts (W*L_r,)."""
     geom, h = prep.route, prep.route.H
@@ -148,7 +148,7 @@ def lay_out(dom: Domain, prep: Prepared, recv: torch.Tensor, received: Segments,
 
 
 def tp_all_gather(call: Call, geom: Geometry, out: DispatchOutputs, own: int, own_cum: np.ndarray) -> int:
-    """TP all-gather-v (spec §6): append the peer's EP rows after ours; returns peer rows.
+    """TP all-gather-v (docs/dispatch.md): append the peer's EP rows after ours; returns peer rows.
 
     The sender's own epRecvCounts (W int32) travel as trailing byte rows of the same
     exchange, so a peer with zero rows still delivers them.
@@ -181,6 +181,6 @@ def tp_all_gather(call: Call, geom: Geometry, out: DispatchOutputs, own: int, ow
 
 
 def count_outputs(geom: Geometry, prep: Prepared, out: DispatchOutputs, counts: np.ndarray, total: int) -> None:
-    """expert_token_nums (spec §4.2): shared ranks write element 0 only."""
+    """expert_token_nums (docs/dispatch.md): shared ranks write element 0 only."""
     nums = expert_token_nums(geom, prep.me, counts, total, prep.cfg.expert_token_nums_type)
     out.expert_token_nums[:nums.size] = torch.from_numpy(nums)

@@ -191,7 +191,7 @@ def open_call(req: Request, checked: Checked, elastic: bool = True) -> Call:
     A rank whose input failed its checks still takes part in the first exchange of each of
     its domains with an error marker, so that every peer raises at once instead of waiting;
     only a rank without a usable group (unknown group_ep, unusable elastic table) raises on
-    its own.  Under active elastic scaling the EP domain is the survivors alone (spec §7);
+    its own.  Under active elastic scaling the EP domain is the survivors alone (docs/elastic.md);
     ``elastic=False`` (a chip without elastic scaling) always uses the whole EP group.
     """
     cfg, place = req.cfg, req.place

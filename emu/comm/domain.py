@@ -7,7 +7,7 @@ the emulator's own gloo group of the same members (never on the user's group).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -45,7 +45,6 @@ class Domain:
     ep_index: np.ndarray | None = None
     name: str = ""
     prefix: str = "group"         # names the emulator's own group of these members
-    _pg: ProcessGroup | None = field(default=None, repr=False)
 
     @classmethod
     def of_members(cls, kind: str, ranks: list[int], rank: int, ep_index: np.ndarray, name: str = "",
@@ -80,10 +79,10 @@ class Domain:
         return dom
 
     def backend(self) -> ProcessGroup:
-        """The emulator's own gloo group of this domain's members (made on first use)."""
-        if self._pg is None:
-            self._pg = own_group(self.ranks, timeout_s(), self.prefix)[0]
-        return self._pg
+        """The emulator's own gloo group of this domain's members (made on first use).  Looked
+        up, never held: the per-process registry must be its only owner, so that it is released
+        at exit even when a user keeps an emulator error (and its traceback's frames)."""
+        return own_group(self.ranks, timeout_s(), self.prefix)[0]
 
     def backend_name(self) -> str:
         return own_group_name(self.ranks, self.prefix)

@@ -79,6 +79,7 @@ def issue(ctx: CommContext, tag: CallTag, dom: Domain, xfer: Transfer) -> tuple[
         work = dom.all_to_all(xfer.out, xfer.inp, splits_out, splits_in)
         work.wait(timeout=timedelta(seconds=limit))
     except RuntimeError as exc:
+        work = None                 # an error's traceback must not keep the group alive (see Domain.backend)
         failure = Failure(group=dom.name, ranks=tuple(dom.ranks), seq=seq, what=f"{tag.op} #{tag.call_no} {xfer.phase}",
                           elapsed_s=(time.monotonic_ns() - t0) / 1e9, limit_s=limit,
                           cause=_cause(exc))

@@ -1,6 +1,6 @@
-"""Operator attributes and the quantities derived from them (spec §0.1, §8, §10.2).
+"""Operator attributes and the quantities derived from them (docs/README.md, docs/dispatch.md, docs/errors.md).
 
-Notation (spec §0.1):
+Notation (docs/README.md):
     W  ep_world_size            S  shared_expert_rank_num     N_s shared_expert_num (after the
     E  moe_expert_num           L  E / (W - S) MoE experts per MoE rank      1 -> 0 rewrite)
     R  S / N_s replicas         K  top-k                      H  hidden size

@@ -1,5 +1,5 @@
 """Checks shared by every chip: the checker, the aclnn wrapper's null / dtype layers, the
-emulator's data checks on expert ids and elastic tables (spec §7, §10, §15), and turning a
+emulator's data checks on expert ids and elastic tables (docs/elastic.md, docs/errors.md), and turning a
 checked request into :class:`~emu.core.request.Prepared`.
 """
 from __future__ import annotations
@@ -74,10 +74,10 @@ def combine_wrapper_checks(c: Checker, req: CombineRequest, tp_name: str, assist
 
 def check_ids(c: Checker, rank: int, expert_ids: torch.Tensor, slots: np.ndarray, moe_now: int,
               moe_orig: int, special: int) -> None:
-    """Emulator data checks (spec §15): id ranges and duplicate MoE ids in a token's row.
+    """Emulator data checks (docs/errors.md): id ranges and duplicate MoE ids in a token's row.
 
     Valid ids: MoE ``[0, moe_now)`` (E' under elastic scaling) and, with special experts,
-    ``[moe_orig, moe_orig + special)`` (the ORIGINAL E, spec §7).  ``slots``: (Bs, K) bool, the
+    ``[moe_orig, moe_orig + special)`` (the ORIGINAL E, docs/elastic.md).  ``slots``: (Bs, K) bool, the
     active slots; inactive slots are never read by the kernel.
     """
     ids = expert_ids.detach().cpu().numpy().astype(np.int64)
@@ -90,7 +90,7 @@ def check_ids(c: Checker, rank: int, expert_ids: torch.Tensor, slots: np.ndarray
         v = int(ids[t, k])
         if moe_now < moe_orig and moe_now <= v < moe_orig:
             rule = (f"ids in [E'={moe_now}, E={moe_orig}) are dropped by dispatch but awaited by combine "
-                    f"under elastic scaling (spec §7)")
+                    f"under elastic scaling")
         elif special:
             rule = (f"ids must be in [0, {moe_now}) or in the special range [{moe_orig}, {moe_orig + special})")
         else:
@@ -147,7 +147,7 @@ def usable_remap(elastic: torch.Tensor | None, cfg: MoeConfig, ep_rank_id: int, 
 
 
 def prepare(req: Request, geom: Geometry, xt: torch.dtype, act: ActiveSet, algorithm: str = "") -> Prepared:
-    """The checks after tiling (elastic table when active, then the ids; spec §7, §15) and the
+    """The checks after tiling (elastic table when active, then the ids; docs/elastic.md, docs/errors.md) and the
     validated call they give."""
     cfg, inp, ep_rank_id = req.cfg, req.inputs, req.place.ep_rank_id
     elastic = inp.elastic_info

@@ -1,4 +1,4 @@
-"""The tensors of one call, as one typed bundle per op (spec §14 names).
+"""The tensors of one call, as one typed bundle per op (docs/dispatch.md names).
 
 The API builds a bundle once from torch_npu's arguments and passes it unchanged to
 validation, the chip's phases, the numerics, the single-process references and the test
@@ -16,7 +16,7 @@ from .attrs import MoeConfig
 
 @dataclass(frozen=True)
 class SpecialExperts:
-    """Zero, copy and const experts of combine (spec §7, §9.3).
+    """Zero, copy and const experts of combine (docs/elastic.md, docs/combine.md).
 
     Ids ``[first, first + zero)`` are zero experts (they add nothing), the next ``copy`` ids
     copy experts (they add ``ori_x[t] * w``), the next ``const`` ids const experts (const
@@ -85,7 +85,7 @@ class DispatchInputs:
 
 @dataclass(frozen=True)
 class CombineInputs:
-    """One rank's combine tensors (spec §9.1).
+    """One rank's combine tensors (docs/combine.md).
 
     expand_x (>= A*tp, H) XT: the expert outputs, aligned with dispatch's expand_x;
     expert_ids (Bs, K) int32 and x_active_mask as given to dispatch; assist_info

@@ -1,4 +1,4 @@
-"""Receive-side layout of dispatch and the eager output shapes (spec §3, §4, §14).
+"""Receive-side layout of dispatch and the eager output shapes (docs/dispatch.md).
 
 Pure numpy: given, for every received row, its source rank and local expert (rows in
 wire order = source-major), compute where each row lands and the count outputs.
@@ -17,7 +17,7 @@ from .attrs import Geometry
 class RecvLayout:
     """order: (n,) int64 permutation, output row i = received row ``order[i]``;
     block_counts: (W*L_r,) int64 rows per status index ``l*W + src``;
-    ep_recv_counts: (W*L_r,) int64 inclusive running prefix of block_counts (§4.1)."""
+    ep_recv_counts: (W*L_r,) int64 inclusive running prefix of block_counts (docs/dispatch.md)."""
 
     order: np.ndarray
     block_counts: np.ndarray
@@ -25,7 +25,7 @@ class RecvLayout:
 
 
 def recv_layout(geom: Geometry, rank: int, src: np.ndarray, local: np.ndarray) -> RecvLayout:
-    """Layout on EP rank ``rank``: blocks local-expert major, source minor (spec §3.1-§3.2).
+    """Layout on EP rank ``rank``: blocks local-expert major, source minor (docs/dispatch.md).
 
     ``src`` / ``local``: (n,) int64 per received row, in wire order (source ascending,
     each source's rows already in its slot order).
@@ -38,7 +38,7 @@ def recv_layout(geom: Geometry, rank: int, src: np.ndarray, local: np.ndarray) -
 
 def expert_token_nums(geom: Geometry, rank: int, ep_recv_counts: np.ndarray, total_rows: int,
                       nums_type: int) -> np.ndarray:
-    """expertTokenNums (spec §4.2): (L_r,) int64.
+    """expertTokenNums (docs/dispatch.md): (L_r,) int64.
 
     L == 1 or shared rank: total rows (own + TP peer).  L > 1: per local expert, the
     running total at the end of its block (type 0) or its own count (type 1).
@@ -54,7 +54,7 @@ def expert_token_nums(geom: Geometry, rank: int, ep_recv_counts: np.ndarray, tot
 
 @dataclass(frozen=True)
 class DispatchShapes:
-    """Eager output shapes torch_npu allocates (spec §14); ``rows`` = A*max(tp,1)."""
+    """Eager output shapes torch_npu allocates (docs/dispatch.md); ``rows`` = A*max(tp,1)."""
 
     rows: int
     capacity: int
@@ -69,7 +69,7 @@ def dispatch_shapes(geom: Geometry, rank: int, bs: int, elastic: bool = False) -
     """Eager shapes from the ORIGINAL attributes (``geom`` not remapped).
 
     With ``elastic_info`` given (whatever its flag) a rank may change role, so every rank gets
-    A = max(shared A, MoE A), max(L, 1) token counts and max(W, W*L) ep_recv_counts (spec §7).
+    A = max(shared A, MoE A), max(L, 1) token counts and max(W, W*L) ep_recv_counts (docs/elastic.md).
     """
     tp = geom.tp
     if elastic:
@@ -121,7 +121,7 @@ class DispatchOutputs:
     @classmethod
     def allocate(cls, shapes: DispatchShapes, h: int, dtype: torch.dtype) -> "DispatchOutputs":
         """Zero-filled outputs at the eager shapes (regions the hardware leaves unwritten stay
-        0, spec §15); the large ones come zeroed from the OS, so only what is written is touched."""
+        0, docs/errors.md); the large ones come zeroed from the OS, so only what is written is touched."""
         big = lazy_zeros
         return cls(expand_x=big((shapes.rows, h), dtype),
                    dynamic_scales=big((shapes.dynamic_scales,), torch.float32),

@@ -1,4 +1,4 @@
-"""Bit-exact arithmetic of the kernels (spec §5, §9.2-§9.4).
+"""Bit-exact arithmetic of the kernels (docs/quantisation.md, docs/combine.md).
 
 Every helper is vectorised over rows.  Each fp32 multiply / divide / add is its own torch
 op, so it is rounded once (IEEE round-to-nearest-even), as on the vector unit; no FMA.
@@ -19,11 +19,11 @@ COMM_QUANT_GROUP = 8                                  # elements per int8 group 
 
 
 def dynamic_quant(rows: torch.Tensor, smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row dynamic int8 quantisation of dispatch (quant_mode 2, spec §5).
+    """Per-row dynamic int8 quantisation of dispatch (quant_mode 2, docs/quantisation.md).
 
     rows: (n, H) bf16/fp16; smooth: (n, H) fp32 smooth-scale row per output row, or None.
     Returns q (n, H) int8 and scale (n,) fp32 with ``scale = 1 / (127 / amax)``.
-    An all-zero row gives q = 0, scale = 0 (spec §15).
+    An all-zero row gives q = 0, scale = 0 (docs/errors.md).
     """
     row = rows.to(F32, copy=True)                    # exact widening; worked on in place below
     if smooth is not None:
@@ -39,17 +39,17 @@ def dynamic_quant(rows: torch.Tensor, smooth: torch.Tensor | None) -> tuple[torc
 
 
 def tp_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """TP reduce of combine (spec §9.2.1): bf16 via fp32 add + RNE; fp16 native add."""
+    """TP reduce of combine (docs/combine.md): bf16 via fp32 add + RNE; fp16 native add."""
     if a.dtype == torch.float16:
         return (a.to(torch.float64) + b.to(torch.float64)).to(torch.float16)
     return (a.to(F32) + b.to(F32)).to(a.dtype)
 
 
 def comm_quant(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine int8 wire quantisation (comm_quant_mode 2, spec §9.4).
+    """Combine int8 wire quantisation (comm_quant_mode 2, docs/quantisation.md).
 
     y: (n, H) XT.  Returns q (n, H) int8 and per-group scales (n, ceil(H/8)) XT.
-    An all-zero group gives q = 0 and scale 0 (spec §15).
+    An all-zero group gives q = 0 and scale 0 (docs/errors.md).
     """
     n, h = y.shape
     groups = -(-h // COMM_QUANT_GROUP)
@@ -72,7 +72,7 @@ def comm_dequant(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> to
 
 def combine_tokens(y: torch.Tensor, inp: CombineInputs, slot_mask: torch.Tensor | None,
                    shared_num: int) -> torch.Tensor:
-    """The fp32 k-order weighted sum of combine (spec §9.3) for every token.
+    """The fp32 k-order weighted sum of combine (docs/combine.md) for every token.
 
     y: (Bs, K + N_s, H) XT received rows (slot k for MoE experts, K + j for shared j);
     ``inp``: expert_ids (Bs, K), expert_scales (Bs, K), the special experts and
@@ -139,7 +139,7 @@ def combine_rows(got: ReceivedRows, inp: CombineInputs, slot_mask: torch.Tensor 
     MoE slots are weighted by expert_scales[t, k], shared slots unweighted.  Slot by slot in
     order, each slot's terms (received rows, or copy / const expert terms) are added to their
     tokens' fp32 sums with ``index_add_``: a token gets at most one term per slot, so every
-    element gets exactly one rounded add per contributing slot, in slot order, as in spec §9.3.
+    element gets exactly one rounded add per contributing slot, in slot order, as in docs/combine.md.
     Returns acc (Bs, H) fp32.
     """
     sp = inp.special

@@ -1,4 +1,4 @@
-"""Expert -> rank placement (spec §1).
+"""Expert -> rank placement (docs/dispatch.md).
 
 EP ranks ``0 .. S-1`` host shared experts (shared expert ``j`` on ranks ``[j*R, (j+1)*R)``),
 ranks ``S .. W-1`` host MoE experts (expert ``e`` on rank ``S + e // L`` as local expert
@@ -44,7 +44,7 @@ def shared_sources(geom: Geometry, rank: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Remap:
-    """``elastic_info`` (int32, length 4 + 2*W) parsed (spec §7).
+    """``elastic_info`` (int32, length 4 + 2*W) parsed (docs/elastic.md).
 
     active: flag != 0 (flag 0: tables ignored, only the elastic shape rules apply);
     new_world W', new_shared S', new_moe E'; to_new (W,) original EP rank -> new id or -1;

@@ -1,9 +1,9 @@
-"""Send plan of one source rank in dispatch (spec §2) — pure, numpy, no communication.
+"""Send plan of one source rank in dispatch (docs/dispatch.md) — pure, numpy, no communication.
 
 A plan lists the rows one EP rank sends, already in wire order: destination rank
 ascending; within a destination, local expert ascending, then the source's slot order
 (flattened ``t*K + k``, i.e. token order).  That is exactly the order the receiver needs
-inside each (source, local expert) block (spec §3), so the receiver only has to stable-sort
+inside each (source, local expert) block (docs/dispatch.md), so the receiver only has to stable-sort
 the blocks it gets from all sources by ``local*W + source``.
 
 The same plan tells combine, on the source, how many rows come back from each rank.
@@ -22,7 +22,7 @@ from .placement import moe_local_of, moe_rank_of, shared_replica
 
 @dataclass(frozen=True)
 class ActiveSet:
-    """Which tokens / (token, k) slots of one rank take part (spec §2.1).
+    """Which tokens / (token, k) slots of one rank take part (docs/dispatch.md).
 
     tokens: (Bs,) bool — token sent to shared experts and combined.
     slots:  (Bs, K) bool — slot sent to its MoE expert (before the special-id filter).
@@ -38,7 +38,7 @@ def active_set(bs: int, k: int, mask: torch.Tensor | None) -> ActiveSet:
     """Active tokens and slots for mask None, 1-D ``(Bs,)`` or 2-D ``(Bs, K)`` bool.
 
     A 1-D mask counts its True values n and activates tokens ``0..n-1`` (hardware
-    popcount prefix, spec §2.1), whatever the positions of the True values.
+    popcount prefix, docs/dispatch.md), whatever the positions of the True values.
     """
     if mask is None:
         return ActiveSet(np.ones(bs, bool), np.ones((bs, k), bool), None)
@@ -78,12 +78,12 @@ class SendPlan:
 
 
 def send_plan(geom: Geometry, src: int, expert_ids: torch.Tensor, act: ActiveSet) -> SendPlan:
-    """The dispatch send plan of EP rank ``src`` (spec §2.3-§2.5)."""
+    """The dispatch send plan of EP rank ``src`` (docs/dispatch.md)."""
     ids = expert_ids.detach().cpu().numpy().astype(np.int64)
     bs, k = ids.shape
     moe_slots = act.slots.copy()
     if geom.special:
-        moe_slots &= ids < geom.E                    # special experts are never sent (§2.2)
+        moe_slots &= ids < geom.E                    # special experts are never sent (docs/dispatch.md)
     flat = np.flatnonzero(moe_slots.reshape(-1))     # (t*K + k) increasing
     e = ids.reshape(-1)[flat]
     moe_token, moe_slot = flat // k, flat % k

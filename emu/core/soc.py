@@ -3,7 +3,7 @@
 A2 is chosen explicitly, never guessed: ``EMU_SOC=A2`` in the environment (also accepted:
 ``Ascend910B``), or ``launch/dispatch.py --soc a2``.  On A2 the operators take different paths
 (spec a2.md): ``comm_alg`` "fullmesh" or "hierarchy", or ""/None to let the HCCL environment
-choose (a2.md §1.1).
+choose (docs/atlas-a2.md).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def current_soc() -> str:
 
 
 def a2_comm_alg(comm_alg: str | None, op: str) -> str:
-    """"fullmesh" or "hierarchy" as A2 tiling picks it (a2.md §1.1); 561002 for other values."""
+    """"fullmesh" or "hierarchy" as A2 tiling picks it (docs/atlas-a2.md); 561002 for other values."""
     if comm_alg in (None, "", "0"):
         hier = os.environ.get("HCCL_INTRA_PCIE_ENABLE") == "1" and os.environ.get("HCCL_INTRA_ROCE_ENABLE") == "0"
         return "hierarchy" if hier else "fullmesh"

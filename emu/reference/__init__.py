@@ -1,2 +1,2 @@
 """Single-process references of whole worlds (A3; A2 fullmesh and hierarchy), written from the
-spec's definitions and importing only ``emu.core``: what every distributed rank is checked against."""
+the definitions of docs/, and importing only ``emu.core``: what every distributed rank is checked against."""

@@ -1,6 +1,6 @@
-"""Single-process reference of the Atlas A2 fullmesh path (spec a2.md §2), by hand-checkable
-rules: the A3 reference without shared experts for the layout (identical on A2, §2.2), the
-occurrence index written straight from its definition, and combine as §2.3 states it: slot
+"""Single-process reference of the Atlas A2 fullmesh path (docs/atlas-a2.md), by hand-checkable
+rules: the A3 reference without shared experts for the layout (identical on A2, docs/dispatch.md), the
+occurrence index written straight from its definition, and combine as docs/dispatch.md states it: slot
 (t, k) of source p with expert e reads row ``prefix(l*W + p - 1) + occ[t*K + k]`` of expert
 rank e // L, and out[t] = XT(sum_k fp32(row) * w[t, k]) over p's active tokens.
 """
@@ -75,7 +75,7 @@ def reference_combine_a2(cfg: MoeConfig, inputs: list[CombineInputs]) -> list[to
 
 def reference_dispatch_hierarchy(cfg: MoeConfig, inputs: list[DispatchInputs],
                                  expert_scales: list[torch.Tensor]) -> list[DispatchOutputs]:
-    """a2.md §3.2: the fullmesh layout of every token (mask ignored) quantised once without
+    """docs/atlas-a2.md: the fullmesh layout of every token (mask ignored) quantised once without
     smoothing, expand_scales[row] = expert_scales_p[t, k], no assist, a zero tail of
     2*G*K*(W/8) entries after the E counts."""
     plain = [DispatchInputs(x=d.x, expert_ids=d.expert_ids) for d in inputs]
@@ -98,7 +98,7 @@ def reference_dispatch_hierarchy(cfg: MoeConfig, inputs: list[DispatchInputs],
 
 
 def _tail_tables(tail: torch.Tensor, r: int, ids: list[np.ndarray], W: int, L: int, G: int, K: int) -> None:
-    """a2.md §3.2's tables on rank r, written from their definitions, token by token."""
+    """docs/atlas-a2.md's tables on rank r, written from their definitions, token by token."""
     E, N = W * L, W // 8
     d, i = divmod(r, 8)
     srv = lambda e: int(e) // L // 8                                          # noqa: E731
@@ -141,7 +141,7 @@ def _tail_tables(tail: torch.Tensor, r: int, ids: list[np.ndarray], W: int, L: i
 
 def reference_combine_hierarchy(cfg: MoeConfig, inputs: list[CombineInputs],
                                 expand_scales: list[torch.Tensor]) -> list[torch.Tensor]:
-    """a2.md §3.3: per server d, P_d = XT(fp32(y_k0)*w_k0 + fp32(y_k)*w_k + ...) over the token's
+    """docs/atlas-a2.md: per server d, P_d = XT(fp32(y_k0)*w_k0 + fp32(y_k)*w_k + ...) over the token's
     hits on d in k order (w = the holder's expand_scales of the row); out = XT(0 + P_0 + P_1 ...)
     in increasing server order, for every token (mask ignored)."""
     W, E = cfg.ep_world_size, cfg.moe_expert_num

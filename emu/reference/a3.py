@@ -3,10 +3,10 @@
 Written to be checked by hand, independently of the distributed path's plan/layout code:
 all (source, token, slot) rows of an EP domain go into one table, and one global sort by
 (destination, local expert, source, t*K + k) gives every receiver's expand_x at once
-(spec §3, §12).  Shared pieces: mask semantics (``core.plan.active_set``), numerics
+(docs/dispatch.md).  Shared pieces: mask semantics (``core.plan.active_set``), numerics
 (``core.numerics``, checked on hand-worked cases) and the eager output shapes.
 
-World layout (spec §6): world rank ``g = ep_rank * T + tp_rank`` with ``T = 2`` if
+World layout (docs/dispatch.md): world rank ``g = ep_rank * T + tp_rank`` with ``T = 2`` if
 tp_world_size == 2 else 1; the EP domain of TP index ``i`` is ``{e*T + i}``.
 """
 from __future__ import annotations
@@ -131,7 +131,7 @@ def reference_dispatch(cfg: MoeConfig, inputs: list[DispatchInputs | None],
 
 def reference_combine(cfg: MoeConfig, inputs: list[CombineInputs | None],
                       elastic_info: torch.Tensor | None = None) -> list[torch.Tensor | None]:
-    """x_out of every world rank (list indexed by world rank; None for removed ranks), spec §9.
+    """x_out of every world rank (list indexed by world rank; None for removed ranks), docs/combine.md.
     The special-expert ranges use the ORIGINAL moe_expert_num, also under elastic scaling."""
     T = tp_span(cfg)
     outs: list[torch.Tensor | None] = [None] * (cfg.ep_world_size * T)

@@ -27,7 +27,7 @@ def _config(attrs: dict, soc: str) -> MoeConfig:
     if unknown:
         raise TypeError(f"unknown attributes {sorted(unknown)}; known: {sorted(_ATTRS)}")
     cfg = MoeConfig(**attrs)
-    if soc == "A2":                                          # A2 forces these (a2.md §1.2)
+    if soc == "A2":                                          # A2 forces these (docs/atlas-a2.md)
         cfg = replace(cfg, tp_world_size=0, shared_expert_num=0, shared_expert_rank_num=0)
     return cfg
 

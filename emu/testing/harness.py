@@ -9,7 +9,7 @@ Each rank answers with a typed :class:`Outcome`: its return value, or the except
 culprits and peer states), or the exit code of a process that died.  A command that misses
 its deadline raises :class:`WorldHung` with every waiting rank's Python stack and last
 collectives, and the world is torn down.  Inside ``fn``, :func:`this_rank` gives the rank,
-its EP / TP groups (the layout of spec §6: world rank = ep_rank * tp + tp_rank) and their
+its EP / TP groups (the layout of docs/dispatch.md: world rank = ep_rank * tp + tp_rank) and their
 names.  :class:`Fault` kills, hangs or delays a rank at a named collective of the emulator.
 
 The rendezvous store lives in the test process, so ranks may die without taking it with them;
@@ -65,7 +65,7 @@ class WorldSpec:
 class RankContext:
     """What a function running on a rank needs: its ranks, its groups and their names.
 
-    rank / size: global; ep_rank / ep_size, tp_rank / tp (1 or 2): spec §6 layout;
+    rank / size: global; ep_rank / ep_size, tp_rank / tp (1 or 2): docs/dispatch.md layout;
     ep_group / tp_group: ProcessGroups (tp_group None with tp 1); group_ep / group_tp: the
     names the operators take (``emu.group_name``; group_tp "" with tp 1); soc: the chip.
     """
@@ -218,7 +218,7 @@ def leave(value: Any = None) -> None:
 
 
 def _layout(spec: WorldSpec) -> RankContext:
-    """Every rank makes the same groups in the same order (spec §6 layout)."""
+    """Every rank makes the same groups in the same order (docs/dispatch.md layout)."""
     me, n, T = dist.get_rank(), spec.size, spec.tp
     ep_group = tp_group = None
     for i in range(T):

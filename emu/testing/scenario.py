@@ -137,7 +137,7 @@ def make_rank_data(sc: Scenario, world_rank: int) -> RankData:
     """Inputs of ``world_rank``, a pure function of (scenario, world_rank).
 
     MoE ids are drawn from [0, E') (E' = E unless elastic), special ids from
-    [E, E + zero + copy + const) with the original E (spec §7)."""
+    [E, E + zero + copy + const) with the original E (docs/elastic.md)."""
     T = tp_span(sc.config())
     ep_rank = world_rank // T
     g = torch.Generator().manual_seed(sc.seed * 1_000_003 + world_rank)
@@ -377,7 +377,7 @@ def summary(sc: Scenario, world_rank: int, got: RankResult, diff: list[str]) -> 
 
 
 def rank_groups(sc: Scenario):
-    """Create this scenario's EP and TP groups on every world rank (spec §6 convention).
+    """Create this scenario's EP and TP groups on every world rank (docs/dispatch.md convention).
 
     Returns (ep_group, tp_group or None) for the calling rank; every rank must call it.
     """
