@@ -23,7 +23,7 @@ from ..core.request import Checked, Request
 from .context import CommContext, current
 from .domain import Domain
 from .groups import resolve_group
-from .header import HEADER_LEN, MAX_ATTRS, Header, Outgoing
+from .header import HEADER_LEN, MAX_ATTRS, Header, Outgoing, stamp_clock
 from .transport import CallTag, Transfer, issue
 from .verdict import judge
 from .wire import Segments
@@ -81,6 +81,7 @@ class Call:
         recv = torch.empty_like(send)
         ones = np.ones(dom.size, dtype=np.int64)
         issue(self.ctx, self.tag, dom, Transfer(f"{kind} header", recv, send, ones, ones, HEADER_BYTES, equal=True,
+                                                before=lambda: stamp_clock(send, time.monotonic_ns()),
                                                 after=partial(self._waits, kind, recv)))
         hdr = Header.decode(dom.from_group(recv.numpy()))
         if error == 0:
@@ -92,8 +93,8 @@ class Call:
         return hdr
 
     def _waits(self, kind: str, recv: torch.Tensor, t0: int, t1: int) -> dict:
-        """Microseconds this rank waited for each source: from entering the exchange to that
-        source's own entry clock (carried in its header), within [0, duration]."""
+        """Microseconds this rank waited for each source: from entering the exchange to the
+        moment that source sent its header (its clock, carried in the header), within [0, duration]."""
         clocks = Header.decode(self.domain(kind).from_group(recv.numpy())).clock
         w = (np.clip(clocks - t0, 0, t1 - t0) // 1000).astype(np.int64)
         if kind == "EP":

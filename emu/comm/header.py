@@ -3,7 +3,7 @@
 A header is one fixed ``(P, HEADER_LEN)`` int64 block per exchange: from each source to
 each destination the call number and op, an error code, the row count and row size the
 destination must expect (gloo corrupts data silently if the two sides disagree), the rows
-it expects back (combine's cross-check), the source's clock when it entered, and the
+it expects back (combine's cross-check), the source's clock when it sent the header, and the
 attributes every rank must agree on.  Only this module knows the column layout.
 """
 from __future__ import annotations
@@ -57,6 +57,12 @@ class Outgoing:
         if self.attrs:
             h[:, _ATTRS:_ATTRS + len(self.attrs)] = torch.tensor(self.attrs)
         return h
+
+
+def stamp_clock(block: torch.Tensor, clock_ns: int) -> None:
+    """Write the send time into an encoded block, just before it leaves (so that a source that
+    is slow between opening the call and sending counts as late)."""
+    block[:, _CLOCK] = clock_ns
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,9 @@ class Transfer:
 
     phase: e.g. "EP header", "EP rows"; out / inp: buffers already in group-rank order;
     send_rows / recv_rows: (P,) rows per logical peer (splits and trace); row_bytes: bytes per
-    row; equal: equal splits (header exchanges); after:
-    called with (t0, t1) on success, returns extra trace fields (the header's waits).
+    row; equal: equal splits (header exchanges); before: called just before the collective
+    starts (after any injected fault: the header's send clock); after: called with (t0, t1) on
+    success, returns extra trace fields (the header's waits).
     """
 
     phase: str
@@ -40,6 +41,7 @@ class Transfer:
     recv_rows: np.ndarray
     row_bytes: int
     equal: bool = False
+    before: Callable[[], None] | None = None
     after: Callable[[int, int], dict] | None = None
 
 
@@ -73,6 +75,8 @@ def issue(ctx: CommContext, tag: CallTag, dom: Domain, xfer: Transfer) -> tuple[
     splits_out = None if xfer.equal else [int(c) for c in dom.to_group(xfer.recv_rows)]
     splits_in = None if xfer.equal else [int(c) for c in dom.to_group(xfer.send_rows)]
     limit = timeout_s()
+    if xfer.before is not None:
+        xfer.before()
     t0 = time.monotonic_ns()
     error = None
     try:
