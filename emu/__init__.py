@@ -5,6 +5,7 @@ Public API (torch_npu names, docs/dispatch.md)::
     emu.moe_distribute_dispatch_v2(...)  -> 7-tuple
     emu.moe_distribute_combine_v2(...)   -> x_out
     emu.moe_distribute_dispatch(...) / emu.moe_distribute_combine(...)   (V1)
+    emu.moe_distribute_combine_add_rms_norm(...) -> (y, rstd, x)   combine + residual + RMSNorm (A3)
     emu.group_name(pg)                   -> the group's name string (groupEp / groupTp)
     emu.AclnnError                       -> RuntimeError with .code 161001 / 161002 / 561002
     emu.ErrorKind                        -> .kind of every emulator error (with .culprits)
@@ -17,7 +18,8 @@ numerics), ``debug`` (trace records, flight recorder, report), ``comm`` (one cal
 communication), ``a3`` / ``a2`` (each chip), ``reference`` (single-process references),
 ``chips`` and ``api`` (the entry points), ``testing`` (scenarios), ``npu`` (torch_npu face).
 """
-from .api import moe_distribute_combine, moe_distribute_combine_v2, moe_distribute_dispatch, moe_distribute_dispatch_v2
+from .api import (moe_distribute_combine, moe_distribute_combine_add_rms_norm, moe_distribute_combine_v2,
+                  moe_distribute_dispatch, moe_distribute_dispatch_v2)
 from .comm.context import disable_trace, enable_trace, mark
 from .comm.groups import group_name
 from .comm.watching import set_jitter, unwatch, watch, watch_from_env
@@ -25,8 +27,8 @@ from .core.errors import (PARAM_INVALID, PARAM_NULLPTR, TILING_ERROR, AclnnError
                           ErrorKind, PeerError)
 
 __all__ = ["moe_distribute_dispatch_v2", "moe_distribute_combine_v2", "moe_distribute_dispatch",
-           "moe_distribute_combine", "group_name", "AclnnError", "PeerError", "CollectiveError", "EmuError",
-           "ErrorKind", "PARAM_NULLPTR", "PARAM_INVALID", "TILING_ERROR", "enable_trace", "disable_trace", "watch",
+           "moe_distribute_combine", "moe_distribute_combine_add_rms_norm", "group_name", "AclnnError", "PeerError",
+           "CollectiveError", "EmuError", "ErrorKind", "PARAM_NULLPTR", "PARAM_INVALID", "TILING_ERROR", "enable_trace", "disable_trace", "watch",
            "unwatch", "set_jitter", "mark"]
 __version__ = "0.1.0"
 

@@ -33,7 +33,7 @@ class Path:
     """One algorithm of a chip: its dispatch and combine on an open call."""
 
     dispatch: Callable[[Call, Prepared, DispatchInputs], DispatchOutputs]
-    combine: Callable[[Call, Prepared, CombineInputs], torch.Tensor]
+    combine: Callable[[Call, Prepared, CombineInputs], torch.Tensor | tuple[torch.Tensor, ...]]
 
 
 def _as_given(req: R) -> R:
@@ -105,5 +105,6 @@ def run_dispatch(req: DispatchRequest, on: Chip | None = None) -> DispatchOutput
     return run(req, on)
 
 
-def run_combine(req: CombineRequest, on: Chip | None = None) -> torch.Tensor:
+def run_combine(req: CombineRequest, on: Chip | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """x_out, or combine_add_rms_norm's (y, rstd, x) when ``req.inputs.norm`` is given."""
     return run(req, on)

@@ -10,10 +10,13 @@ from unittest import mock
 import torch
 
 import emu
+from emu.core.inputs import AddRmsNorm
 from emu.core.layout import DispatchOutputs
+from emu.core.numerics import comm_dequant, dynamic_quant
+from emu.core.numerics import comm_quant as comm_quant_rows
 from emu.testing.scenario import (Scenario, combine_inputs, combine_kwargs, dispatch_kwargs, expert_outputs,
                                   make_rank_data, route, run_rank)
-from emu.testing import leave, this_rank
+from emu.testing import dense_moe, leave, this_rank
 from world_groups import groups_for
 
 
@@ -46,12 +49,31 @@ def _combine_kwargs(sc: Scenario, rank: int, outs: tuple) -> dict:
     return combine_kwargs(sc, rank, *_names(sc), combine_inputs(sc, data, out, expert_outputs(sc, geom, me, out)))
 
 
+POSITIONAL = {
+    emu.moe_distribute_dispatch_v2: ["x", "expert_ids", "group_ep", "ep_world_size", "ep_rank_id", "moe_expert_num"],
+    emu.moe_distribute_dispatch: ["x", "expert_ids", "group_ep", "ep_world_size", "ep_rank_id", "moe_expert_num"],
+    emu.moe_distribute_combine_v2: ["expand_x", "expert_ids", "assist_info_for_combine", "ep_send_counts",
+                                    "expert_scales", "group_ep", "ep_world_size", "ep_rank_id", "moe_expert_num"],
+    emu.moe_distribute_combine_add_rms_norm: ["expand_x", "expert_ids", "expand_idx", "ep_send_counts",
+                                              "expert_scales", "residual_x", "gamma", "group_ep", "ep_world_size",
+                                              "ep_rank_id", "moe_expert_num"],
+}
+
+
 def _call(fn, kw: dict):
-    args = [kw.pop(n) for n in (["x", "expert_ids", "group_ep", "ep_world_size", "ep_rank_id", "moe_expert_num"]
-                                if fn is emu.moe_distribute_dispatch_v2 else
-                                ["expand_x", "expert_ids", "assist_info_for_combine", "ep_send_counts",
-                                 "expert_scales", "group_ep", "ep_world_size", "ep_rank_id", "moe_expert_num"])]
+    args = [kw.pop(n) for n in POSITIONAL[fn]]
     return fn(*args, **kw)
+
+
+def _add_rms_norm_kwargs(kw: dict) -> dict:
+    """combine_v2's keyword arguments as combine_add_rms_norm takes them (ones as residual, gamma)."""
+    kw = dict(kw)
+    kw["expand_idx"] = kw.pop("assist_info_for_combine")
+    kw.pop("performance_info")
+    bs, h = kw["expert_ids"].shape[0], kw["expand_x"].shape[1]
+    kw["residual_x"] = torch.ones(bs, 1, h, dtype=torch.bfloat16)
+    kw["gamma"] = torch.ones(h, dtype=torch.bfloat16)
+    return kw
 
 
 def bad_call(op: str, change: dict, bad_ranks: list[int] | None = None, env: dict | None = None,
@@ -71,10 +93,12 @@ def bad_call(op: str, change: dict, bad_ranks: list[int] | None = None, env: dic
     bad = bad_ranks is None or rank in bad_ranks
     with mock.patch.dict(os.environ, {"EMU_SOC": sc.soc}):   # the chip is chosen for the whole call
         fn = emu.moe_distribute_dispatch_v2
-        if op == "combine":
+        if op in ("combine", "combine_add_rms_norm"):
             outs = _call(emu.moe_distribute_dispatch_v2, dict(kw))
             kw = _combine_kwargs(sc, rank, outs)
             fn = emu.moe_distribute_combine_v2
+        if op == "combine_add_rms_norm":
+            kw, fn = _add_rms_norm_kwargs(kw), emu.moe_distribute_combine_add_rms_norm
         if bad:
             orig = dict(kw)
             for name, value in change.items():
@@ -171,3 +195,99 @@ def v1_matches_v2(**fields) -> bool:
                                     ck.pop("expert_scales"), ck.pop("group_ep"), ck.pop("ep_world_size"),
                                     ck.pop("ep_rank_id"), ck.pop("moe_expert_num"), **ck)
     return same and torch.equal(y1, y2) and outs1[2].numel() == sc.rank_bs(rank // (2 if sc.tp == 2 else 1)) * sc.k
+
+
+def add_rms_norm_layer(shared_ranks: int = 0, quant: int = 0, comm_quant: int = 0, mask: bool = False,
+                       seed: int = 0) -> list[bool]:
+    """dispatch_v2 -> experts -> combine_add_rms_norm on every rank of the world, against a dense
+    layer (combine's fp32 sum, + residual_x, RMSNorm): [y, rstd, x equal bit for bit, shapes
+    and dtypes as torch_npu allocates].  Experts see each row as the kernel hands it over
+    (int8 dequantised with its scale under quant 2), so the dense layer computes the same rows."""
+    ctx = this_rank()
+    W, r = ctx.size, ctx.rank
+    E, K, H, BS = 2 * (W - shared_ranks), 3, 1024, 6
+    g = torch.Generator().manual_seed(1000 * seed + r)
+    x = torch.randn(BS, H, generator=g).bfloat16()
+    ids = torch.rand(BS, E, generator=g).argsort(dim=1)[:, :K].int()
+    w = torch.rand(BS, K, generator=g)
+    residual = torch.randn(BS, 1, H, generator=g).bfloat16()
+    gamma = (torch.rand(H, generator=g) + 0.5).bfloat16()
+    active = (torch.rand(BS, K, generator=g) > 0.3) if mask else None
+
+    def seen(rows: torch.Tensor) -> torch.Tensor:          # what an expert gets for x rows, in fp32
+        if not quant:
+            return rows.float()
+        q, scale = dynamic_quant(rows, None)
+        return q.float() * scale[:, None]
+
+    def wire(y: torch.Tensor) -> torch.Tensor:             # combine's int8 wire (comm_quant_mode 2)
+        return comm_dequant(*comm_quant_rows(y), torch.bfloat16) if comm_quant else y
+
+    def expert(e: int, rows32: torch.Tensor) -> torch.Tensor:
+        return (rows32 * (0.25 * (e + 1))).bfloat16()
+
+    def shared(rows32: torch.Tensor) -> torch.Tensor:
+        return (rows32 * 0.5).bfloat16()
+
+    expand_x, dyn, assist, counts, ep_recv, _, _ = emu.moe_distribute_dispatch_v2(
+        x, ids, ctx.group_ep, W, r, E, x_active_mask=active, shared_expert_rank_num=shared_ranks, quant_mode=quant)
+    rows32 = expand_x.float() * dyn[:, None] if quant else expand_x.float()
+    y = torch.zeros(expand_x.shape[0], H, dtype=torch.bfloat16)
+    ends = counts.cumsum(0).tolist()
+    for local, (lo, hi) in enumerate(zip([0] + ends[:-1], ends)):
+        y[lo:hi] = shared(rows32[lo:hi]) if r < shared_ranks else \
+            expert((r - shared_ranks) * counts.numel() + local, rows32[lo:hi])
+    got = emu.moe_distribute_combine_add_rms_norm(
+        y, ids, assist, ep_recv, w, residual, gamma, ctx.group_ep, W, r, E, x_active_mask=active,
+        shared_expert_rank_num=shared_ranks, comm_quant_mode=comm_quant)
+    want = dense_moe(x, ids, w, lambda e, rows: wire(expert(e, seen(rows))), lambda j, xs: wire(shared(seen(xs))),
+                     1 if shared_ranks else 0, active, AddRmsNorm(residual, gamma, 1e-6))
+    return [a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, want)]
+
+
+V2_ONLY = ("elastic_info", "zero_expert_num", "copy_expert_num", "const_expert_num", "comm_alg", "performance_info")
+
+
+def _described(kw: dict) -> dict:
+    """Arguments as the test process rebuilds them for a meta function: tensors as (shape, dtype)."""
+    return {k: ("tensor", tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
+
+def _outputs(outs) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    return [(tuple(o.shape), o.dtype) for o in (outs if isinstance(outs, (tuple, list)) else [outs])]
+
+
+def allocation_report(v1: bool = False, expert_scales: bool = False, norm: bool = False, y_dtype=None,
+                      **fields) -> dict | str:
+    """One dispatch + combine (V1 pair, V2 pair, or dispatch_v2 + combine_add_rms_norm) of a
+    scenario on this rank; returns each op's arguments (tensors described) and its outputs'
+    shapes and dtypes, for the test to compare with torch_npu's meta functions."""
+    rank = this_rank().rank
+    sc = Scenario(**fields)
+    if rank not in sc.survivors():
+        return "idle"
+    kw = _dispatch_kwargs(sc, rank)
+    if expert_scales:
+        kw["expert_scales"] = torch.ones(kw["expert_ids"].shape, dtype=torch.float32)
+    if y_dtype is not None:
+        kw["y_dtype"] = y_dtype
+    if v1:
+        for name in V2_ONLY:
+            kw.pop(name)
+    args = _described(kw)
+    outs = _call(emu.moe_distribute_dispatch if v1 else emu.moe_distribute_dispatch_v2, dict(kw))
+    ck = _combine_kwargs(sc, rank, outs)
+    if v1:
+        for name in V2_ONLY + ("ori_x", "const_expert_alpha_1", "const_expert_alpha_2", "const_expert_v"):
+            ck.pop(name)
+        ck.pop("assist_info_for_combine")
+        ck["expand_idx"] = outs[2]
+        pos = ["expand_x", "expert_ids", "expand_idx", "ep_send_counts", "expert_scales", "group_ep", "ep_world_size",
+               "ep_rank_id", "moe_expert_num"]
+        combined = emu.moe_distribute_combine(*[ck.pop(n) for n in pos], **ck)
+    elif norm:
+        combined = _call(emu.moe_distribute_combine_add_rms_norm, _add_rms_norm_kwargs(ck))
+    else:
+        combined = _call(emu.moe_distribute_combine_v2, dict(ck))
+    return {"dispatch": args, "dispatch_out": _outputs(outs), "combine_out": _outputs(combined),
+            "bs": kw["expert_ids"].shape[0], "h": kw["x"].shape[1]}

@@ -43,4 +43,4 @@ def assert_all_raise(results: list[Outcome], code: int, text: str, bad_ranks: li
         else:
             assert e.type_name == "PeerError", f"rank {g} raised {e.type_name}: {e.message}"
             assert e.kind == ErrorKind.PEER_BAD_INPUT and e.culprits == tuple(bad_ranks), (g, e.kind, e.culprits)
-            assert any(f"rank {b} " in e.message for b in bad_ranks), e.message
+            assert any(f"rank {b} " in e.message or f"rank {b}:" in e.message for b in bad_ranks), e.message

@@ -28,6 +28,11 @@ def add(name: str, value: int, kw: dict) -> torch.Tensor:
     return kw[name] + value
 
 
+def squeeze_middle(name: str, kw: dict) -> torch.Tensor:
+    """(a, 1, b) -> (a, b)."""
+    return kw[name][:, 0]
+
+
 def extra_dim(name: str, kw: dict) -> torch.Tensor:
     return kw[name][None]
 

@@ -55,6 +55,17 @@ DISPATCH = {
     "duplicate-ids": ({"expert_ids": derive(first_slot_twice)}, TILING, "same MoE expert", {}),
     "unknown-group": ({"group_ep": "no_such_group"}, TILING, "group_ep", {}),
     "ep-size-vs-group": ({"ep_world_size": 8, "moe_expert_num": 7}, TILING, "ep_world_size", {}),
+    # torch_npu 2.14's dtype keywords (codes: 1 int8, 5 fp16, 6 fp32, 15 bf16, 24 fp8 e4m3)
+    "y-dtype-fp8": ({"y_dtype": 24}, INVALID, "y_dtype", {}),
+    "y-dtype-fp16-for-bf16-x": ({"y_dtype": torch.float16}, INVALID, "y_dtype", {}),
+    "y-dtype-int8-quant0": ({"y_dtype": 1}, TILING, "y_dtype", {}),
+    "y-dtype-bf16-quant2": ({"y_dtype": 15}, TILING, "y_dtype", dict(quant=2)),
+    "x-dtype-fp32": ({"x_dtype": 6}, INVALID, "x_dtype", {}),
+    "x-dtype-unknown": ({"x_dtype": 293}, INVALID, "x_dtype", {}),
+    "scales-dtype-bf16": ({"scales_dtype": 15}, INVALID, "scales_dtype", dict(quant=2, smooth=True)),
+    # torch_npu sizes ep_recv_counts W*L + 2*G*K*(W//8) with expert_scales: W = 4 has no room for tp 2's x2
+    "expert-scales-with-tp2": ({"expert_scales": torch.ones(4, 2)}, TILING, "ep_recv_counts.shape[0]",
+                               dict(tp=2, ep=2, moe=2, shared_ranks=0)),
 }
 COMBINE = {
     "expand-x-null": ({"expand_x": None}, NULL, "expand_x=None", {}),
@@ -73,6 +84,8 @@ COMBINE = {
     "const-v-shape": ({"const_expert_v": derive(first_columns, "const_expert_v", 8)}, TILING, "const_expert_v.shape",
                       dict(const=1)),
     "counts-beyond-capacity": ({"ep_send_counts": derive(add, "ep_send_counts", 1000)}, TILING, "ep_send_counts", {}),
+    "tp-send-counts-2-with-tp1": ({"tp_send_counts": torch.empty(2), "tp_world_size": 1}, TILING,
+                                  "tp_send_counts.shape[0]", {}),
 }
 
 

@@ -111,7 +111,7 @@ def test_fault_injection_kill_and_delay(emu_pool):
     world = emu_pool.get(spec)
     slow = world.run(dispatch_once, True, faults=[et.Fault.delay(1, "dispatch:EP header", 0.4)])
     assert all(o.ok for o in slow) and slow[1].seconds >= 0.4                   # the delay ran inside rank 1's call
-    waited = slow[0].value                                                      # rank 0's performance_info (us per source)
+    waited = slow[0].value                                          # rank 0's performance_info (us per source)
     assert waited[1] > waited[0]                                                # rank 0 waited for rank 1, not itself
     killed = world.run(dispatch_once, faults=[et.Fault.kill(1, "dispatch:EP header")])
     assert killed[1].exit_code == 1

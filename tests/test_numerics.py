@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from emu.core.numerics import comm_dequant, comm_quant, dynamic_quant, tp_add
+from emu.core.numerics import add_rms_norm, comm_dequant, comm_quant, dynamic_quant, tp_add
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -90,3 +90,40 @@ def test_tp_add_bf16_via_fp32():
     want = (a.float() + b.float()).to(torch.bfloat16)
     assert torch.equal(tp_add(a, b), want)
     assert tp_add(a, b).tolist() == [1.0, 256.0]                    # ties to even
+
+
+def test_add_rms_norm_rounding_order_by_hand():
+    """acc [2 + 2^-8, 1, 1, 0] (fp32, not rounded: bf16 would make it 2) + residual [-1, 0, 0, 0]
+    gives x32 = [1 + 2^-8, 1, 1, 0]; with eps = 1/4 - 2^-9 - 2^-18, mean(x32^2) + eps = 1 exactly,
+    so rstd = 1.  y = bf16(bf16(x32 * rstd) * gamma): 1 + 2^-8 rounds (tie, to even) to 1, times
+    gamma 1 + 2^-7 is 1 + 2^-7; one rounding of the exact product would give 1 + 2^-6."""
+    acc = torch.tensor([[2 + 2**-8, 1.0, 1.0, 0.0]], dtype=torch.float32)
+    residual = torch.tensor([[[-1.0, 0.0, 0.0, 0.0]]], dtype=torch.bfloat16)
+    gamma = torch.full((4,), 1 + 2**-7, dtype=torch.bfloat16)
+    y, rstd, x = add_rms_norm(acc, residual, gamma, 0.25 - 2**-9 - 2**-18, torch.bfloat16)
+    assert (y.shape, rstd.shape, x.shape) == ((1, 1, 4), (1, 1, 1), (1, 1, 4))
+    assert (y.dtype, rstd.dtype, x.dtype) == (torch.bfloat16, torch.float32, torch.bfloat16)
+    assert rstd.item() == 1.0
+    assert x.flatten().tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert y.flatten().tolist() == [1 + 2**-7, 1 + 2**-7, 1 + 2**-7, 0.0]
+    once = (torch.tensor([1 + 2**-8]) * torch.tensor([1 + 2**-7])).to(torch.bfloat16)
+    assert once.item() == 1 + 2**-6                               # the rounding the kernel's order avoids
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), h=st.sampled_from([8, 1024, 7168]), eps=st.sampled_from([1e-6, 1e-5]))
+def test_add_rms_norm_matches_numpy(seed, h, eps):
+    """The same chain in numpy float32 (sequential sum; the kernel's reduction order is not
+    public, so rstd may differ in the last bits: compared to 2 ulp, y and x exactly when rstd is)."""
+    rng = np.random.default_rng(seed)
+    acc = rng.standard_normal((3, h)).astype(np.float32)
+    res = torch.from_numpy(rng.standard_normal((3, 1, h)).astype(np.float32)).bfloat16()
+    gamma = torch.from_numpy(rng.standard_normal(h).astype(np.float32)).bfloat16()
+    y, rstd, x = add_rms_norm(torch.from_numpy(acc), res, gamma, eps, torch.bfloat16)
+    x32 = (acc + res.float().numpy().reshape(3, h)).astype(np.float32)
+    sq = ((x32 * x32).astype(np.float32) * (np.float32(1) / np.float32(h))).astype(np.float32)
+    want = np.float32(1) / np.sqrt((np.add.reduce(sq, axis=1, dtype=np.float32) + np.float32(eps)).astype(np.float32))
+    np.testing.assert_allclose(rstd.numpy().reshape(3), want, rtol=2.5e-7, atol=0)
+    assert torch.equal(x.view(3, h), torch.from_numpy(x32).bfloat16())
+    norm = torch.from_numpy((x32 * rstd.numpy().reshape(3, 1)).astype(np.float32)).bfloat16().float()
+    assert torch.equal(y.view(3, h), (norm * gamma.float()).bfloat16())

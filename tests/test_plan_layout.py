@@ -58,3 +58,28 @@ def test_eager_shapes():
     tp = Geometry(W=2, S=0, Ns=0, E=2, K=1, H=8, G=4, tp=2)
     s = dispatch_shapes(tp, 0, 2)
     assert (s.rows, s.dynamic_scales, s.ep_recv, s.tp_recv, s.capacity) == (8, 8, 4, 2, 4)
+
+
+def test_allocation_with_expert_scales_elastic_v1_and_graph():
+    """torch_npu 2.14's allocation rules, worked by hand on small worlds."""
+    # expert_scales given: ep_recv_counts W*L_r + 2*G*K*(W//8); W = 4 has no tail, W = 16 has 2 servers'
+    assert dispatch_shapes(GEOM, 1, 2, expert_scales=True).ep_recv == 4 * 2 + 0
+    a2 = Geometry(W=16, S=0, Ns=0, E=32, K=3, H=8, G=64, tp=0)     # L = 2
+    s = dispatch_shapes(a2, 5, 4, expert_scales=True)
+    assert (s.ep_recv, s.capacity, s.expand_scales) == (16 * 2 + 2 * 64 * 3 * 2, 64 * 2, 128)
+    # tp 2: the x2 is dropped when sized for the tail
+    tp = Geometry(W=2, S=0, Ns=0, E=2, K=1, H=8, G=4, tp=2)
+    assert dispatch_shapes(tp, 0, 2).ep_recv == 4 and dispatch_shapes(tp, 0, 2, expert_scales=True).ep_recv == 2
+    # graph capture (the meta functions): expand_scales has 0 entries unless expert_scales is given
+    assert dispatch_shapes(GEOM, 1, 2).expand_scales == 16
+    assert dispatch_shapes(GEOM, 1, 2, graph=True).expand_scales == 0
+    assert dispatch_shapes(GEOM, 1, 2, graph=True, expert_scales=True).expand_scales == 16
+    # two shared experts on 2 of 8 ranks (R = 1): V2 gives a shared rank maxBs*ceil(8/1) = 16 rows,
+    # V1 G // S = 8; elastic: every rank max(16, G*min(L, K)) = max(16, 16*1) rows and L = 1 counts
+    two = Geometry(W=8, S=2, Ns=2, E=6, K=2, H=8, G=16, tp=0)      # L = 1, maxBs = 2
+    assert dispatch_shapes(two, 0, 2).capacity == 16 and dispatch_shapes(two, 0, 2, v1=True).capacity == 8
+    e = dispatch_shapes(two, 0, 2, elastic=True)
+    assert (e.capacity, e.token_nums, e.ep_recv) == (16, 1, 8)
+    wide = Geometry(W=4, S=1, Ns=1, E=9, K=4, H=8, G=8, tp=0)      # L = 3: MoE A = 8*3 = 24, shared 8
+    e = dispatch_shapes(wide, 0, 2, elastic=True)
+    assert (e.capacity, e.token_nums, e.ep_recv, e.assist) == (24, 3, 12, 128 * 24)

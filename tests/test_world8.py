@@ -85,8 +85,15 @@ def test_one_bad_rank_among_8_fails_all_with_its_message(world):
 
 @pytest.mark.parametrize("fields", [
     dict(h=H, seed=60),
-    dict(shared=2, shared_ranks=4, moe=8, k=2, quant=2, smooth=True, mask="2d", h=H, seed=61),
+    dict(shared=1, shared_ranks=4, moe=8, k=2, quant=2, smooth=True, mask="2d", h=H, seed=61),
     dict(tp=2, ep=4, moe=3, shared_ranks=1, k=2, uneven=True, h=H, seed=62),
 ], ids=["plain", "shared-replicas-quant-mask", "tp2-uneven"])
 def test_v1_api_matches_v2(world, fields):
     assert [o.get() for o in world.run(mp_cases.v1_matches_v2, **fields)] == [True] * 8
+
+
+def test_v1_with_two_shared_experts_is_rejected_everywhere(world):
+    """torch_npu gives a V1 shared rank G // S rows: 16 here, where 2 shared experts on 4 ranks
+    may send it 32 (V1 supports one shared expert)."""
+    res = world.run(mp_cases.v1_matches_v2, shared=2, shared_ranks=4, moe=8, k=2, h=H, seed=63)
+    assert_all_raise(res, 561002, "V1 allocates G // S rows", bad_ranks=[0, 1, 2, 3])

@@ -13,7 +13,8 @@ from dataclasses import replace
 import torch
 
 from ..core.attrs import Geometry, MoeConfig
-from ..core.checks import Checker, combine_wrapper_checks, dispatch_wrapper_checks, prepare
+from ..core.checks import Checker, combine_wrapper_checks, dispatch_wrapper_checks, expand_x_dtype_rule, prepare
+from ..core.errors import PARAM_INVALID
 from ..core.plan import active_set
 from ..core.request import CombineRequest, DispatchRequest, Prepared, R
 from ..core.soc import a2_comm_alg
@@ -76,6 +77,7 @@ def validate_dispatch_a2(req: DispatchRequest) -> tuple[Geometry, str]:
     bs, k = expert_ids.shape
     _bs_k_limits(c, bs, k)
     c.tiling(not (cfg.quant_mode == 0 and scales is not None), "scales", "given", "must be null when quant_mode=0")
+    expand_x_dtype_rule(c, cfg, inp)
     _mask_rule(c, mask, bs)
     _attrs(c, cfg, place.ep_rank_id, place.ep_name)
     c.tiling(cfg.quant_mode in (0, 2), "quant_mode", cfg.quant_mode, "must be 0 or 2 on Atlas A2")
@@ -100,6 +102,7 @@ def validate_combine_a2(req: CombineRequest) -> tuple[Geometry, str]:
     inp, cfg, place = req.inputs, req.cfg, req.place
     c = Checker(req.op)
     combine_wrapper_checks(c, req, place.tp_name, "assist_info_for_combine")
+    c.need(inp.norm is None, PARAM_INVALID, "soc", "Atlas A2", "combine_add_rms_norm runs on Atlas A3 only")
     c.dtype(inp.expert_ids, "expert_ids", (torch.int32,))
     c.dtype(inp.ep_send_counts, "ep_send_counts", (torch.int32,))
     c.dtype(inp.expert_scales, "expert_scales", (torch.float32,))

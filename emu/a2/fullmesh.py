@@ -16,7 +16,7 @@ from ..a3 import combine as a3_combine
 from ..a3 import dispatch as a3_dispatch
 from ..comm.call import Call
 from ..core.inputs import CombineInputs, DispatchInputs
-from ..core.layout import DispatchOutputs, lazy_zeros
+from ..core.layout import DispatchOutputs
 from ..core.plan import expand_idx
 from ..core.request import Prepared
 
@@ -24,17 +24,12 @@ from ..core.request import Prepared
 def dispatch(call: Call, prep: Prepared, inp: DispatchInputs) -> DispatchOutputs:
     """A2 fullmesh dispatch: the 7 outputs at torch_npu's eager shapes (docs/atlas-a2.md): assist
     holds occ (Bs*K entries written), ep_recv_counts has E entries (+ 2*G*K*(W/8) zero tail
-    entries when expert_scales is given), expand_scales is not written."""
+    entries when expert_scales is given: torch_npu's allocation), expand_scales is not written."""
     out = a3_dispatch.dispatch(call, prep, inp)
     out.assist_info_for_combine.zero_()
     occ = expand_idx(inp.expert_ids, inp.x_active_mask, prep.cfg.moe_expert_num)
     n = int(prep.act.tokens.sum()) * inp.expert_ids.shape[1]
     out.assist_info_for_combine[:n] = occ[:n]
-    if inp.expert_scales is not None:                     # torch_npu sizes it for the hierarchy tail
-        g = prep.geom
-        tail = lazy_zeros((g.W * g.L + 2 * g.G * g.K * (g.W // 8),), torch.int32)
-        tail[:g.W * g.L] = out.ep_recv_counts[:g.W * g.L]
-        out.ep_recv_counts = tail
     return out
 
 

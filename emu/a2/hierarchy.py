@@ -31,7 +31,7 @@ from ..comm.call import Call
 from ..comm.domain import Domain
 from ..comm.wire import Field, pack, row_bytes, unpack
 from ..core.inputs import CombineInputs, DispatchInputs
-from ..core.layout import DispatchOutputs, expert_token_nums, lazy_zeros, recv_layout
+from ..core.layout import DispatchOutputs, expert_token_nums, recv_layout
 from ..core.numerics import F32, dynamic_quant
 from ..core.request import Prepared
 
@@ -118,14 +118,13 @@ def dispatch(call: Call, prep: Prepared, inp: DispatchInputs) -> DispatchOutputs
         out.dynamic_scales[:own] = rscale[idx, 0]
     out.expand_scales[:own] = rw[idx, 0]
     E = W * L
-    tail = lazy_zeros((E + 2 * geom.G * K * n_srv,), torch.int32)
+    tail = out.ep_recv_counts                                       # allocated with the tail (expert_scales given)
     tail[:E] = torch.from_numpy(lay.ep_recv_counts.astype(np.int32))
     inner = {}
     for s_src in range(n_srv):                                      # per source server (p = 8*s_src + i)
         mine = np.flatnonzero(r_src == 8 * s_src + i)
         inner[s_src] = inner_tables(rid[mine], t_of[mine], s, L, W, geom.G, K)
     write_tail(tail, E, geom.G, K, n_srv, inner, outer_tables(ids, L, n_srv))
-    out.ep_recv_counts = tail
     nums = expert_token_nums(geom, me, lay.ep_recv_counts, own, cfg.expert_token_nums_type)
     out.expert_token_nums[:nums.size] = torch.from_numpy(nums)
     return out

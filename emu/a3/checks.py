@@ -3,8 +3,8 @@
 Layers: the aclnn wrapper (161001 null pointers), the generated layer (161002 dtypes not
 among the compiled variants), tiling (561002 attributes, shapes, window), then the
 emulator's own data checks where the hardware would hang or corrupt (docs/errors.md, 561002).
-Output-buffer checks of tiling are omitted: outputs are allocated here at the eager
-shapes, which always pass them.
+Outputs are allocated here as torch_npu allocates them; tiling's rules on their sizes run in
+``core.checks.check_allocation``.
 """
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ import re
 import torch
 
 from ..core.attrs import Geometry, MoeConfig
-from ..core.checks import XT_DTYPES, Checker, combine_wrapper_checks, dispatch_wrapper_checks, prepare
+from ..core.checks import (XT_DTYPES, Checker, combine_wrapper_checks, dispatch_wrapper_checks,
+                           expand_x_dtype_rule, prepare)
 from ..core.errors import TILING_ERROR, AclnnError
+from ..core.inputs import AddRmsNorm
 from ..core.plan import active_set, warn_non_prefix_mask
 from ..core.request import CombineRequest, DispatchRequest, Prepared
 
@@ -47,10 +49,11 @@ def window_need(geom: Geometry) -> int:
 
 
 def _common_attrs(c: Checker, cfg: MoeConfig, ep_rank_id: int, tp_rank_id: int,
-                  tp_name: str) -> None:
+                  tp_name: str, max_tp: int = 2) -> None:
     ep, tp = cfg.ep_world_size, cfg.tp_world_size
     c.tiling(2 <= ep <= 768, "ep_world_size", ep, "must be in [2, 768]")
-    c.tiling(0 <= tp <= 2, "tp_world_size", tp, "must be in [0, 2]")
+    c.tiling(0 <= tp <= max_tp, "tp_world_size", tp, f"must be in [0, {max_tp}]"
+             + (" (combine_add_rms_norm has no TP)" if max_tp < 2 else ""))
     c.tiling(0 <= ep_rank_id < ep, "ep_rank_id", ep_rank_id, f"must be in [0, ep_world_size={ep})")
     if tp > 1:
         c.tiling(0 <= tp_rank_id < tp, "tp_rank_id", tp_rank_id, f"must be in [0, tp_world_size={tp})")
@@ -124,6 +127,7 @@ def validate_dispatch(req: DispatchRequest) -> Geometry:
     c.tiling((place.comm_alg or "") in COMM_ALGS, "comm_alg", place.comm_alg, f"must be one of {COMM_ALGS}")
     c.tiling(cfg.quant_mode != 1, "quant_mode", 1, "static quant (1) is not supported")
     c.tiling(not (cfg.quant_mode == 0 and scales is not None), "scales", "given", "must be null when quant_mode=0")
+    expand_x_dtype_rule(c, cfg, inp)
     c.dim(x, "x", (2,))
     c.dim(expert_ids, "expert_ids", (2,))
     c.dim(scales, "scales", (2,))
@@ -168,11 +172,16 @@ def validate_combine(req: CombineRequest) -> Geometry:
     tp_name = place.tp_name if cfg.tp_world_size > 1 else ""
     c = Checker(req.op)
     combine_wrapper_checks(c, req, tp_name, "expand_idx" if v1 else "assist_info_for_combine")
+    if inp.norm is not None:                       # its only compiled variant is bf16
+        for tensor, name in ((expand_x, "expand_x"), (inp.norm.residual_x, "residual_x"), (inp.norm.gamma, "gamma")):
+            c.dtype(tensor, name, (torch.bfloat16,))
     optional = ((inp.shared_expert_x, "shared_expert_x"),) + sp.tensors()
     for t, name in optional:
         c.dtype(t, name, XT_DTYPES)
-    # never read with tp 0/1; clients pass torch.empty(1) (fp32) or None
+    # never read with tp 0/1, where clients pass torch.empty(1) (fp32) or None: any dtype then,
+    # but with tp 1 tiling still wants one entry (tpSendCounts.dim0 == tp); tp 0 is not checked
     tp_send_counts = inp.tp_send_counts if cfg.tp_world_size > 1 else None
+    tp_shaped = inp.tp_send_counts if cfg.tp_world_size >= 1 else None
     for t, name in ((expert_ids, "expert_ids"), (assist_info, "assist_info_for_combine"),
                     (ep_send_counts, "ep_send_counts"), (tp_send_counts, "tp_send_counts"),
                     (elastic, "elastic_info")):
@@ -180,7 +189,7 @@ def validate_combine(req: CombineRequest) -> Geometry:
     c.dtype(expert_scales, "expert_scales", (torch.float32,))
     c.dtype(mask, "x_active_mask", (torch.bool,))
     _special_attrs(c, cfg)
-    _common_attrs(c, cfg, place.ep_rank_id, place.tp_rank_id, tp_name)
+    _common_attrs(c, cfg, place.ep_rank_id, place.tp_rank_id, tp_name, 1 if inp.norm is not None else 2)
     if cfg.tp_world_size > 1:
         c.tiling(cfg.comm_quant_mode == 0, "comm_quant_mode", cfg.comm_quant_mode, "must be 0 when tp_world_size=2")
     _shared_attrs(c, cfg)
@@ -197,7 +206,7 @@ def validate_combine(req: CombineRequest) -> Geometry:
     c.dim(sp.v, "const_expert_v", (2,))
     if cfg.tp_world_size == 2:
         c.tiling(tp_send_counts is not None, "tp_send_counts", None, "required when tp_world_size=2")
-    c.dim(tp_send_counts, "tp_send_counts", (1,))
+    c.dim(tp_shaped, "tp_send_counts", (1,))
     c.dim(mask, "x_active_mask", (1, 2))
     c.dim(elastic, "elastic_info", (1,))
     if inp.shared_expert_x is not None:
@@ -218,7 +227,9 @@ def validate_combine(req: CombineRequest) -> Geometry:
     _k_rule(c, cfg, k, h)
     geom = Geometry.of(cfg, bs, k, h)
     _elastic_length(c, cfg, elastic)
-    _combine_shapes(c, req, geom, tp_send_counts)
+    _combine_shapes(c, req, geom, tp_shaped)
+    if inp.norm is not None:
+        _add_rms_norm_inputs(c, inp.norm, bs, h)
     _window(c, geom)
     return geom
 
@@ -244,7 +255,7 @@ def _combine_shapes(c: Checker, req: CombineRequest, geom: Geometry, tp_send_cou
     else:
         c.tiling(n >= geom.recv_blocks(rank), "ep_send_counts.shape[0]", n,
                  f"must be >= {geom.recv_blocks(rank)} (the own total is read there)")
-    if tp_send_counts is not None and tp in (0, 2):
+    if tp_send_counts is not None:
         c.tiling(tp_send_counts.shape[0] == tp, "tp_send_counts.shape[0]", tp_send_counts.shape[0],
                  f"must equal tp_world_size={tp}")
     c.tiling(tuple(inp.expert_scales.shape) == (bs, k), "expert_scales.shape", tuple(inp.expert_scales.shape),
@@ -263,6 +274,19 @@ def _combine_shapes(c: Checker, req: CombineRequest, geom: Geometry, tp_send_cou
     if sp.v is not None:
         c.tiling(tuple(sp.v.shape) == (sp.const, h), "const_expert_v.shape", tuple(sp.v.shape),
                  f"must be {(sp.const, h)}")
+
+
+def _add_rms_norm_inputs(c: Checker, norm: AddRmsNorm, bs: int, h: int) -> None:
+    """combine_add_rms_norm's own tiling rules (after combine's): reserved inputs absent,
+    residual_x (Bs, 1, H), gamma (H,)."""
+    for name in norm.reserved:
+        c.tiling(False, name, "given", "is reserved: must be None")
+    for tensor, name, dims in ((norm.residual_x, "residual_x", 3), (norm.gamma, "gamma", 1)):
+        c.tiling(tensor is not None, name, None, "required")
+        c.dim(tensor, name, (dims,))
+    c.tiling(tuple(norm.residual_x.shape) == (bs, 1, h), "residual_x.shape", tuple(norm.residual_x.shape),
+             f"must be (Bs, 1, H) = {(bs, 1, h)}")
+    c.tiling(norm.gamma.shape[0] == h, "gamma.shape[0]", norm.gamma.shape[0], f"must equal H={h}")
 
 
 def check_dispatch(req: DispatchRequest) -> Prepared:

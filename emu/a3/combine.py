@@ -10,6 +10,7 @@ Phases:
                        comm_quant_mode 2), metadata tails (t, k)
     exchange rows      one uneven all-to-all
     weighted sum       the fp32 k-order sum with shared and special experts, rounded to XT
+                       (combine_add_rms_norm: + residual_x, RMSNorm * gamma)
 
 Collectives per call: (tp = 2) TP header + TP rows, then EP header + EP rows.
 """
@@ -24,14 +25,16 @@ from ..comm.wire import Field, Segments, pack, pack_meta, row_bytes, unpack, unp
 from ..core.attrs import Geometry
 from ..core.errors import TILING_ERROR, ErrorKind, PeerError
 from ..core.inputs import CombineInputs
-from ..core.numerics import COMM_QUANT_GROUP, ReceivedRows, comm_dequant, comm_quant, combine_rows, tp_add
+from ..core.numerics import (COMM_QUANT_GROUP, ReceivedRows, comm_dequant, comm_quant, combine_output, combine_rows,
+                             tp_add)
 from ..core.plan import SendPlan, send_plan
 from ..core.request import Prepared
 from .checks import own_rows
 
 
-def combine(call: Call, prep: Prepared, inp: CombineInputs) -> torch.Tensor:
-    """Run combine for this rank; returns x_out (Bs, H) XT (inactive tokens zero).
+def combine(call: Call, prep: Prepared, inp: CombineInputs) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Run combine for this rank; returns x_out (Bs, H) XT (inactive tokens zero), or with
+    ``inp.norm`` combine_add_rms_norm's (y, rstd, x).
 
     The special-expert ranges of the weighted sum use the ORIGINAL ``moe_expert_num`` (docs/elastic.md,
     docs/combine.md).  ``inp.positional`` (V1, no triples): a holder finds each row's source from
@@ -51,9 +54,7 @@ def combine(call: Call, prep: Prepared, inp: CombineInputs) -> torch.Tensor:
     got = unpack_rows(call, prep, inp, plan, recv, received)
     acc = combine_rows(got, inp, None if prep.act.slot_mask is None else torch.from_numpy(prep.act.slot_mask),
                        geom.Ns)
-    x_out = acc.to(inp.expand_x.dtype)
-    x_out[torch.from_numpy(~prep.act.tokens)] = 0
-    return x_out
+    return combine_output(acc, inp, prep.act.tokens)
 
 
 def _width(expand_x: torch.Tensor, h: int, quant: bool) -> int:

@@ -9,7 +9,8 @@ import torch
 
 from .attrs import Geometry, MoeConfig
 from .errors import PARAM_INVALID, PARAM_NULLPTR, TILING_ERROR, AclnnError
-from .layout import dispatch_shapes
+from .inputs import DispatchInputs, dtype_code, npu_dtype
+from .layout import DispatchShapes, allocation_mode, dispatch_shapes
 from .placement import Remap, identity_remap
 from .plan import ActiveSet
 from .request import CombineRequest, DispatchRequest, Prepared, Request, agreed_attributes
@@ -57,6 +58,31 @@ def dispatch_wrapper_checks(c: Checker, req: DispatchRequest, tp_name: str) -> N
     c.dtype(inp.expert_ids, "expert_ids", (torch.int32,))
     c.dtype(inp.scales, "scales", (torch.float32,))
     c.dtype(inp.x_active_mask, "x_active_mask", (torch.bool,))
+    declared_dtypes(c, inp)
+
+
+def declared_dtypes(c: Checker, inp: DispatchInputs) -> None:
+    """torch_npu 2.14's y_dtype / x_dtype / scales_dtype (161002 outside the compiled variants:
+    x bf16 / fp16, scales fp32, expand_x x's dtype or int8)."""
+    d = inp.dtypes
+    for value, name, allowed in ((d.x, "x_dtype", XT_DTYPES), (d.scales, "scales_dtype", (torch.float32,)),
+                                 (d.y, "y_dtype", (inp.x.dtype, torch.int8))):
+        if value is not None:
+            got = npu_dtype(value)
+            c.need(got in allowed, PARAM_INVALID, name, value, f"must name one of {_named(allowed)}")
+
+
+def _named(dtypes: tuple[torch.dtype, ...]) -> str:
+    """"15 (bfloat16), 5 (float16)": codes with their names."""
+    return ", ".join(f"{dtype_code(d)} ({str(d).replace('torch.', '')})" for d in dtypes)
+
+
+def expand_x_dtype_rule(c: Checker, cfg: MoeConfig, inp: DispatchInputs) -> None:
+    """Tiling's expand_x rule on a declared ``y_dtype``: int8 with quant_mode 2, x's dtype with 0."""
+    if inp.dtypes.y is not None:
+        want = torch.int8 if cfg.quant_mode else inp.x.dtype
+        c.tiling(npu_dtype(inp.dtypes.y) == want, "y_dtype", inp.dtypes.y,
+                 f"expand_x must be {want} with quant_mode={cfg.quant_mode}")
 
 
 def combine_wrapper_checks(c: Checker, req: CombineRequest, tp_name: str, assist_name: str) -> None:
@@ -147,18 +173,37 @@ def usable_remap(elastic: torch.Tensor | None, cfg: MoeConfig, ep_rank_id: int, 
 
 
 def prepare(req: Request, geom: Geometry, xt: torch.dtype, act: ActiveSet, algorithm: str = "") -> Prepared:
-    """The checks after tiling (elastic table when active, then the ids; docs/elastic.md, docs/errors.md) and the
-    validated call they give."""
+    """The checks after tiling (dispatch's output sizes, elastic table when active, then the ids;
+    docs/elastic.md, docs/errors.md) and the validated call they give."""
     cfg, inp, ep_rank_id = req.cfg, req.inputs, req.place.ep_rank_id
     elastic = inp.elastic_info
     c = Checker(req.op)
+    dispatch = req.kind == "dispatch"
+    shapes = dispatch_shapes(geom, ep_rank_id, inp.expert_ids.shape[0], elastic=elastic is not None,
+                             expert_scales=dispatch and inp.expert_scales is not None, v1=dispatch and req.v1,
+                             graph=allocation_mode() == "graph")
+    if dispatch:
+        check_allocation(c, geom, ep_rank_id, shapes, elastic is not None)
     remap = Remap.parse(elastic, cfg.ep_world_size) if elastic is not None else identity_remap(cfg.ep_world_size)
     if remap.active:
         check_remap(c, remap, cfg, ep_rank_id)
     me = int(remap.to_new[ep_rank_id]) if remap.active else ep_rank_id
     check_ids(c, me, inp.expert_ids, act.slots, remap.new_moe if remap.active else cfg.moe_expert_num,
               cfg.moe_expert_num, cfg.special_num)
-    bs = inp.expert_ids.shape[0]
-    return Prepared(cfg=cfg, geom=geom, xt=xt, remap=remap,
-                    shapes=dispatch_shapes(geom, ep_rank_id, bs, elastic=elastic is not None), act=act, me=me,
+    return Prepared(cfg=cfg, geom=geom, xt=xt, remap=remap, shapes=shapes, act=act, me=me,
                     agreed=agreed_attributes(req.kind, cfg, geom, xt, elastic), algorithm=algorithm)
+
+
+def check_allocation(c: Checker, geom: Geometry, rank: int, shapes: DispatchShapes, elastic: bool) -> None:
+    """Tiling's output-size rules on the buffers torch_npu allocates: ep_recv_counts must hold
+    ``(elastic ? W*L : W*L_r) * (2 if tp == 2)`` entries (torch_npu drops the x2 when it sizes
+    for expert_scales, which only W >= 8 survives), and V1's ``G // S`` rows on a shared rank
+    must hold the A rows it may receive (V1 supports one shared expert, W a multiple of S)."""
+    blocks = geom.W * max(geom.L, 1) if elastic else geom.recv_blocks(rank)
+    need = blocks * (2 if geom.tp == 2 else 1)
+    c.tiling(shapes.ep_recv >= need, "ep_recv_counts.shape[0]", shapes.ep_recv,
+             f"must be >= {need}: torch_npu sizes it W*L_r + 2*G*K*(W//8) when expert_scales is given, "
+             f"too small with tp_world_size=2 and ep_world_size < 8 (expert_scales is unused on Atlas A3: omit it)")
+    c.tiling(shapes.capacity >= geom.capacity(rank), "expand_x.shape[0]", shapes.rows,
+             f"must hold the A={geom.capacity(rank)} rows a shared rank may receive: V1 allocates G // S rows, "
+             f"enough only with shared_expert_num=1 and ep_world_size a multiple of shared_expert_rank_num")

@@ -64,6 +64,52 @@ class SpecialExperts:
                 (self.alpha2, "const_expert_alpha_2"), (self.v, "const_expert_v"))
 
 
+DtypeLike = int | torch.dtype | None
+
+# torch_npu's dtype codes (the torch.dtype enum values) of the dtypes these ops can name;
+# torch_npu's own types (int4 285, hifloat8 290, float8_e8m0 293, float4 296 / 297) have no
+# torch dtype and no kernel variant on A2 / A3.
+NPU_DTYPE_CODES: dict[int, torch.dtype] = {
+    0: torch.uint8, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.int64, 5: torch.float16,
+    6: torch.float32, 7: torch.float64, 11: torch.bool, 15: torch.bfloat16, 23: torch.float8_e5m2,
+    24: torch.float8_e4m3fn, 291: torch.float8_e5m2, 292: torch.float8_e4m3fn,
+}
+_CODE_OF = {dt: code for code, dt in sorted(NPU_DTYPE_CODES.items(), reverse=True)}
+
+
+def dtype_code(value: DtypeLike) -> int | None:
+    """The torch_npu code of ``value`` (a code or a ``torch.dtype``; None stays None)."""
+    if isinstance(value, torch.dtype):
+        return _CODE_OF.get(value, -1)
+    return None if value is None else int(value)
+
+
+def npu_dtype(value: DtypeLike) -> torch.dtype | None:
+    """The torch dtype a code names (None: no code given, or a code without a torch dtype)."""
+    code = dtype_code(value)
+    return None if code is None else NPU_DTYPE_CODES.get(code)
+
+
+@dataclass(frozen=True)
+class DtypeArgs:
+    """torch_npu 2.14's ``y_dtype`` / ``x_dtype`` / ``scales_dtype`` of dispatch_v2: the dtype the
+    kernel writes expand_x in and reads x and scales as, each a torch_npu dtype code (the
+    ``torch.dtype`` enum value, e.g. 15 for bfloat16; a ``torch.dtype`` is taken as its code)
+    or None (the tensor's own dtype; for y, the one quant_mode implies)."""
+
+    y: DtypeLike = None
+    x: DtypeLike = None
+    scales: DtypeLike = None
+
+    def declared_x(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the kernel reads it: ``x_dtype`` relabels x's bytes (bf16 <-> fp16) when it names
+        an activation dtype of x's element size; any other value is left for the checks."""
+        want = npu_dtype(self.x)
+        if want in (torch.bfloat16, torch.float16) and want != x.dtype and x.element_size() == 2:
+            return x.view(want)
+        return x
+
+
 @dataclass(frozen=True)
 class DispatchInputs:
     """One rank's dispatch tensors.
@@ -71,7 +117,7 @@ class DispatchInputs:
     x (Bs, H) XT; expert_ids (Bs, K) int32; scales (N_s + E, H) fp32 smooth scales (quant
     mode 2) or None; x_active_mask (Bs,) or (Bs, K) bool or None; expert_scales (Bs, K) fp32
     (read on A2 only) or None; elastic_info (4 + 2*W,) int32 or None; performance_info (W,)
-    int64, accumulated in place, or None.
+    int64, accumulated in place, or None; dtypes: the declared dtypes (:class:`DtypeArgs`).
     """
 
     x: torch.Tensor
@@ -81,6 +127,22 @@ class DispatchInputs:
     expert_scales: torch.Tensor | None = None
     elastic_info: torch.Tensor | None = None
     performance_info: torch.Tensor | None = None
+    dtypes: DtypeArgs = DtypeArgs()
+
+
+@dataclass(frozen=True)
+class AddRmsNorm:
+    """combine_add_rms_norm's extra inputs: after combine, ``x = combine + residual_x`` and
+    ``y = RMSNorm(x) * gamma`` (docs/combine.md).
+
+    residual_x (Bs, 1, H) bf16; gamma (H,) bf16; eps: norm_eps; reserved: the names of the
+    inputs the op reserves (activation_scale, weight_scale, group_list) that were given.
+    """
+
+    residual_x: torch.Tensor | None
+    gamma: torch.Tensor | None
+    eps: float = 1e-6
+    reserved: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,7 +156,7 @@ class CombineInputs:
     dispatch's ep_recv_counts; expert_scales (Bs, K) fp32; tp_send_counts (tp,) int32 (tp 2)
     or None; expand_scales (A,) fp32 (A2 hierarchy) or None; shared_expert_x (Bs, H) or
     (a, b, H) XT or None; special: the special experts; elastic_info, performance_info as in
-    :class:`DispatchInputs`.
+    :class:`DispatchInputs`; norm: combine_add_rms_norm's inputs (None for plain combine).
     """
 
     expand_x: torch.Tensor
@@ -110,3 +172,4 @@ class CombineInputs:
     elastic_info: torch.Tensor | None = None
     performance_info: torch.Tensor | None = None
     positional: bool = False
+    norm: AddRmsNorm | None = None

@@ -5,12 +5,14 @@ wire order = source-major), compute where each row lands and the count outputs.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .attrs import Geometry
+from .errors import TILING_ERROR, AclnnError
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,26 @@ def expert_token_nums(geom: Geometry, rank: int, ep_recv_counts: np.ndarray, tot
     return np.diff(cum, prepend=0)
 
 
+ALLOCATIONS = ("eager", "graph")
+
+
+def allocation_mode() -> str:
+    """``EMU_ALLOCATION``: "eager" (default) sizes outputs as torch_npu's eager kernels do;
+    "graph" as its meta functions do under graph capture (docs/dispatch.md, "Output shapes")."""
+    mode = os.environ.get("EMU_ALLOCATION", "eager").strip().lower() or "eager"
+    if mode not in ALLOCATIONS:
+        raise AclnnError(TILING_ERROR, f"EMU_ALLOCATION={mode!r} must be one of {ALLOCATIONS}")
+    return mode
+
+
 @dataclass(frozen=True)
 class DispatchShapes:
-    """Eager output shapes torch_npu allocates (docs/dispatch.md); ``rows`` = A*max(tp,1)."""
+    """The output lengths torch_npu 2.14 allocates for one rank (docs/dispatch.md).
+
+    rows: expand_x dim 0 = A*max(tp, 1); capacity: A; dynamic_scales: A*max(tp, 1);
+    assist: assist_info_for_combine max(Bs*K, 128*A) (V1's third output is expand_idx, Bs*K);
+    token_nums: local experts; ep_recv: ep_recv_counts; tp_recv: tp; expand_scales: A, or 0.
+    """
 
     rows: int
     capacity: int
@@ -63,26 +82,34 @@ class DispatchShapes:
     token_nums: int
     ep_recv: int
     tp_recv: int
+    expand_scales: int
 
 
-def dispatch_shapes(geom: Geometry, rank: int, bs: int, elastic: bool = False) -> DispatchShapes:
-    """Eager shapes from the ORIGINAL attributes (``geom`` not remapped).
+def dispatch_shapes(geom: Geometry, rank: int, bs: int, *, elastic: bool = False, expert_scales: bool = False,
+                    v1: bool = False, graph: bool = False) -> DispatchShapes:
+    """torch_npu's allocation from the ORIGINAL attributes (``geom`` not remapped).
 
-    With ``elastic_info`` given (whatever its flag) a rank may change role, so every rank gets
-    A = max(shared A, MoE A), max(L, 1) token counts and max(W, W*L) ep_recv_counts (docs/elastic.md).
+    A shared rank may receive ``maxBs * ceil(W / R)`` rows (V1: ``G // S``), a MoE rank
+    ``G * min(L, K)``.  With ``elastic_info`` given (any flag) a rank may change role: with
+    shared experts every rank gets ``max`` of both and L token counts (without, the MoE rule).
+    ``expert_scales`` given (A2's hierarchy input) adds the hierarchy tail to ep_recv_counts,
+    ``W*L_r + 2*G*K*(W//8)``, dropping the x2 of tp 2.  expand_scales has A entries, except
+    under ``graph`` (the meta functions) where it has 0 unless ``expert_scales`` is given.
     """
-    tp = geom.tp
-    if elastic:
-        a = max(geom.a_shared, geom.a_moe)
-        lr = max(geom.L, 1)
-        ep_recv = max(geom.W, geom.W * geom.L)
+    tp, shared = geom.tp, geom.is_shared(rank)
+    if shared:
+        local, a = 1, (geom.G // geom.S if v1 else geom.a_shared)
     else:
-        a = geom.capacity(rank)
-        lr = geom.local_expert_num(rank)
-        ep_recv = geom.W * lr * (2 if tp == 2 else 1)
-    return DispatchShapes(rows=a * max(tp, 1), capacity=a,
-                          dynamic_scales=a * tp if tp > 1 else a,
-                          assist=max(bs * geom.K, 128 * a), token_nums=lr, ep_recv=ep_recv, tp_recv=tp)
+        local, a = geom.L, geom.a_moe
+    if elastic and not v1:
+        local = max(local, geom.L)
+        a = max(geom.a_shared, geom.a_moe) if geom.R else geom.a_moe
+    ep_recv = geom.W * local * (2 if tp == 2 else 1)
+    if expert_scales:
+        ep_recv = geom.W * local + 2 * geom.G * geom.K * (geom.W // 8)
+    return DispatchShapes(rows=max(a, a * tp), capacity=a, dynamic_scales=a * max(tp, 1),
+                          assist=max(bs * geom.K, 128 * a), token_nums=local,
+                          ep_recv=ep_recv, tp_recv=tp, expand_scales=0 if graph and not expert_scales else a)
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -99,10 +126,11 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 class DispatchOutputs:
     """The 7 outputs of dispatch_v2, in torch_npu's order.
 
-    expand_x (A*max(tp,1), H) XT or int8; dynamic_scales (A*tp or A,) fp32;
+    expand_x (A*max(tp,1), H) XT or int8; dynamic_scales (A*max(tp,1),) fp32;
     assist_info_for_combine (max(Bs*K, 128*A),) int32; expert_token_nums (L_r,) int64;
-    ep_recv_counts (W*L_r*(2 if tp==2 else 1),) int32; tp_recv_counts (tp,) int32;
-    expand_scales (A,) fp32 (not produced on A3: zeros).
+    ep_recv_counts (W*L_r*(2 if tp==2 else 1),) int32, or with expert_scales
+    (W*L_r + 2*G*K*(W//8),); tp_recv_counts (tp,) int32; expand_scales (A,) fp32 (A2
+    hierarchy writes it; zeros elsewhere), (0,) under graph allocation without expert_scales.
     """
 
     expand_x: torch.Tensor
@@ -129,4 +157,4 @@ class DispatchOutputs:
                    expert_token_nums=torch.zeros(shapes.token_nums, dtype=torch.int64),
                    ep_recv_counts=torch.zeros(shapes.ep_recv, dtype=torch.int32),
                    tp_recv_counts=torch.zeros(shapes.tp_recv, dtype=torch.int32),
-                   expand_scales=torch.zeros(shapes.capacity, dtype=torch.float32))
+                   expand_scales=torch.zeros(shapes.expand_scales, dtype=torch.float32))

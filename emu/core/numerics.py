@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .inputs import CombineInputs
@@ -183,3 +184,42 @@ def combine_rows(got: ReceivedRows, inp: CombineInputs, slot_mask: torch.Tensor 
     if inp.shared_expert_x is not None:
         acc.add_(inp.shared_expert_x.reshape(bs, h).to(F32))
     return acc
+
+
+def combine_output(acc: torch.Tensor, inp: CombineInputs,
+                   tokens: np.ndarray) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What combine writes from its fp32 sums ``acc`` (Bs, H): x_out = XT(acc), or with
+    ``inp.norm`` the (y, rstd, x) of :func:`add_rms_norm`; rows of inactive tokens (``tokens``
+    (Bs,) bool False) are zero (the kernel leaves them unwritten)."""
+    off = torch.from_numpy(~tokens)
+    if inp.norm is None:
+        x_out = acc.to(inp.expand_x.dtype)
+        x_out[off] = 0
+        return x_out
+    outs = add_rms_norm(acc, inp.norm.residual_x, inp.norm.gamma, inp.norm.eps, inp.expand_x.dtype)
+    for o in outs:
+        o[off] = 0
+    return outs
+
+
+def add_rms_norm(acc: torch.Tensor, residual_x: torch.Tensor, gamma: torch.Tensor, eps: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """combine_add_rms_norm after the sum, in the kernel's order (docs/combine.md):
+
+        x32  = acc + fp32(residual_x)                 (the combine sum is not rounded first)
+        rstd = 1 / sqrt(sum_h(x32*x32 * fp32(1/H)) + fp32(eps))     all fp32, on the unrounded x32
+        y    = XT(fp32(XT(x32 * rstd)) * fp32(gamma))                two roundings
+        x    = XT(x32)
+
+    The hardware's reduction order is not public: the sum here is torch's fp32 sum (rstd may
+    differ from the NPU's in the last bit).  acc (Bs, H) fp32, residual_x (Bs, 1, H), gamma
+    (H,).  Returns y (Bs, 1, H) ``dtype``, rstd (Bs, 1, 1) fp32, x (Bs, 1, H) ``dtype``.
+    """
+    bs, h = acc.shape
+    x32 = acc + residual_x.reshape(bs, h).to(F32)
+    inv_h = torch.from_numpy(np.float32(1.0) / np.array([h], dtype=np.float32))
+    mean_sq = (x32 * x32 * inv_h).sum(dim=1, keepdim=True)
+    root = torch.sqrt(mean_sq + torch.tensor(eps, dtype=F32))
+    rstd = torch.ones_like(root) / root
+    y = ((x32 * rstd).to(dtype).to(F32) * gamma.to(F32)).to(dtype)
+    return y.view(bs, 1, h), rstd.view(bs, 1, 1), x32.to(dtype).view(bs, 1, h)

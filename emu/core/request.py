@@ -44,6 +44,7 @@ class DispatchRequest:
     cfg: MoeConfig
     place: Placement
     op: str = "aclnnMoeDistributeDispatchV3"          # the operator's name in messages
+    v1: bool = False                                  # torch_npu's V1 op (its allocation, expand_idx)
     kind = "dispatch"
 
 

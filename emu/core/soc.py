@@ -2,7 +2,7 @@
 
 A2 is chosen explicitly, never guessed: ``EMU_SOC=A2`` in the environment (also accepted:
 ``Ascend910B``), or ``launch/dispatch.py --soc a2``.  On A2 the operators take different paths
-(spec a2.md): ``comm_alg`` "fullmesh" or "hierarchy", or ""/None to let the HCCL environment
+(docs/atlas-a2.md): ``comm_alg`` "fullmesh" or "hierarchy", or ""/None to let the HCCL environment
 choose (docs/atlas-a2.md).
 """
 from __future__ import annotations

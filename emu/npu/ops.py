@@ -15,6 +15,7 @@ npu_moe_distribute_dispatch_v2 = api.moe_distribute_dispatch_v2
 npu_moe_distribute_combine_v2 = api.moe_distribute_combine_v2
 npu_moe_distribute_dispatch = api.moe_distribute_dispatch
 npu_moe_distribute_combine = api.moe_distribute_combine
+npu_moe_distribute_combine_add_rms_norm = api.moe_distribute_combine_add_rms_norm
 
 
 def npu_swiglu(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from ..core.attrs import Geometry, MoeConfig
 from ..core.inputs import CombineInputs, DispatchInputs
 from ..core.layout import DispatchOutputs, dispatch_shapes
-from ..core.numerics import comm_dequant, comm_quant, combine_tokens, dynamic_quant, tp_add
+from ..core.numerics import comm_dequant, comm_quant, combine_output, combine_tokens, dynamic_quant, tp_add
 from ..core.placement import Remap
 from ..core.plan import active_set
 
@@ -92,7 +92,8 @@ def reference_dispatch(cfg: MoeConfig, inputs: list[DispatchInputs | None],
         for e, g in enumerate(members):
             sel = np.arange(bounds[e], bounds[e + 1])
             lr = geom.local_expert_num(e)
-            shapes = dispatch_shapes(orig, g // T, dom[e].x.shape[0], elastic=elastic_info is not None)
+            shapes = dispatch_shapes(orig, g // T, dom[e].x.shape[0], elastic=elastic_info is not None,
+                                     expert_scales=dom[e].expert_scales is not None)
             out = DispatchOutputs.allocate(shapes, h, rows.dtype)
             n = sel.size
             out.expand_x[:n] = rows[torch.from_numpy(sel)]
@@ -164,7 +165,5 @@ def reference_combine(cfg: MoeConfig, inputs: list[CombineInputs | None],
             act = active_set(*inp.expert_ids.shape, inp.x_active_mask)
             acc = combine_tokens(slots[e], inp, None if act.slot_mask is None else torch.from_numpy(act.slot_mask),
                                  Ns)
-            x_out = acc.to(xt)
-            x_out[torch.from_numpy(~act.tokens)] = 0
-            outs[g] = x_out
+            outs[g] = combine_output(acc, inp, act.tokens)
     return outs

@@ -12,6 +12,7 @@
 ``failures`` the one-line error reports of the launchers.
 """
 from .asserts import assert_all_raise, assert_same_on_all_ranks
+from ..core.inputs import AddRmsNorm
 from .expect import dense_moe, expected_combine, expected_dispatch
 from .harness import (Fault, Outcome, RankContext, RankError, RankFailed, World, WorldHung, WorldPool, WorldSpec,
                       leave, per_rank, this_rank)
@@ -29,4 +30,4 @@ def __getattr__(name: str):
 
 __all__ = ["World", "WorldSpec", "WorldPool", "Outcome", "RankError", "RankFailed", "RankContext", "WorldHung",
            "Fault", "per_rank", "this_rank", "leave", "assert_all_raise", "assert_same_on_all_ranks",
-           "expected_dispatch", "expected_combine", "dense_moe", *_PYTEST_NAMES]
+           "expected_dispatch", "expected_combine", "dense_moe", "AddRmsNorm", *_PYTEST_NAMES]

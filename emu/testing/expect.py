@@ -14,7 +14,8 @@ from dataclasses import fields, replace
 import torch
 
 from ..core.attrs import MoeConfig
-from ..core.inputs import CombineInputs, DispatchInputs, SpecialExperts
+from ..core.inputs import AddRmsNorm, CombineInputs, DispatchInputs, SpecialExperts
+from ..core.numerics import add_rms_norm
 from ..core.soc import a2_comm_alg, current_soc
 from ..reference import a2 as ref_a2
 from ..reference.a3 import reference_combine, reference_dispatch
@@ -42,8 +43,8 @@ def expected_dispatch(x: list[torch.Tensor], expert_ids: list[torch.Tensor], *, 
     """Every world rank's 7 dispatch outputs (None for ranks an active ``elastic_info`` removes)."""
     soc = (soc or current_soc()).upper()
     cfg = _config(attributes, soc)
-    inputs = [DispatchInputs(x[r], expert_ids[r], _at(scales, r), _at(x_active_mask, r)) if x[r] is not None else None
-              for r in range(len(x))]
+    inputs = [DispatchInputs(x[r], expert_ids[r], _at(scales, r), _at(x_active_mask, r), _at(expert_scales, r))
+              if x[r] is not None else None for r in range(len(x))]
     if soc != "A2":
         outs = reference_dispatch(cfg, inputs, elastic_info)
     elif a2_comm_alg(comm_alg, "expected_dispatch") == "hierarchy":
@@ -58,9 +59,11 @@ def expected_combine(expand_x: list[torch.Tensor], expert_ids: list[torch.Tensor
                      expert_scales: list[torch.Tensor], *, tp_send_counts=None, x_active_mask=None,
                      expand_scales=None, shared_expert_x=None, ori_x=None, const_expert_alpha_1=None,
                      const_expert_alpha_2=None, const_expert_v=None, elastic_info: torch.Tensor | None = None,
-                     soc: str | None = None, comm_alg: str = "", **attributes) -> list[torch.Tensor | None]:
+                     soc: str | None = None, comm_alg: str = "", residual_x=None, gamma=None, norm_eps: float = 1e-6,
+                     **attributes) -> list:
     """Every world rank's combine output x_out, given every rank's combine inputs (None
-    entries for ranks an active ``elastic_info`` removes)."""
+    entries for ranks an active ``elastic_info`` removes).  With ``residual_x`` and ``gamma``
+    (per rank): combine_add_rms_norm's (y, rstd, x) instead."""
     soc = (soc or current_soc()).upper()
     cfg = _config(attributes, soc)
     inputs = [CombineInputs(
@@ -69,8 +72,9 @@ def expected_combine(expand_x: list[torch.Tensor], expert_ids: list[torch.Tensor
         x_active_mask=_at(x_active_mask, r), expand_scales=_at(expand_scales, r),
         shared_expert_x=_at(shared_expert_x, r),
         special=SpecialExperts.of(cfg, _at(ori_x, r), _at(const_expert_alpha_1, r), _at(const_expert_alpha_2, r),
-                                  _at(const_expert_v, r))) if expand_x[r] is not None else None
-        for r in range(len(expand_x))]
+                                  _at(const_expert_v, r)),
+        norm=AddRmsNorm(_at(residual_x, r), _at(gamma, r), norm_eps) if residual_x is not None else None)
+        if expand_x[r] is not None else None for r in range(len(expand_x))]
     if soc != "A2":
         return reference_combine(cfg, inputs, elastic_info)
     if a2_comm_alg(comm_alg, "expected_combine") == "hierarchy":
@@ -81,15 +85,17 @@ def expected_combine(expand_x: list[torch.Tensor], expert_ids: list[torch.Tensor
 def dense_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
               expert_fn: Callable[[int, torch.Tensor], torch.Tensor],
               shared_fn: Callable[[int, torch.Tensor], torch.Tensor] | None = None, shared_num: int = 0,
-              x_active_mask: torch.Tensor | None = None) -> torch.Tensor:
+              x_active_mask: torch.Tensor | None = None,
+              norm: AddRmsNorm | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The MoE layer computed densely on one rank, with combine's arithmetic.
 
     x (Bs, H); expert_ids (Bs, K) int32; weights (Bs, K) fp32; ``expert_fn(e, rows)`` -> the
     expert's output rows (n, H) for the rows routed to expert e; ``shared_fn(j, x)`` -> shared
     expert j's output (Bs, H), for j < ``shared_num``.  Returns x.dtype (Bs, H): per token,
     in fp32, sum over k in order of fp32(y_k) * w_k, then the shared outputs, rounded once;
-    tokens a 1-D (prefix) or 2-D mask drops contribute nothing (zero rows).  Compare with a
-    tolerance: expert_fn sees other batches here than on the ranks.
+    tokens a 1-D (prefix) or 2-D mask drops contribute nothing (zero rows).  With ``norm``
+    (residual_x, gamma, eps): combine_add_rms_norm's (y, rstd, x) from the unrounded sum.
+    Compare with a tolerance unless expert_fn gives every row the same output wherever it runs.
     """
     bs, k_num = expert_ids.shape
     on = torch.ones(bs, k_num, dtype=torch.bool)
@@ -109,6 +115,11 @@ def dense_moe(x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
         acc = acc + term
     for j in range(shared_num if shared_fn is not None else 0):
         acc = acc + shared_fn(j, x).to(torch.float32)
+    if norm is not None:
+        outs = add_rms_norm(acc, norm.residual_x, norm.gamma, norm.eps, x.dtype)
+        for o in outs:
+            o[~tokens] = 0
+        return outs
     out = acc.to(x.dtype)
     out[~tokens] = 0
     return out
