@@ -28,8 +28,8 @@ from .core.errors import (PARAM_INVALID, PARAM_NULLPTR, TILING_ERROR, AclnnError
 
 __all__ = ["moe_distribute_dispatch_v2", "moe_distribute_combine_v2", "moe_distribute_dispatch",
            "moe_distribute_combine", "moe_distribute_combine_add_rms_norm", "group_name", "AclnnError", "PeerError",
-           "CollectiveError", "EmuError", "ErrorKind", "PARAM_NULLPTR", "PARAM_INVALID", "TILING_ERROR", "enable_trace", "disable_trace", "watch",
-           "unwatch", "set_jitter", "mark"]
+           "CollectiveError", "EmuError", "ErrorKind", "PARAM_NULLPTR", "PARAM_INVALID", "TILING_ERROR",
+           "enable_trace", "disable_trace", "watch", "unwatch", "set_jitter", "mark"]
 __version__ = "0.1.0"
 
 watch_from_env()                 # EMU_WATCH / EMU_JITTER_MS: wrap torch.distributed's collectives now
