@@ -28,7 +28,7 @@ RESULTS = os.path.join(HERE, "..", "results")
 
 def points(world: int, quick: bool) -> list[dict]:
     if quick:
-        return [dict(tp=1, bs=128, h=7168, k=8, quant=0)]
+        return [dict(tp=1, bs=int(os.environ.get("BENCH_BS", "128")), h=7168, k=8, quant=0)]
     out = []
     for tp in (1, 2):
         if tp == 2 and world < 4:
@@ -178,7 +178,7 @@ def bench_point(pt: dict, repeats: int) -> dict:
 
 def launch(world: int, quick: bool, repeats: int) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), os.path.abspath(__file__),
-           "--repeats", str(repeats)] + (["--quick"] if quick else [])
+           "--repeats", str(repeats), "--bs", os.environ.get("BENCH_BS", "128")] + (["--quick"] if quick else [])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(cmd, check=True, env=env, stderr=subprocess.DEVNULL if quick else None)
     with open(os.path.join(RESULTS, f"bench_w{world}{'_quick' if quick else ''}.json")) as f:
@@ -240,7 +240,9 @@ def main() -> int:
     p.add_argument("--reference", action="store_true")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--ranks", default="2,4,8")
+    p.add_argument("--bs", type=int, default=128, help="--quick: tokens per rank (8: decode)")
     a = p.parse_args()
+    os.environ["BENCH_BS"] = str(a.bs)                # read by points() on the ranks too
     repeats = a.repeats or (5 if a.quick else 7)
     if "RANK" in os.environ:                       # a rank: one line per error, not a traceback
         from emu.testing.failures import run_reporting

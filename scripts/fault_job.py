@@ -6,8 +6,9 @@ Every rank joins gloo with torch's default timeout (30 minutes, as a user's scri
 warm-up dispatch + combine, then rank ``--rank`` fails while the others run dispatch + combine:
 
     exit-before    its process exits (code 0) instead of calling dispatch
-    dispatch-rows  it dies (code 1) just before dispatch's EP rows exchange (EMU_FAULT)
-    combine-rows   it dies (code 1) just before combine's EP rows exchange
+    dispatch-rows  it dies (code 1) just before dispatch's EP rows exchange (EMU_FAULT; the job
+                   runs with EMU_TRANSPORT=split, so that rows travel in an exchange of their own)
+    combine-rows   it dies (code 1) just before combine's EP rows exchange (likewise)
     hang           it sleeps forever instead of calling dispatch
 
 Each rank that raises prints one JSON line (``FAULT {...}``: rank, error type, kind, culprits,
@@ -39,6 +40,8 @@ def main() -> int:
     p.add_argument("--no-warmup", action="store_true", help="fail in the very first call")
     p.add_argument("--out", default=None, metavar="DIR", help="write each record to DIR/rank<r>.json too")
     a = p.parse_args()
+    if a.fault in ("dispatch-rows", "combine-rows"):
+        os.environ["EMU_TRANSPORT"] = "split"                # every rank, before any call
     dist.init_process_group("gloo")                          # torch's default timeout: 30 minutes
     me, world = dist.get_rank(), dist.get_world_size()
     bad = world - 1 if a.rank is None else a.rank

@@ -10,6 +10,7 @@ from unittest import mock
 import torch
 
 import emu
+from emu.comm.context import current
 from emu.core.inputs import AddRmsNorm
 from emu.core.layout import DispatchOutputs
 from emu.core.numerics import comm_dequant, dynamic_quant
@@ -18,6 +19,13 @@ from emu.testing.scenario import (Scenario, combine_inputs, combine_kwargs, disp
                                   make_rank_data, route, run_rank)
 from emu.testing import dense_moe, leave, this_rank
 from world_groups import groups_for
+
+
+def collectives(**fields) -> tuple:
+    """:func:`scenario`'s outputs with the collectives this rank issued for them."""
+    n0 = current().collectives_issued
+    dispatch, x_out, waits = scenario(**fields)
+    return (dispatch, x_out, waits), current().collectives_issued - n0
 
 
 def scenario(by_name: bool = True, **fields) -> tuple:

@@ -14,14 +14,14 @@ TIMEOUT_S = 8.0
 FIELDS = dict(ep=4, moe=6, shared_ranks=1, k=2, bs=4, h=1024)
 
 
-@pytest.mark.parametrize("fault,collective", [
-    ("2:dispatch:EP rows", "dispatch #1 EP rows"),
-    ("1:combine:EP header", "combine #1 EP header"),
-    ("3:combine:EP rows", "combine #1 EP rows"),
+@pytest.mark.parametrize("fault,collective,transport", [
+    ("2:dispatch:EP rows", "dispatch #1 EP rows", "auto"),          # a group's first call: header, then rows
+    ("1:combine:EP header", "combine #1 EP header", "auto"),        # later calls: the rows ride with the header
+    ("3:combine:EP rows", "combine #1 EP rows", "split"),
 ], ids=["mid-dispatch", "combine-header", "mid-combine"])
-def test_dead_rank_named_by_every_live_rank(fault, collective):
+def test_dead_rank_named_by_every_live_rank(fault, collective, transport):
     dead = int(fault.split(":")[0])
-    with World(WorldSpec.of(4, emu_timeout=TIMEOUT_S)) as world:
+    with World(WorldSpec.of(4, emu_timeout=TIMEOUT_S, env={"EMU_TRANSPORT": transport})) as world:
         res = world.run(mp_cases.with_fault, fault=fault, deadline_s=60, **FIELDS)
     assert res[dead].exit_code == 1, res[dead]
     for g, r in enumerate(res):

@@ -127,3 +127,30 @@ def test_add_rms_norm_matches_numpy(seed, h, eps):
     assert torch.equal(x.view(3, h), torch.from_numpy(x32).bfloat16())
     norm = torch.from_numpy((x32 * rstd.numpy().reshape(3, 1)).astype(np.float32)).bfloat16().float()
     assert torch.equal(y.view(3, h), (norm * gamma.float()).bfloat16())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_combine_rows_equals_the_token_sum(seed):
+    """combine_rows (rows as they arrive) against combine_tokens (the reference's sum), bit for bit,
+    with shared experts, zero / copy / const experts, a 2-D mask and shared_expert_x."""
+    from emu.core.attrs import MoeConfig
+    from emu.core.inputs import CombineInputs, SpecialExperts
+    from emu.core.numerics import ReceivedRows, combine_rows, combine_tokens
+    g = torch.Generator().manual_seed(seed)
+    bs, k, h, E, ns = 5, 4, 16, 6, 1
+    cfg = MoeConfig(ep_world_size=2, moe_expert_num=E, zero_expert_num=1, copy_expert_num=1, const_expert_num=2)
+    ids = torch.stack([torch.randperm(E + 4, generator=g)[:k] for _ in range(bs)]).int()
+    mask = torch.rand(bs, k, generator=g) > 0.25
+    bf = torch.bfloat16
+    sp = SpecialExperts.of(cfg, torch.randn(bs, h, generator=g).to(bf), torch.randn(2, generator=g).to(bf),
+                           torch.randn(2, generator=g).to(bf), torch.randn(2, h, generator=g).to(bf))
+    inp = CombineInputs(expand_x=torch.zeros(1, h, dtype=bf), expert_ids=ids, assist_info=torch.zeros(1),
+                        ep_send_counts=torch.zeros(1), expert_scales=torch.rand(bs, k, generator=g), special=sp,
+                        shared_expert_x=torch.randn(bs, h, generator=g).to(bf) if seed % 2 else None)
+    cells = torch.randn(bs, k + ns, h, generator=g).to(bf)       # every (token, slot)'s received row
+    got_t, got_k = torch.nonzero(torch.cat([mask & (ids < E), torch.ones(bs, ns, dtype=torch.bool)], 1),
+                                 as_tuple=True)
+    perm = torch.randperm(got_t.numel(), generator=g)            # rows arrive in any order
+    got = ReceivedRows(cells[got_t, got_k][perm], got_t[perm], got_k[perm])
+    want = combine_tokens(cells, inp, mask, ns)
+    assert torch.equal(combine_rows(got, inp, mask, ns).view(torch.int32), want.view(torch.int32))

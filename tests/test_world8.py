@@ -6,6 +6,7 @@ import pytest
 from emu.core.errors import ErrorKind
 import mp_cases
 from mp_check import assert_all_raise, check_scenario
+from emu.testing.scenario import RankResult, Scenario, compare, run_reference
 
 pytestmark = [pytest.mark.emu_world(8), pytest.mark.timeout(300)]
 
@@ -97,3 +98,19 @@ def test_v1_with_two_shared_experts_is_rejected_everywhere(world):
     may send it 32 (V1 supports one shared expert)."""
     res = world.run(mp_cases.v1_matches_v2, shared=2, shared_ranks=4, moe=8, k=2, h=H, seed=63)
     assert_all_raise(res, 561002, "V1 allocates G // S rows", bad_ranks=[0, 1, 2, 3])
+
+
+def test_both_transports_are_bit_exact_and_auto_saves_the_rows_exchange(world):
+    """EMU_TRANSPORT=split: a header and a rows exchange per call; auto: the rows ride with the
+    header once the group has a slot (3 calls: 2 + 1 + 1 per op at most)."""
+    fields = dict(h=H, seed=70, calls=3, quant=2, mask="2d", moe=7, k=3)
+    want = run_reference(Scenario(**fields))
+    counts = {}
+    for transport in ("split", "auto", "auto"):
+        res = world.run(mp_cases.collectives, env={"EMU_TRANSPORT": transport}, **fields)
+        for g, o in enumerate(res):
+            (dispatch, x_out, _), _ = o.get()
+            assert not compare(RankResult(dispatch=dispatch, x_out=x_out), want[g]), (transport, g)
+        counts[transport] = [o.get()[1] for o in res]
+    assert counts["split"] == [2 * 2 * 3] * 8                    # dispatch and combine, header + rows, 3 calls
+    assert counts["auto"] == [2 * 3] * 8                         # the second auto run: the group has its slot

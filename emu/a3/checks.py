@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 
+import numpy as np
 import torch
 
 from ..core.attrs import Geometry, MoeConfig
@@ -320,10 +321,11 @@ def check_own_rows(prep: Prepared, inp) -> None:
                          f"{rank} must be in [0, A={cap}]")
     if inp.positional:
         return
-    tri = inp.assist_info[:3 * own].to(torch.int64).view(own, 3)
-    bad = (tri[:, 0] < 0) | (tri[:, 0] >= geom.W) | (tri[:, 1] < 0) | (tri[:, 2] < 0) \
-        | (tri[:, 2] >= geom.K + geom.Ns)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
+    tri = inp.assist_info[:3 * own].detach().numpy().reshape(own, 3)
+    if not own or (tri.min(axis=0) >= 0).all() and tri[:, 0].max() < geom.W and tri[:, 2].max() < geom.K + geom.Ns:
+        return
+    bad = (tri[:, 0] < 0) | (tri[:, 0] >= geom.W) | (tri[:, 1] < 0) | (tri[:, 2] < 0) | (tri[:, 2] >= geom.K + geom.Ns)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
         raise AclnnError(TILING_ERROR, f"combine: assist_info_for_combine[{3 * i}:{3 * i + 3}]="
                          f"{tri[i].tolist()} on EP rank {rank} is not a dispatch triple")

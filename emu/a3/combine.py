@@ -4,15 +4,16 @@ Phases:
 
     TP reduce-scatter  (tp 2) own rows + the TP peer's partials for them, in XT
     route back         each row's source: from its triple (V2), or by position (V1)
-    exchange counts    EP header: rows per source, and the rows this rank expects back
-                       (each source cross-checks them against its own dispatch plan)
-    pack               the send buffer: expert rows (or int8 + XT group scales with
-                       comm_quant_mode 2), metadata tails (t, k)
-    exchange rows      one uneven all-to-all
+    exchange           EP header (rows per source, the rows this rank expects back: each
+                       source cross-checks them against its own dispatch plan) with the
+                       packed rows (expert rows, or int8 + XT group scales with
+                       comm_quant_mode 2; metadata tails (t, k)) in each peer's slot when
+                       they fit, else a second, uneven all-to-all
     weighted sum       the fp32 k-order sum with shared and special experts, rounded to XT
                        (combine_add_rms_norm: + residual_x, RMSNorm * gamma)
 
-Collectives per call: (tp = 2) TP header + TP rows, then EP header + EP rows.
+Collectives per call: (tp = 2) TP header + TP rows, then the EP header with the rows (1; 2
+on a group's first combine, or when some rank's rows exceed the slot).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from ..comm.call import Call
+from ..comm.domain import Domain
 from ..comm.header import Header
 from ..comm.wire import Field, Segments, pack, pack_meta, row_bytes, unpack, unpack_meta
 from ..core.attrs import Geometry
@@ -28,6 +30,7 @@ from ..core.inputs import CombineInputs
 from ..core.numerics import (COMM_QUANT_GROUP, ReceivedRows, comm_dequant, comm_quant, combine_output, combine_rows,
                              tp_add)
 from ..core.plan import SendPlan, send_plan
+from .dispatch import inline_rows
 from ..core.request import Prepared
 from .checks import own_rows
 
@@ -47,9 +50,9 @@ def combine(call: Call, prep: Prepared, inp: CombineInputs) -> torch.Tensor | tu
     plan = send_plan(geom, prep.me, inp.expert_ids, prep.act)
     quant = prep.cfg.comm_quant_mode == 2
     send_counts = np.bincount(tri[:, 0], minlength=geom.W).astype(np.int64)
-    sent, received, hdr = exchange_counts(call, send_counts, plan, _width(inp.expand_x, geom.H, quant))
-    send = pack_rows(call, y, tri, sent, quant)
-    recv = call.exchange_segments("EP", send, sent, received, "rows")
+    hdr, recv, received = call.exchange("EP", send_counts, _width(inp.expand_x, geom.H, quant), plan.counts,
+                                        lambda seg, buf: pack_rows(call.ep, y, tri, seg, quant, buf),
+                                        inline_rows(geom))
     _cross_check(call, hdr, send_counts, plan.counts)
     got = unpack_rows(call, prep, inp, plan, recv, received)
     acc = combine_rows(got, inp, None if prep.act.slot_mask is None else torch.from_numpy(prep.act.slot_mask),
@@ -74,25 +77,14 @@ def route_back(geom: Geometry, me: int, inp: CombineInputs, own: int) -> np.ndar
     return np.stack([src, np.zeros_like(src), np.zeros_like(src)], axis=1)
 
 
-def exchange_counts(call: Call, send_counts: np.ndarray, plan: SendPlan,
-                    width: int) -> tuple[Segments, Segments, Header]:
-    """The EP header: rows this rank returns to each source, and the rows its own dispatch
-    plan sent to each holder (what it expects back).  Returns the layouts and the header."""
-    dom = call.ep
-    sent = Segments(dom.to_group(send_counts), width)
-    hdr = call.exchange_header("EP", send_counts, width, plan.counts)
-    return sent, Segments(dom.to_group(hdr.rows), width), hdr
-
-
-def pack_rows(call: Call, y: torch.Tensor, tri: np.ndarray, sent: Segments, quant: bool) -> torch.Tensor:
-    """The (sent.total, width) uint8 send buffer: rows ordered by destination, each peer's
-    rows in its segment, then the segment's metadata tail (t, k)."""
-    dom = call.ep
+def pack_rows(dom: Domain, y: torch.Tensor, tri: np.ndarray, sent: Segments, quant: bool,
+              send: torch.Tensor) -> None:
+    """Fill the (sent.total, width) uint8 ``send`` buffer: rows ordered by destination, each
+    peer's rows in its segment, then the segment's metadata tail (t, k)."""
     h = y.shape[1]
     dest = tri[:, 0] if dom.order is None else dom.order[tri[:, 0]]
     order = np.argsort(dest, kind="stable")
     order_t = torch.from_numpy(order)
-    send = call.ctx.scratch("send", sent.total, sent.width)
     if quant:
         q, scale = comm_quant(y.index_select(0, order_t))
         pos = torch.from_numpy(sent.payload_index())
@@ -106,7 +98,6 @@ def pack_rows(call: Call, y: torch.Tensor, tri: np.ndarray, sent: Segments, quan
             torch.index_select(y, 0, order_t[done:done + n], out=payload[s:s + n])
             done += n
     sent.write_meta(send, pack_meta(tri[order, 1], tri[order, 2], np.zeros(len(order), np.int64)))
-    return send
 
 
 def unpack_rows(call: Call, prep: Prepared, inp: CombineInputs, plan: SendPlan, recv: torch.Tensor,

@@ -3,15 +3,16 @@
 Notation as in :mod:`emu.core.attrs`.  Phases:
 
     plan rows        which rows this rank sends where, in wire order (destination by group rank)
-    exchange counts  EP header: rows per peer, row size, call number, agreed attributes
-    pack             the send buffer: token rows (or int8 rows + fp32 scale), metadata tails
-    exchange rows    one uneven all-to-all of the segment buffer
+    exchange         EP header (rows per peer, row size, call number, agreed attributes) with
+                     the packed rows (token rows, or int8 rows + fp32 scale; metadata tails)
+                     in each peer's slot when they fit, else a second, uneven all-to-all
     lay out          expand_x / dynamic_scales / assist triples / ep_recv_counts, blocks
                      local-expert major, source minor
     TP all-gather    (tp 2) the TP peer's rows appended after ours, with its ep_recv_counts
     count outputs    expert_token_nums
 
-Collectives per call: EP header + EP rows (2), and with tp = 2 TP header + TP rows (2).
+Collectives per call: EP header with the rows (1; 2 on a group's first call of the op, or
+when some rank's rows exceed the slot), and with tp = 2 TP header + TP rows (2).
 Wire row of the EP exchange: payload (H of XT, or H int8 + a 4-byte fp32 scale with quant
 2); each segment's tail carries the rows' metadata (t, k, local expert); the source is the
 segment (``wire.Segments``).
@@ -53,9 +54,8 @@ def dispatch(call: Call, prep: Prepared, inp: DispatchInputs) -> DispatchOutputs
     quant = prep.cfg.quant_mode == 2
     width = geom.H + 4 if quant else geom.H * inp.x.element_size()
     rows = plan_rows(call.ep, geom, prep, inp)
-    sent, received = exchange_counts(call, rows, width)
-    send = pack_rows(call, inp, rows, sent, quant)
-    recv = call.exchange_segments("EP", send, sent, received, "rows")
+    _, recv, received = call.exchange("EP", rows.counts, width, np.zeros(call.ep.size, np.int64),
+                                      lambda seg, buf: pack_rows(inp, rows, seg, quant, buf), inline_rows(geom))
     out, own, counts = lay_out(call.ep, prep, recv, received, quant)
     total = own
     if geom.tp_active:
@@ -75,12 +75,12 @@ def plan_rows(dom: Domain, geom: Geometry, prep: Prepared, inp: DispatchInputs) 
     return WireRows(*cols, counts=plan.counts)
 
 
-def exchange_counts(call: Call, rows: WireRows, width: int) -> tuple[Segments, Segments]:
-    """The EP header: what this rank sends each peer; returns the send and receive layouts."""
-    dom = call.ep
-    sent = Segments(dom.to_group(rows.counts), width)
-    hdr = call.exchange_header("EP", rows.counts, width, np.zeros(dom.size, np.int64))
-    return sent, Segments(dom.to_group(hdr.rows), width)
+def inline_rows(geom: Geometry) -> int:
+    """Rows one source may send one destination, bounded to twice the average: what a slot of
+    the header exchange holds (docs/dispatch.md, "Collectives").  A source sends a MoE rank at
+    most min(K, L) copies of each of its maxBs tokens, a shared rank one; combine returns them."""
+    bound = geom.max_bs * max(min(geom.K, geom.L), 1)
+    return min(bound, 2 * -(-geom.max_bs * geom.K // geom.W) + 2)
 
 
 def _quantise_copies(x: torch.Tensor, scales: torch.Tensor | None, token: np.ndarray,
@@ -99,11 +99,10 @@ def _quantise_copies(x: torch.Tensor, scales: torch.Tensor | None, token: np.nda
     return q.index_select(0, inv), scale.index_select(0, inv)
 
 
-def pack_rows(call: Call, inp: DispatchInputs, rows: WireRows, sent: Segments, quant: bool) -> torch.Tensor:
-    """The (sent.total, width) uint8 send buffer: each peer's payload rows gathered straight
-    into its segment (quantised with quant mode 2), then the segment's metadata tail."""
+def pack_rows(inp: DispatchInputs, rows: WireRows, sent: Segments, quant: bool, send: torch.Tensor) -> None:
+    """Fill the (sent.total, width) uint8 ``send`` buffer: each peer's payload rows gathered
+    straight into its segment (quantised with quant mode 2), then the segment's metadata tail."""
     x, h = inp.x, inp.x.shape[1]
-    send = call.ctx.scratch("send", sent.total, sent.width)
     segments = [(int(sent.start[p]), int(sent.n[p])) for p in np.flatnonzero(sent.n)]
     done = 0
     if quant:
@@ -119,7 +118,6 @@ def pack_rows(call: Call, inp: DispatchInputs, rows: WireRows, sent: Segments, q
             torch.index_select(x, 0, tok[done:done + n], out=payload[s:s + n])
             done += n
     sent.write_meta(send, pack_meta(rows.token, rows.slot, rows.local))
-    return send
 
 
 def lay_out(dom: Domain, prep: Prepared, recv: torch.Tensor, received: Segments,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -23,12 +24,36 @@ from ..core.request import Checked, Request
 from .context import CommContext, current
 from .domain import Domain
 from .groups import resolve_group
-from .header import HEADER_LEN, MAX_ATTRS, Header, Outgoing, stamp_clock
+from .header import HEADER_LEN, MAX_ATTRS, Header, Outgoing, clock_of, stamp_clock
 from .transport import CallTag, Transfer, issue
 from .verdict import judge
-from .wire import Segments
+from .wire import Segments, rows_for_meta
 
 HEADER_BYTES = 8 * HEADER_LEN
+
+
+def slot_bytes(width: int, rows: int) -> int:
+    """Bytes per peer of a first exchange that carries up to ``rows`` rows of ``width`` bytes
+    (and their metadata) after the header, a multiple of 8."""
+    if width <= 0 or rows <= 0:
+        return 0
+    return -(-(HEADER_BYTES + (rows + int(rows_for_meta(rows, width))) * width) // 8) * 8
+
+
+def _into_slots(packed: torch.Tensor, sent: Segments, send: torch.Tensor) -> None:
+    """Copy each peer's segment of ``packed`` into its slot of ``send``, after the header."""
+    flat = packed.view(-1)
+    for p in np.flatnonzero(sent.rows):
+        a, n = int(sent.start[p]) * sent.width, int(sent.rows[p]) * sent.width
+        send[p, HEADER_BYTES:HEADER_BYTES + n] = flat[a:a + n]
+
+
+def _from_slots(recv: torch.Tensor, rows: torch.Tensor, received: Segments, inline: np.ndarray) -> None:
+    """Copy the inline sources' segments from their slots into ``rows`` (contiguous layout)."""
+    flat = rows.view(-1)
+    for p in np.flatnonzero(inline & (received.rows > 0)):
+        a, n = int(received.start[p]) * received.width, int(received.rows[p]) * received.width
+        flat[a:a + n] = recv[p, HEADER_BYTES:HEADER_BYTES + n]
 
 
 @dataclass
@@ -70,33 +95,94 @@ class Call:
         Raises PeerError on every rank when a peer reported an error or disagrees on the op,
         the call number or an attribute (after first telling the remaining domains).
         """
+        out = self._outgoing(rows, row_bytes, expect, error, origin)
+        return self._first_exchange(kind, out, None)[0]
+
+    def _outgoing(self, rows: np.ndarray, row_bytes: int, expect: np.ndarray, error: int = 0, origin: int = -1,
+                  inline: bool = False, later: bool = False) -> Outgoing:
+        return Outgoing(op=self.op, order=self.order, call_no=self.call_no, error=error, rows=rows,
+                        row_bytes=row_bytes, clock_ns=self.clock_ns, expect=expect, origin=origin,
+                        attrs=tuple(v for _, v in self.attrs), inline=inline, later=later)
+
+    def _first_exchange(self, kind: str, out: Outgoing,
+                        fill: Callable[[torch.Tensor], None] | None) -> tuple[Header, torch.Tensor]:
+        """The call's first exchange on ``kind``: every peer's header at the start of a slot
+        of the group's current size (``CommContext.slot``; just the header before any call
+        passed there).  ``fill(send)`` writes this rank's inline rows into the (P, slot) uint8
+        send buffer after the headers.  Returns the headers (judged) and the (P, slot) uint8
+        receive buffer, group order."""
         dom = self.domain(kind)
         if kind in self.pending:
             self.pending.remove(kind)
-        out = Outgoing(op=self.op, order=self.order, call_no=self.call_no, error=error, rows=rows, row_bytes=row_bytes,
-                       clock_ns=self.clock_ns, expect=expect, origin=origin, attrs=tuple(v for _, v in self.attrs))
-        send = out.encode()
+        nbytes = max(self.ctx.slot(dom.name), HEADER_BYTES)
+        send = self.ctx.scratch("slot_send", dom.size, nbytes)
+        recv = self.ctx.scratch("slot_recv", dom.size, nbytes)
+        if fill is not None:
+            fill(send)
+        block = out.encode()
         if dom.order is not None:
-            send = send[torch.from_numpy(np.argsort(dom.order))]
-        recv = torch.empty_like(send)
+            block = block[torch.from_numpy(np.argsort(dom.order))]
+        head_out = send[:, :HEADER_BYTES].view(torch.int64)
+        head_out.copy_(block)
+        head_in = recv[:, :HEADER_BYTES].view(torch.int64).numpy()
         ones = np.ones(dom.size, dtype=np.int64)
-        issue(self.ctx, self.tag, dom, Transfer(f"{kind} header", recv, send, ones, ones, HEADER_BYTES, equal=True,
-                                                before=lambda: stamp_clock(send, time.monotonic_ns()),
-                                                after=partial(self._waits, kind, recv)))
-        hdr = Header.decode(dom.from_group(recv.numpy()))
-        if error == 0:
+        issue(self.ctx, self.tag, dom, Transfer(f"{kind} header", recv, send, ones, ones, nbytes, equal=True,
+                                                before=lambda: stamp_clock(head_out.numpy(), time.monotonic_ns()),
+                                                after=partial(self._waits, kind, head_in)))
+        hdr = Header.decode(dom.from_group(head_in.copy()))      # the buffer is reused
+        if out.error == 0:
             sites = self._watched_site if self.ctx.watcher is not None else (lambda r: None)
             problem = judge(hdr, dom, dist.get_rank(), (self.op, self.call_no, self.order), self.attrs,
                             self._peer_message, sites)
             if problem is not None:
                 self.abort(problem)
-        return hdr
+        return hdr, recv
 
-    def _waits(self, kind: str, recv: torch.Tensor, t0: int, t1: int) -> dict:
+    def exchange(self, kind: str, counts: np.ndarray, width: int, expect: np.ndarray,
+                 fill: Callable[[Segments, torch.Tensor], None], next_rows: int,
+                 phase: str = "rows") -> tuple[Header, torch.Tensor, Segments]:
+        """Header and rows of one direction on ``kind``, in one collective when they fit.
+
+        counts: (P,) rows this rank sends each logical peer, ``width`` bytes each (``expect``:
+        rows it expects back, combine's cross-check); ``fill(segments, buffer)`` packs them into
+        a (rows, width) uint8 buffer at ``segments``' places.  When the group has a slot
+        (``CommContext.slot``) and this rank's rows for every peer fit it, they travel after the
+        header in the same exchange; otherwise this rank says so in its header and every rank
+        takes part in a second, uneven exchange (so a rank never waits for a collective the
+        others skip).  ``next_rows``: the rows per peer the slot must hold for this op's next
+        call (from the agreed attributes).  Returns the headers and the received rows with their
+        segments, sources in group order."""
+        dom = self.domain(kind)
+        P = dom.size
+        sent = Segments(dom.to_group(counts), width)
+        room = self.ctx.slot(dom.name) - HEADER_BYTES
+        inline = room > 0 and int(sent.rows.max(initial=0)) * width <= room
+        later = not inline and bool(np.asarray(counts).sum())
+        packed = self.ctx.scratch("send", sent.total, width)
+        if inline or later:
+            fill(sent, packed)
+        out = self._outgoing(counts, width, expect, inline=inline, later=later)
+        hdr, recv = self._first_exchange(kind, out, partial(_into_slots, packed, sent) if inline else None)
+        self.ctx.set_slot(dom.name, self.op, slot_bytes(width, next_rows))
+        from_g = dom.to_group(hdr.rows)
+        inline_g = dom.to_group(hdr.inline.astype(np.int64)).astype(bool)
+        received = Segments(from_g, width)
+        rows = self.ctx.scratch("rows", received.total, width)
+        _from_slots(recv, rows, received, inline_g)
+        if hdr.later.any():
+            second = Segments(np.where(inline_g, 0, from_g), width)
+            got = self.exchange_segments(kind, packed if later else packed[:0],
+                                         sent if later else Segments(np.zeros(P, np.int64), width), second, phase)
+            for p in np.flatnonzero(second.n):
+                rows[received.start[p]:received.start[p] + received.rows[p]] = \
+                    got[second.start[p]:second.start[p] + second.rows[p]]
+        return hdr, rows, received
+
+    def _waits(self, kind: str, head: np.ndarray, t0: int, t1: int) -> dict:
         """Microseconds this rank waited for each source: from entering the exchange to the
         moment that source sent its header (its clock, carried in the header), within [0, duration]."""
-        clocks = Header.decode(self.domain(kind).from_group(recv.numpy())).clock
-        w = (np.clip(clocks - t0, 0, t1 - t0) // 1000).astype(np.int64)
+        clocks = self.domain(kind).from_group(clock_of(head))
+        w = np.minimum(np.maximum(clocks - t0, 0), t1 - t0) // 1000
         if kind == "EP":
             self.wait_us = w
         return {"wait_us": w.tolist()}

@@ -21,6 +21,17 @@ from ..debug.trace import Tracer
 from ..debug.watch import Jitter, Watcher
 
 TRACE_ENV = "EMU_TRACE"
+TRANSPORTS = ("auto", "split")
+
+
+def transport_mode() -> str:
+    """``EMU_TRANSPORT``: "auto" (default: a call's rows travel with its header when they fit the
+    slot the group's previous call of that op sized) or "split" (always a header exchange,
+    then a rows exchange)."""
+    mode = os.environ.get("EMU_TRANSPORT", "auto").strip().lower() or "auto"
+    if mode not in TRANSPORTS:
+        raise ValueError(f"EMU_TRANSPORT={mode!r} must be one of {TRANSPORTS}")
+    return mode
 
 
 @dataclass
@@ -38,6 +49,19 @@ class CommContext:
     trace_checked: bool = False                                     # EMU_TRACE read once
     watcher: Watcher | None = None                                  # emu.watch() / EMU_WATCH
     jitter: Jitter | None = field(default_factory=Jitter.from_env)  # EMU_JITTER_MS
+    slots: dict[str, dict[str, int]] = field(default_factory=dict)  # group -> op -> bytes its rows need
+
+    def slot(self, group: str) -> int:
+        """Bytes per peer of a call's first exchange on ``group``: 0 (just the header) until a
+        call there passed its header exchange, then the most any op's agreed rows need.  Every
+        member of a group sees the same calls and verdicts there, so every member has the same
+        slot whatever op it calls next (a rank calling another op is then told, not corrupted)."""
+        needs = self.slots.get(group)
+        return max(needs.values()) if needs and transport_mode() == "auto" else 0
+
+    def set_slot(self, group: str, op: str, nbytes: int) -> None:
+        if transport_mode() == "auto":
+            self.slots.setdefault(group, {})[op] = nbytes
 
     def next_call(self, group: str, op: str) -> tuple[int, int]:
         """(the place of this call among all op calls on ``group``, its number among ``op``'s

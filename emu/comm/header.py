@@ -3,8 +3,9 @@
 A header is one fixed ``(P, HEADER_LEN)`` int64 block per exchange: from each source to
 each destination the call number and op, an error code, the row count and row size the
 destination must expect (gloo corrupts data silently if the two sides disagree), the rows
-it expects back (combine's cross-check), the source's clock when it sent the header, and the
-attributes every rank must agree on.  Only this module knows the column layout.
+it expects back (combine's cross-check), the source's clock when it sent the header, whether
+its rows follow in the same exchange (inline) or in a second one, and the attributes every
+rank must agree on.  Only this module knows the column layout.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import torch
 MAGIC = 0x4D43325F454D55          # "MC2_EMU"
 OPS = {1: "dispatch", 2: "combine"}
 OP_CODE = {v: k for k, v in OPS.items()}
-_MAGIC, _OP, _ORDER, _ERR, _ROWS, _ROW_BYTES, _CLOCK, _EXPECT, _ORIGIN, _NATTR, _CALL = range(11)
-_ATTRS = 11
+_MAGIC, _OP, _ORDER, _ERR, _ROWS, _ROW_BYTES, _CLOCK, _EXPECT, _ORIGIN, _NATTR, _CALL, _INLINE, _LATER = range(13)
+_ATTRS = 13
 HEADER_LEN = 40
 MAX_ATTRS = HEADER_LEN - _ATTRS
 
@@ -39,30 +40,30 @@ class Outgoing:
     expect: np.ndarray
     origin: int
     attrs: tuple[int, ...]
+    inline: bool = False            # its rows travel in this exchange, after the header
+    later: bool = False             # it sends rows in a second exchange (to some destination)
 
     def encode(self) -> torch.Tensor:
         """The (P, HEADER_LEN) int64 block, row i for logical destination i."""
-        h = torch.zeros(len(self.rows), HEADER_LEN, dtype=torch.int64)
-        h[:, _MAGIC] = MAGIC
-        h[:, _OP] = OP_CODE[self.op]
-        h[:, _ORDER] = self.order
-        h[:, _CALL] = self.call_no
-        h[:, _ERR] = self.error
-        h[:, _ROWS] = torch.from_numpy(np.asarray(self.rows, dtype=np.int64))
-        h[:, _ROW_BYTES] = self.row_bytes
-        h[:, _CLOCK] = self.clock_ns
-        h[:, _EXPECT] = torch.from_numpy(np.asarray(self.expect, dtype=np.int64))
-        h[:, _ORIGIN] = self.origin
-        h[:, _NATTR] = len(self.attrs)
+        h = np.zeros((len(self.rows), HEADER_LEN), dtype=np.int64)
+        h[:, :_ATTRS] = (MAGIC, OP_CODE[self.op], self.order, self.error, 0, self.row_bytes, self.clock_ns, 0,
+                         self.origin, len(self.attrs), self.call_no, int(self.inline), int(self.later))
+        h[:, _ROWS] = self.rows
+        h[:, _EXPECT] = self.expect
         if self.attrs:
-            h[:, _ATTRS:_ATTRS + len(self.attrs)] = torch.tensor(self.attrs)
-        return h
+            h[:, _ATTRS:_ATTRS + len(self.attrs)] = self.attrs
+        return torch.from_numpy(h)
 
 
-def stamp_clock(block: torch.Tensor, clock_ns: int) -> None:
-    """Write the send time into an encoded block, just before it leaves (so that a source that
-    is slow between opening the call and sending counts as late)."""
+def stamp_clock(block: np.ndarray, clock_ns: int) -> None:
+    """Write the send time into an encoded block (numpy view, any row stride), just before it
+    leaves (so that a source that is slow between opening the call and sending counts as late)."""
     block[:, _CLOCK] = clock_ns
+
+
+def clock_of(block: np.ndarray) -> np.ndarray:
+    """The send clocks of a received block (rows in the block's order)."""
+    return block[:, _CLOCK]
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,9 @@ class Header:
     every rank must agree on); call_no: the call's number among its op's calls (for messages);
     error / origin: its error code and the rank it blames;
     rows / row_bytes: what it sends this rank; expect: the rows it expects back; clock: its
-    CLOCK_MONOTONIC entry time (ns); attrs (P, MAX_ATTRS): its agreed attributes.
+    CLOCK_MONOTONIC send time (ns); inline: its rows to this rank follow its header in the same
+    exchange; later: it sends rows in a second exchange; attrs (P, MAX_ATTRS): its agreed
+    attributes.
     """
 
     genuine: np.ndarray
@@ -88,6 +91,8 @@ class Header:
     expect: np.ndarray
     origin: np.ndarray
     attrs: np.ndarray
+    inline: np.ndarray
+    later: np.ndarray
 
     @classmethod
     def decode(cls, block: np.ndarray) -> "Header":
@@ -95,7 +100,7 @@ class Header:
         return cls(genuine=block[:, _MAGIC] == MAGIC, op=block[:, _OP], order=block[:, _ORDER], call_no=block[:, _CALL],
                    error=block[:, _ERR], rows=block[:, _ROWS], row_bytes=block[:, _ROW_BYTES],
                    clock=block[:, _CLOCK], expect=block[:, _EXPECT], origin=block[:, _ORIGIN],
-                   attrs=block[:, _ATTRS:])
+                   attrs=block[:, _ATTRS:], inline=block[:, _INLINE] != 0, later=block[:, _LATER] != 0)
 
     def op_name(self, i: int) -> str:
         return OPS.get(int(self.op[i]), "?")

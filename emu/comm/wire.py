@@ -62,22 +62,30 @@ def unpack_meta(meta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return m >> 15, (m >> 10) & 31, m & 1023
 
 
+def rows_for_meta(n: np.ndarray | int, width: int):
+    """Rows of ``width`` bytes that hold the int32 metadata of ``n`` payload rows."""
+    return -(-META_BYTES * n // max(width, 1))
+
+
 class Segments:
     """A packed all-to-all buffer of uniform rows of ``width`` bytes, one segment per peer
     (in group-rank order): the peer's ``n`` payload rows, then ``ceil(4n / width)`` rows that
     carry its ``n`` int32 metadata words.  Payload rows can then be gathered straight from or
     into the buffer, with no per-row interleaving of metadata.
 
-    counts: (P,) payload rows per peer (group order); width: payload bytes per row.
+    counts: (P,) payload rows per peer (group order); width: payload bytes per row; start /
+    total: where each peer's segment starts and the buffer's rows (default: segments back to
+    back), e.g. one segment per fixed-size slot after its header.
     """
 
-    def __init__(self, counts: np.ndarray, width: int):
+    def __init__(self, counts: np.ndarray, width: int, start: np.ndarray | None = None, total: int | None = None):
         self.n = np.asarray(counts, dtype=np.int64)
         self.width = width
-        self.meta_rows = -(-META_BYTES * self.n // max(width, 1))
+        self.meta_rows = rows_for_meta(self.n, width)
         self.rows = self.n + self.meta_rows
-        self.start = np.concatenate([[0], np.cumsum(self.rows)[:-1]]).astype(np.int64)
-        self.total = int(self.rows.sum())
+        self.start = (np.concatenate([[0], np.cumsum(self.rows)[:-1]]).astype(np.int64) if start is None
+                      else np.asarray(start, dtype=np.int64))
+        self.total = int(self.rows.sum()) if total is None else total
 
     def payload_index(self) -> np.ndarray:
         """Buffer row of every payload row, peers in order, each peer's rows in order."""
@@ -87,20 +95,25 @@ class Segments:
         first = np.concatenate([[0], np.cumsum(self.n)[:-1]])
         return self.start[seg] + np.arange(int(self.n.sum())) - first[seg]
 
+    def _meta_bytes(self) -> np.ndarray:
+        """Flat byte offset of every metadata byte, payload rows in peer order (4 per row)."""
+        total = int(self.n.sum())
+        if not total:
+            return np.zeros(0, np.int64)
+        seg = np.repeat(np.arange(self.n.size), self.n)
+        first = np.cumsum(self.n) - self.n
+        word = (self.start + self.n)[seg] * self.width + META_BYTES * (np.arange(total) - first[seg])
+        return (word[:, None] + np.arange(META_BYTES)).reshape(-1)
+
     def write_meta(self, buf: torch.Tensor, meta: np.ndarray) -> None:
         """Store ``meta`` (int32, payload rows in peer order) into each segment's tail rows."""
-        off = 0
-        for p in np.flatnonzero(self.n):
-            n, s = int(self.n[p]), int(self.start[p] + self.n[p])
-            tail = buf[s:s + int(self.meta_rows[p])].view(-1)[:META_BYTES * n]
-            tail.copy_(torch.from_numpy(meta[off:off + n]).view(torch.uint8))
-            off += n
+        at = self._meta_bytes()
+        if at.size:
+            buf.view(-1)[torch.from_numpy(at)] = torch.from_numpy(np.ascontiguousarray(meta, np.int32)).view(torch.uint8)
 
     def read_meta(self, buf: torch.Tensor) -> np.ndarray:
         """The int32 metadata of every payload row, peers in order."""
-        parts = []
-        for p in np.flatnonzero(self.n):
-            n, s = int(self.n[p]), int(self.start[p] + self.n[p])
-            parts.append(buf[s:s + int(self.meta_rows[p])].reshape(-1)[:META_BYTES * n].clone().view(torch.int32).numpy())
-        return np.concatenate(parts) if parts else np.zeros(0, np.int32)
-
+        at = self._meta_bytes()
+        if not at.size:
+            return np.zeros(0, np.int32)
+        return buf.reshape(-1).numpy()[at].view(np.int32)

@@ -32,14 +32,12 @@ class Checker:
         self.need(tensor is not None, code, param, None, "required tensor must not be null")
 
     def dtype(self, tensor, param: str, allowed: tuple[torch.dtype, ...], code: int = PARAM_INVALID) -> None:
-        if tensor is not None:
-            self.need(tensor.dtype in allowed, code, f"{param}.dtype", tensor.dtype,
-                      f"dtype must be one of {[str(d) for d in allowed]}")
+        if tensor is not None and tensor.dtype not in allowed:          # messages only on failure
+            self.need(False, code, f"{param}.dtype", tensor.dtype, f"dtype must be one of {[str(d) for d in allowed]}")
 
     def dim(self, tensor, param: str, dims: tuple[int, ...]) -> None:
-        if tensor is not None:
-            self.need(tensor.dim() in dims, TILING_ERROR, f"{param}.dim()", tensor.dim(),
-                      f"must be {' or '.join(map(str, dims))}-D")
+        if tensor is not None and tensor.dim() not in dims:
+            self.need(False, TILING_ERROR, f"{param}.dim()", tensor.dim(), f"must be {' or '.join(map(str, dims))}-D")
 
     def tiling(self, ok: bool, param: str, value, rule: str) -> None:
         self.need(ok, TILING_ERROR, param, value, rule)

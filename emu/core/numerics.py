@@ -137,53 +137,69 @@ def combine_rows(got: ReceivedRows, inp: CombineInputs, slot_mask: torch.Tensor 
                  shared_num: int) -> torch.Tensor:
     """The same sum as :func:`combine_tokens`, computed from the received rows directly.
 
-    MoE slots are weighted by expert_scales[t, k], shared slots unweighted.  Slot by slot in
-    order, each slot's terms (received rows, or copy / const expert terms) are added to their
-    tokens' fp32 sums with ``index_add_``: a token gets at most one term per slot, so every
-    element gets exactly one rounded add per contributing slot, in slot order, as in docs/combine.md.
+    MoE slots are weighted by expert_scales[t, k], shared slots unweighted: every term is one
+    rounded fp32 multiply (XT * fp32 widens exactly).  Slot by slot in order, each slot's
+    terms (received rows, or copy / const expert terms) are added to their tokens' fp32 sums
+    with ``index_add_``: a token gets at most one term per slot, so every element gets exactly
+    one rounded add per contributing slot, in slot order, as in docs/combine.md.
     Returns acc (Bs, H) fp32.
     """
-    sp = inp.special
     bs, k_num = inp.expert_ids.shape
     h = got.rows.shape[1]
     w = inp.expert_scales.to(F32)
     acc = torch.zeros(bs, h, dtype=F32)
     order = torch.argsort(got.slot, stable=True)
-    bounds = torch.searchsorted(got.slot[order], torch.arange(k_num + shared_num + 1))
-    special = (sp.copy or sp.const) and sp.ori_x is not None
-    if special:
-        ids = inp.expert_ids.to(torch.int64) & 0xFFFFFFFF
-        on = torch.ones(bs, k_num, dtype=torch.bool) if slot_mask is None else slot_mask
-        ori = sp.ori_x.to(F32)
-        with_const = sp.const and sp.v is not None
-        if with_const:
-            a1 = sp.alpha1.to(F32)
-            v2 = sp.v.to(F32) * sp.alpha2.to(F32)[:, None]
-    most = int((bounds[1:] - bounds[:-1]).max()) if bounds.numel() > 1 else 0
+    slot = got.slot.index_select(0, order)
+    token = got.token.index_select(0, order)
+    where = order if got.index is None else got.index.index_select(0, order)
+    scale = torch.where(slot < k_num, w[token, slot.clamp(max=k_num - 1)], torch.ones((), dtype=F32))[:, None]
+    bounds = torch.searchsorted(slot, torch.arange(k_num + shared_num + 1)).tolist()
+    special = {int(k): (t, term) for t, k, term in _special_terms(inp, slot_mask, w)}
+    most = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
     work = torch.empty(most * h, dtype=F32)           # one scratch for every slot's terms
-    one = torch.ones(1, dtype=F32)
     for k in range(k_num + shared_num):
-        sel = order[int(bounds[k]):int(bounds[k + 1])]
-        if sel.numel():
-            t = got.token.index_select(0, sel)
-            picked = got.rows.index_select(0, sel if got.index is None else got.index.index_select(0, sel))
-            term = work[:sel.numel() * h].view(-1, h)
-            # XT * fp32 computes in fp32: the exact widening and one rounded multiply (x 1 for shared)
-            torch.mul(picked, w[t, k][:, None] if k < k_num else one, out=term)
-            acc.index_add_(0, t, term)
-        if special and k < k_num:
-            e = ids[:, k]
-            cp = torch.nonzero(on[:, k] & (e >= sp.copy_start) & (e < sp.copy_start + sp.copy)).squeeze(1)
-            if cp.numel():
-                acc.index_add_(0, cp, ori[cp] * w[cp, k][:, None])
-            if with_const:
-                ct = torch.nonzero(on[:, k] & (e >= sp.const_start) & (e < sp.const_start + sp.const)).squeeze(1)
-                if ct.numel():
-                    c = e[ct] - sp.const_start
-                    acc.index_add_(0, ct, (ori[ct] * a1[c][:, None] + v2[c]) * w[ct, k][:, None])
+        a, b = bounds[k], bounds[k + 1]
+        if b > a:
+            term = work[:(b - a) * h].view(-1, h)
+            torch.mul(got.rows.index_select(0, where[a:b]), scale[a:b], out=term)
+            acc.index_add_(0, token[a:b], term)
+        if k in special:
+            acc.index_add_(0, *special[k])
     if inp.shared_expert_x is not None:
         acc.add_(inp.shared_expert_x.reshape(bs, h).to(F32))
     return acc
+
+
+def _special_terms(inp: CombineInputs, slot_mask: torch.Tensor | None, w: torch.Tensor
+                   ) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """(tokens, slot, terms) of the copy and const experts, one entry per slot that has some:
+    ori_x * w and (ori_x * alpha1 + v * alpha2) * w, each multiply and add rounded on its own."""
+    sp = inp.special
+    if not ((sp.copy or sp.const) and sp.ori_x is not None):
+        return []
+    bs, k_num = inp.expert_ids.shape
+    ids = inp.expert_ids.to(torch.int64) & 0xFFFFFFFF
+    on = torch.ones(bs, k_num, dtype=torch.bool) if slot_mask is None else slot_mask
+    ori = sp.ori_x.to(F32)
+    copy = on & (ids >= sp.copy_start) & (ids < sp.copy_start + sp.copy)
+    const = on & (ids >= sp.const_start) & (ids < sp.const_start + sp.const) if sp.const and sp.v is not None \
+        else torch.zeros_like(on)
+    if const.any():
+        a1 = sp.alpha1.to(F32)
+        v2 = sp.v.to(F32) * sp.alpha2.to(F32)[:, None]
+    out = []
+    for k in torch.nonzero((copy | const).any(dim=0)).flatten().tolist():
+        cp = torch.nonzero(copy[:, k]).flatten()
+        ct = torch.nonzero(const[:, k]).flatten()
+        terms = []
+        if cp.numel():
+            terms.append((cp, ori[cp] * w[cp, k][:, None]))
+        if ct.numel():
+            c = ids[ct, k] - sp.const_start
+            terms.append((ct, (ori[ct] * a1[c][:, None] + v2[c]) * w[ct, k][:, None]))
+        t = torch.cat([x for x, _ in terms])
+        out.append((t, k, torch.cat([y for _, y in terms])))
+    return out
 
 
 def combine_output(acc: torch.Tensor, inp: CombineInputs,

@@ -3,8 +3,10 @@
 Records, under the job's rendezvous store (each a few microseconds):
 
 * ``emu_pid/<rank>`` = host:pid, once per process;
-* ``emu_fr/<group>/<rank>`` and ``emu_last/<rank>``: before every collective, the sequence
-  number it reached in that group, the call and phase, and the process's collective count;
+* ``emu_fr/<group>/<rank>`` and ``emu_last/<rank>``: the last collective it entered: the
+  sequence number it reached in that group, the call and phase, and the process's collective
+  count (published by a background thread within ``PUBLISH_S`` of entering, so the op's path
+  never waits for the store; before a diagnosis or a farewell the rank publishes at once);
 * ``emu_bye/<rank>``: a *farewell* when an op raises: what it raised, blaming whom, at which
   collective count (stale once the rank issues another collective);
 * ``emu_stack/<rank>`` = host:pid:path of the file its Python stacks are written to when it
@@ -32,6 +34,7 @@ import re
 import signal
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -60,6 +63,8 @@ def _fault_specs() -> list[tuple[int, str, str, str]]:
 
 def maybe_fail(op: str, phase: str) -> None:
     """Exit with code 1, hang, or wait here if EMU_FAULT names this rank, op and phase."""
+    if not os.environ.get("EMU_FAULT"):
+        return
     for rank, f_op, f_phase, action in _fault_specs():
         if rank != dist.get_rank() or f_op != op or f_phase != phase:
             continue
@@ -130,11 +135,19 @@ def innermost_user_frame(dump: str) -> str | None:
     return None
 
 
+PUBLISH_S = 0.01                 # the publisher writes at most one batch per 10 ms
+
+
 class FlightRecorder:
     """This rank's records in the rendezvous store, its farewell, its stack file, and the
     reading of everyone's records when a collective fails."""
 
     def __init__(self, capacity: int = 64, store=None):
+        self._pending: dict[str, dict] = {}               # store key -> latest record not yet written
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._publisher: threading.Thread | None = None
+        self._stopping = False
         self._store = store                               # None: the default store, once there is one
         self.registered = False
         self.count = 0                                    # collectives of this process
@@ -205,12 +218,43 @@ class FlightRecorder:
         self.ring.append(rec)
         if self.store is not None:
             me = dist.get_rank()
-            text = json.dumps(rec)
-            self._set(f"emu_fr/{group}/{me}", text)
-            self._set(f"emu_last/{me}", text)
+            with self._lock:
+                self._pending[f"emu_fr/{group}/{me}"] = rec
+                self._pending[f"emu_last/{me}"] = rec
+            if self._publisher is None:
+                self._start_publisher()
+            self._wake.set()
+
+    def flush(self) -> None:
+        """Write the records not yet in the store (the publisher's work, done now)."""
+        with self._lock:
+            batch, self._pending = self._pending, {}
+        for key, rec in batch.items():
+            self._set(key, json.dumps(rec))
+
+    def _start_publisher(self) -> None:
+        self._publisher = threading.Thread(target=self._publish, name="mc2-emu flight recorder", daemon=True)
+        self._publisher.start()
+        atexit.register(self._stop_publisher)
+
+    def _publish(self) -> None:
+        while not self._stopping:
+            self._wake.wait()
+            self._wake.clear()
+            if not self._stopping:
+                self.flush()
+                time.sleep(PUBLISH_S)
+
+    def _stop_publisher(self) -> None:
+        """At exit, before the interpreter tears threads down: no store call may be in flight."""
+        self._stopping = True
+        self._wake.set()
+        if self._publisher is not None:
+            self._publisher.join(timeout=2)
 
     def farewell(self, type_name: str, kind: ErrorKind | None, culprits: tuple[int, ...], message: str) -> None:
         """Record, before the error leaves the op, that this rank raised it and blaming whom."""
+        self.flush()
         last = self.ring[-1] if self.ring else None
         self._set(f"emu_bye/{dist.get_rank()}", json.dumps({
             "type": type_name, "kind": kind.name if kind is not None else None, "culprits": list(culprits),
@@ -267,6 +311,7 @@ class FlightRecorder:
         """Classify every other member of the failed collective, waiting up to ``grace_s`` for
         ranks that have not arrived to be seen dead or to leave a farewell."""
         me = dist.get_rank()
+        self.flush()
         others = [r for r in failure.ranks if r != me]
         deadline = time.monotonic() + grace_s
         while True:
