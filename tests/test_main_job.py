@@ -45,3 +45,21 @@ def test_main_job_error_is_one_line_per_rank_and_a_summary():
     assert [l for l in lines if l.startswith("FAIL:")] == [
         f"FAIL: 4 of 4 ranks raised: AclnnError [561002] aclnnMoeDistributeDispatchV3: {rule} (ranks 0-3)"], lines
     assert len(lines) == 5 and "emu/" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_digest_check_finds_any_changed_bit_shape_or_dtype():
+    """The main job checks each rank against digests of the reference (computed once): a
+    flipped bit, a different shape or dtype in any output is named."""
+    import torch
+    from emu.testing.scenario import RankResult, Scenario, compare_digests, digests, run_reference
+    want = run_reference(Scenario(ep=4, moe=3, h=1024, bs=4, k=2, seed=3))[2]
+    ref = digests(want)
+    assert compare_digests(want, ref) == []
+    flipped = want.x_out.clone()
+    flipped.view(torch.int16)[1, 5] ^= 1
+    assert compare_digests(RankResult(dispatch=want.dispatch, x_out=flipped), ref) == ["x_out"]
+    outs = list(want.dispatch)
+    outs[4] = outs[4][:-1]
+    outs[3] = outs[3].to(torch.int32)
+    assert [d.split(":")[0] for d in compare_digests(RankResult(dispatch=tuple(outs), x_out=want.x_out), ref)] == \
+        ["expert_token_nums", "ep_recv_counts"]

@@ -75,12 +75,13 @@ def plan_rows(dom: Domain, geom: Geometry, prep: Prepared, inp: DispatchInputs) 
     return WireRows(*cols, counts=plan.counts)
 
 
-def inline_rows(geom: Geometry) -> int:
-    """Rows one source may send one destination, bounded to twice the average: what a slot of
-    the header exchange holds (docs/dispatch.md, "Collectives").  A source sends a MoE rank at
-    most min(K, L) copies of each of its maxBs tokens, a shared rank one; combine returns them."""
+def inline_rows(geom: Geometry) -> tuple[int, int]:
+    """(rows one source may send one destination, bounded to twice the average; the rows a
+    source sends in all): what a slot of the header exchange holds and what it is for
+    (docs/dispatch.md, "Collectives").  A source sends a MoE rank at most min(K, L) copies of
+    each of its maxBs tokens, a shared rank one; combine returns them."""
     bound = geom.max_bs * max(min(geom.K, geom.L), 1)
-    return min(bound, 2 * -(-geom.max_bs * geom.K // geom.W) + 2)
+    return min(bound, 2 * -(-geom.max_bs * geom.K // geom.W) + 2), geom.max_bs * (geom.K + geom.Ns)
 
 
 def _quantise_copies(x: torch.Tensor, scales: torch.Tensor | None, token: np.ndarray,

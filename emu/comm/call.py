@@ -34,10 +34,30 @@ HEADER_BYTES = 8 * HEADER_LEN
 
 def slot_bytes(width: int, rows: int) -> int:
     """Bytes per peer of a first exchange that carries up to ``rows`` rows of ``width`` bytes
-    (and their metadata) after the header, a multiple of 8."""
+    (and their metadata) after the header: whole rows (the header in the first ones) when
+    ``width`` is a multiple of 8, so that rows are packed straight into the slots; else the
+    bytes rounded up to a multiple of 8."""
     if width <= 0 or rows <= 0:
         return 0
+    if width % 8 == 0:
+        return (-(-HEADER_BYTES // width) + rows + int(rows_for_meta(rows, width))) * width
     return -(-(HEADER_BYTES + (rows + int(rows_for_meta(rows, width))) * width) // 8) * 8
+
+
+SLOT_FLOOR = 2 << 20                # slots of a rank never cost more than this, or twice its rows
+
+
+def slot_plan(peers: int, width: int, per_peer: int, rows: int) -> int:
+    """The slot for an op whose ranks send up to ``per_peer`` rows to one peer and ``rows`` in
+    all: :func:`slot_bytes`, or 0 when ``peers`` slots exceed max(SLOT_FLOOR, 2 * rows * width)."""
+    nbytes = slot_bytes(width, per_peer)
+    return nbytes if peers * nbytes <= max(SLOT_FLOOR, 2 * rows * width) else 0
+
+
+def _fill_slots(fill: Callable[[Segments, torch.Tensor], None], sent: Segments, rows: int,
+                send: torch.Tensor) -> None:
+    """Pack straight into the (P, slot) send buffer seen as rows of ``sent.width`` bytes."""
+    fill(sent, send.view(rows, sent.width))
 
 
 def _into_slots(packed: torch.Tensor, sent: Segments, send: torch.Tensor) -> None:
@@ -48,12 +68,18 @@ def _into_slots(packed: torch.Tensor, sent: Segments, send: torch.Tensor) -> Non
         send[p, HEADER_BYTES:HEADER_BYTES + n] = flat[a:a + n]
 
 
-def _from_slots(recv: torch.Tensor, rows: torch.Tensor, received: Segments, inline: np.ndarray) -> None:
-    """Copy the inline sources' segments from their slots into ``rows`` (contiguous layout)."""
-    flat = rows.view(-1)
+def _from_slots(recv: torch.Tensor, rows: torch.Tensor, received: Segments, inline: np.ndarray,
+                per: int, head: int) -> None:
+    """Copy the inline sources' segments from their slots into ``rows`` (contiguous layout);
+    ``per`` / ``head``: the slot's rows and header rows when it is a whole number of rows."""
+    flat, width = rows.view(-1), received.width
+    src = recv.view(-1, width) if per else None
     for p in np.flatnonzero(inline & (received.rows > 0)):
-        a, n = int(received.start[p]) * received.width, int(received.rows[p]) * received.width
-        flat[a:a + n] = recv[p, HEADER_BYTES:HEADER_BYTES + n]
+        a, n = int(received.start[p]), int(received.rows[p])
+        if per:
+            rows[a:a + n] = src[p * per + head:p * per + head + n]
+        else:
+            flat[a * width:(a + n) * width] = recv[p, HEADER_BYTES:HEADER_BYTES + n * width]
 
 
 @dataclass
@@ -139,7 +165,7 @@ class Call:
         return hdr, recv
 
     def exchange(self, kind: str, counts: np.ndarray, width: int, expect: np.ndarray,
-                 fill: Callable[[Segments, torch.Tensor], None], next_rows: int,
+                 fill: Callable[[Segments, torch.Tensor], None], next_rows: tuple[int, int],
                  phase: str = "rows") -> tuple[Header, torch.Tensor, Segments]:
         """Header and rows of one direction on ``kind``, in one collective when they fit.
 
@@ -147,32 +173,53 @@ class Call:
         rows it expects back, combine's cross-check); ``fill(segments, buffer)`` packs them into
         a (rows, width) uint8 buffer at ``segments``' places.  When the group has a slot
         (``CommContext.slot``) and this rank's rows for every peer fit it, they travel after the
-        header in the same exchange; otherwise this rank says so in its header and every rank
-        takes part in a second, uneven exchange (so a rank never waits for a collective the
-        others skip).  ``next_rows``: the rows per peer the slot must hold for this op's next
-        call (from the agreed attributes).  Returns the headers and the received rows with their
-        segments, sources in group order."""
+        header in the same exchange (packed straight into the slots when the slot is a whole
+        number of rows, else copied there); otherwise this rank says so in its header and every
+        rank takes part in a second, uneven exchange (so a rank never waits for a collective the
+        others skip).  ``next_rows``: (rows per peer the slot must hold for this op's next call,
+        rows a rank sends in all), both from the agreed attributes: no slot when the P slots
+        would cost much more memory and bytes than the rows themselves (large groups with few
+        rows per peer).  Returns the headers and the received rows with where
+        each source's segment lies, sources in group order."""
         dom = self.domain(kind)
         P = dom.size
-        sent = Segments(dom.to_group(counts), width)
-        room = self.ctx.slot(dom.name) - HEADER_BYTES
-        inline = room > 0 and int(sent.rows.max(initial=0)) * width <= room
+        counts_g = dom.to_group(counts)
+        slot = self.ctx.slot(dom.name)
+        per, head = (slot // width, -(-HEADER_BYTES // width)) if slot and slot % width == 0 else (0, 0)
+        sent = Segments(counts_g, width, start=np.arange(P) * per + head, total=P * per) if per \
+            else Segments(counts_g, width)
+        need = int(sent.rows.max(initial=0))
+        inline = need <= per - head if per else (slot > 0 and need * width <= slot - HEADER_BYTES)
         later = not inline and bool(np.asarray(counts).sum())
-        packed = self.ctx.scratch("send", sent.total, width)
-        if inline or later:
+        packed = None
+        if inline and per:
+            into = partial(_fill_slots, fill, sent, P * per)
+        elif inline:
+            packed = self.ctx.scratch("send", sent.total, width)
             fill(sent, packed)
+            into = partial(_into_slots, packed, sent)
+        else:
+            into = None
         out = self._outgoing(counts, width, expect, inline=inline, later=later)
-        hdr, recv = self._first_exchange(kind, out, partial(_into_slots, packed, sent) if inline else None)
-        self.ctx.set_slot(dom.name, self.op, slot_bytes(width, next_rows))
+        hdr, recv = self._first_exchange(kind, out, into)
+        self.ctx.set_slot(dom.name, self.op, slot_plan(P, width, *next_rows))
         from_g = dom.to_group(hdr.rows)
         inline_g = dom.to_group(hdr.inline.astype(np.int64)).astype(bool)
+        if per and not hdr.later.any():                  # every row arrived in place: no copy
+            return hdr, recv.view(P * per, width), Segments(from_g, width, start=np.arange(P) * per + head,
+                                                             total=P * per)
         received = Segments(from_g, width)
         rows = self.ctx.scratch("rows", received.total, width)
-        _from_slots(recv, rows, received, inline_g)
+        _from_slots(recv, rows, received, inline_g, per, head)
         if hdr.later.any():
+            if later:
+                sent = Segments(counts_g, width)
+                packed = self.ctx.scratch("send", sent.total, width)
+                fill(sent, packed)
+            else:
+                sent, packed = Segments(np.zeros(P, np.int64), width), torch.empty(0, width, dtype=torch.uint8)
             second = Segments(np.where(inline_g, 0, from_g), width)
-            got = self.exchange_segments(kind, packed if later else packed[:0],
-                                         sent if later else Segments(np.zeros(P, np.int64), width), second, phase)
+            got = self.exchange_segments(kind, packed, sent, second, phase)
             for p in np.flatnonzero(second.n):
                 rows[received.start[p]:received.start[p] + received.rows[p]] = \
                     got[second.start[p]:second.start[p] + second.rows[p]]

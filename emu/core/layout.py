@@ -5,6 +5,7 @@ wire order = source-major), compute where each row lands and the count outputs.
 """
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 
@@ -112,13 +113,22 @@ def dispatch_shapes(geom: Geometry, rank: int, bs: int, *, elastic: bool = False
                           ep_recv=ep_recv, tp_recv=tp, expand_scales=0 if graph and not expert_scales else a)
 
 
+MAP_BYTES = 1 << 20          # lazy_zeros maps its own pages from this size on
+
+
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A fresh zero tensor whose memory comes from calloc (numpy), so the OS zeroes pages only
-    when they are first touched: outputs of A*H rows cost what is written, not their size."""
+    """A fresh zero tensor whose pages the OS zeroes only when they are first touched: outputs
+    of A*H rows cost what is written, not their size.  Large ones are an anonymous mapping of
+    their own (calloc would reuse freed heap memory, which it must clear, touching every page);
+    the mapping is released with the tensor."""
     n = 1
     for d in shape:
         n *= d
-    raw = np.zeros(n * torch.empty(0, dtype=dtype).element_size(), dtype=np.uint8)
+    nbytes = n * torch.empty(0, dtype=dtype).element_size()
+    if nbytes >= MAP_BYTES:
+        raw = np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype=np.uint8)
+    else:
+        raw = np.zeros(nbytes, dtype=np.uint8)
     return torch.from_numpy(raw).view(dtype).view(shape)
 
 

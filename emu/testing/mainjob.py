@@ -9,7 +9,8 @@ cannot work are one :class:`PlanError` before any rank starts; :func:`precheck` 
 chip's own checks on rank 0's calls without communicating.  :func:`run_job` is one rank's
 part: a warm-up on every rank, then the elastic phase on the survivors (removed ranks idle or
 exit), each phase verified against the single-process reference and reported by its lowest
-rank through the rendezvous store.
+rank through the rendezvous store.  The lowest calling rank computes the reference once
+and shares every rank's digests through the store; each rank checks its own outputs.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from ..core.layout import dispatch_shapes
 from ..core.ranks import who
 from ..core.request import CombineRequest, DispatchRequest, Placement, attempt
 from ..debug.trace import merge
-from .scenario import Scenario, compare, rank_groups, run_rank, run_reference, summary
+from .scenario import Scenario, compare_digests, digests, rank_groups, run_rank, run_reference, summary
 
 DOC_EXAMPLE = dict(shared=1, shared_ranks=1, bs=8, h=7168, zero=1, copy=1, const=1, data="doc", experts="identity")
 
@@ -183,7 +184,7 @@ def _phase(sc: Scenario, label: str, store, groups: tuple[str, str], say: Callab
     me = dist.get_rank()
     callers = sc.survivors()
     got = run_rank(sc, me, *groups)
-    row = summary(sc, me, got, compare(got, run_reference(sc)[me]))
+    row = summary(sc, me, got, compare_digests(got, _expected(sc, label, store, me == callers[0])[me]))
     store.set(f"emu_main/{label}/{me}", json.dumps(row))
     if me == callers[0]:
         rows = [json.loads(store.get(f"emu_main/{label}/{g}")) for g in callers]
@@ -199,6 +200,20 @@ def _phase(sc: Scenario, label: str, store, groups: tuple[str, str], say: Callab
         store.set(f"emu_main/{label}/verdict", "1" if ok else "0")
     store.wait([f"emu_main/{label}/verdict"], timedelta(seconds=float(os.environ.get("EMU_TIMEOUT_S", "60"))))
     return store.get(f"emu_main/{label}/verdict") == b"1"
+
+
+def _expected(sc: Scenario, label: str, store, compute: bool) -> dict[int, dict[str, str]]:
+    """The reference's digests of every calling rank's outputs: computed once, by the rank with
+    ``compute``, and shared through the store (each rank then checks only its own)."""
+    callers = sc.survivors()
+    if compute:
+        want = run_reference(sc)
+        for g in callers:
+            store.set(f"emu_main/{label}/want/{g}", json.dumps(digests(want[g])))
+    me = dist.get_rank()
+    key = f"emu_main/{label}/want/{me}"
+    store.wait([key], timedelta(seconds=max(60.0, float(os.environ.get("EMU_TIMEOUT_S", "60")))))
+    return {me: json.loads(store.get(key))}
 
 
 def run_job(p: JobPlan, say: Callable[[str], None] = print) -> bool:

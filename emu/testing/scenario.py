@@ -6,6 +6,7 @@ public API (:func:`run_rank`) or for the whole world in one process (:func:`run_
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -351,6 +352,26 @@ def compare(got: RankResult, want: RankResult) -> list[str]:
         elif not torch.equal(a.view(torch.uint8) if a.dtype.is_floating_point and a.numel() else a,
                              b.view(torch.uint8) if b.dtype.is_floating_point and b.numel() else b):
             bad.append(name)
+    return bad
+
+
+def digests(res: RankResult) -> dict[str, str]:
+    """Every output's shape, dtype and a SHA-1 of its bytes: what :func:`compare` compares, small
+    enough for the rendezvous store (one rank computes the reference, every rank checks)."""
+    out = {}
+    for name, a in zip(OUTPUT_NAMES + ("x_out",), list(res.dispatch) + [res.x_out]):
+        raw = a.detach().contiguous().view(-1).view(torch.uint8).numpy() if a.numel() else b""
+        out[name] = f"{tuple(a.shape)} {a.dtype} {hashlib.sha1(raw).hexdigest()}"
+    return out
+
+
+def compare_digests(got: RankResult, want: dict[str, str]) -> list[str]:
+    """:func:`compare` against the reference's digests."""
+    bad = []
+    for name, d in digests(got).items():
+        if d != want[name]:
+            shape_dtype, want_sd = d.rsplit(" ", 1)[0], want[name].rsplit(" ", 1)[0]
+            bad.append(name if shape_dtype == want_sd else f"{name}: {shape_dtype} != {want_sd}")
     return bad
 
 
