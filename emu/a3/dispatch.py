@@ -78,7 +78,7 @@ def plan_rows(dom: Domain, geom: Geometry, prep: Prepared, inp: DispatchInputs) 
 def inline_rows(geom: Geometry) -> tuple[int, int]:
     """(rows one source may send one destination, bounded to twice the average; the rows a
     source sends in all): what a slot of the header exchange holds and what it is for
-    (docs/dispatch.md, "Collectives").  A source sends a MoE rank at most min(K, L) copies of
+    (README, "Performance").  A source sends a MoE rank at most min(K, L) copies of
     each of its maxBs tokens, a shared rank one; combine returns them."""
     bound = geom.max_bs * max(min(geom.K, geom.L), 1)
     return min(bound, 2 * -(-geom.max_bs * geom.K // geom.W) + 2), geom.max_bs * (geom.K + geom.Ns)

@@ -157,6 +157,7 @@ class Outcome:
     error: RankError | None = None
     exit_code: int | None = None
     seconds: float = 0.0
+    leaving: bool = False          # answered through :func:`leave`: its process is ending
 
     @property
     def ok(self) -> bool:
@@ -211,7 +212,7 @@ def this_rank() -> RankContext:
 def leave(value: Any = None) -> None:
     """Answer the current command with ``value``, then end this rank's process with code 0
     (a removed rank that leaves, as torchrun allows)."""
-    _outbox.put((_here.rank, pickle.dumps(Outcome(_here.rank, value=value))))
+    _outbox.put((_here.rank, pickle.dumps(Outcome(_here.rank, value=value, leaving=True))))
     _outbox.close()
     _outbox.join_thread()
     os._exit(0)
@@ -357,8 +358,9 @@ class World:
             waiting.discard(rank)
             results[rank] = pickle.loads(data)
         for r in range(self.n):                                                     # ranks that left
-            if r not in self.dead and r in live and not self.procs[r].is_alive() and results[r].ok:
-                self.procs[r].join(timeout=5)
+            left = results[r].leaving or not self.procs[r].is_alive()
+            if r not in self.dead and r in live and left and results[r].ok:
+                self.procs[r].join(timeout=20)                                      # said it leaves: it will
                 self.dead.add(r)
         return results
 
