@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.distributed import ProcessGroup
 
-from .chips import CHIPS, run_combine, run_dispatch
+from .chips import CHIPS, chip, run_combine, run_dispatch
 from .comm.groups import group_label
 from .core.attrs import MoeConfig
 from .core.errors import TILING_ERROR, AclnnError
@@ -142,11 +142,14 @@ def moe_distribute_combine(expand_x: torch.Tensor, expert_ids: torch.Tensor, exp
                            shared_expert_num: int = 1, shared_expert_rank_num: int = 0, global_bs: int = 0,
                            out_dtype: int = 0, comm_quant_mode: int = 0, group_list_type: int = 0) -> torch.Tensor:
     """V1 combine (aclnnMoeDistributeCombine): rows go back by position (the holder's block
-    order is the source's slot order), so ``expand_idx`` is only checked for shape."""
-    for name, value in (("activation_scale", activation_scale), ("weight_scale", weight_scale),
-                        ("group_list", group_list)):
-        if value is not None:
-            raise AclnnError(TILING_ERROR, f"aclnnMoeDistributeCombine: {name} must be null on Atlas A3")
+    order is the source's slot order), so ``expand_idx`` is only checked for shape (on A3:
+    1-D, >= Bs*K entries; A2's tiling does not look at it, nor at the three inputs below)."""
+    on = chip()
+    if on is CHIPS["A3"]:
+        for name, value in (("activation_scale", activation_scale), ("weight_scale", weight_scale),
+                            ("group_list", group_list)):
+            if value is not None:
+                raise AclnnError(TILING_ERROR, f"aclnnMoeDistributeCombine: {name} must be null on Atlas A3")
     cfg = MoeConfig(ep_world_size=ep_world_size, moe_expert_num=moe_expert_num, tp_world_size=tp_world_size,
                     expert_shard_type=expert_shard_type, shared_expert_num=shared_expert_num,
                     shared_expert_rank_num=shared_expert_rank_num, global_bs=global_bs,
@@ -157,7 +160,7 @@ def moe_distribute_combine(expand_x: torch.Tensor, expert_ids: torch.Tensor, exp
                            special=SpecialExperts.of(cfg), positional=True)
     req = CombineRequest(inputs, cfg, placement(group_ep, ep_rank_id, group_tp, tp_rank_id),
                          op="aclnnMoeDistributeCombine")
-    return run_combine(req, CHIPS["A3"])        # V1 combine runs the A3 rules on every SoC
+    return run_combine(req, on)
 
 
 def moe_distribute_combine_add_rms_norm(

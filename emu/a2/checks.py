@@ -101,7 +101,7 @@ def validate_combine_a2(req: CombineRequest) -> tuple[Geometry, str]:
     """All A2 combine checks in order; returns (geometry, "fullmesh" | "hierarchy")."""
     inp, cfg, place = req.inputs, req.cfg, req.place
     c = Checker(req.op)
-    combine_wrapper_checks(c, req, place.tp_name, "assist_info_for_combine")
+    combine_wrapper_checks(c, req, place.tp_name, "expand_idx" if inp.positional else "assist_info_for_combine")
     c.need(inp.norm is None, PARAM_INVALID, "soc", "Atlas A2", "combine_add_rms_norm runs on Atlas A3 only")
     c.dtype(inp.expert_ids, "expert_ids", (torch.int32,))
     c.dtype(inp.ep_send_counts, "ep_send_counts", (torch.int32,))
