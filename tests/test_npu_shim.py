@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from emu.core.plan import expand_idx
 from emu.npu import ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,9 +71,9 @@ def test_dequant_swiglu_quant():
 
 def test_expand_idx_occurrences():
     ids = torch.tensor([[0, 3], [3, 1], [0, 3]], dtype=torch.int32)
-    assert ops.expand_idx(ids, None, 4).tolist() == [0, 0, 1, 0, 1, 2]
+    assert expand_idx(ids, None, 4).tolist() == [0, 0, 1, 0, 1, 2]
     mask = torch.tensor([[True, False], [True, True], [False, True]])
-    assert ops.expand_idx(ids, mask, 4).tolist() == [0, 0, 0, 0, 0, 1]
+    assert expand_idx(ids, mask, 4).tolist() == [0, 0, 0, 0, 0, 1]
 
 
 def test_not_emulated_names_and_format_cast():
@@ -91,7 +92,7 @@ def test_device_module_streams_and_group_names():
         import os, torch, torch.distributed as dist, emu, emu.npu
         tnpu = emu.npu.install()
         import torch_npu
-        assert torch_npu is tnpu and torch.npu.is_available() and torch.npu.device_count() == 1
+        assert torch_npu is tnpu and torch.npu.is_available() and torch.npu.device_count() == 16
         torch.npu.set_device("npu:0"); assert torch.npu.current_device() == 0
         s = torch.npu.Stream(); e = torch.npu.current_stream().record_event()
         with torch.npu.stream(s):
@@ -127,3 +128,16 @@ def test_unmodified_client_on_4_ranks():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert out.stdout.count("CLIENT OK") == 4, out.stdout
     assert out.stdout.count("v1: max rel err") == 16 and out.stdout.count("v2: max rel err") == 16
+
+
+@pytest.mark.parametrize("soc", ["A3", "A2"])
+def test_example_style_script_on_16_ranks(soc):
+    """tests/npu_example_style.py as Ascend's operator examples are written (torch.multiprocessing,
+    "hccl" groups, .npu() inputs, goldens from the routing operators), unchanged, per chip."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, EMU_SOC=soc,
+               MASTER_PORT="29643" if soc == "A3" else "29644")
+    out = subprocess.run([sys.executable, "-m", "emu.npu.run", os.path.join(ROOT, "tests", "npu_example_style.py")],
+                         capture_output=True, text=True, timeout=220, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for case in (("tp2", "shared") if soc == "A3" else ("fullmesh", "hierarchy")):
+        assert f"{soc} {case}: 16 ranks" in out.stdout, out.stdout + out.stderr[-2000:]

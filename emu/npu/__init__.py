@@ -22,23 +22,8 @@ import sys
 import types
 
 import torch
-import torch.distributed as dist
-from torch.distributed import distributed_c10d as c10d
 
-from ..comm.groups import group_name
-from . import device, ops
-
-
-def _hccl_comm_name(backend, rank: int = 0) -> str:
-    """``pg._get_backend(torch.device("npu")).get_hccl_comm_name(rank)`` -> the group's name."""
-    for pg in list(c10d._world.pg_map):
-        for dev in ("npu", "cpu"):
-            try:
-                if pg._get_backend(torch.device(dev)) is backend:
-                    return group_name(pg)
-            except RuntimeError:
-                continue
-    raise RuntimeError("mc2-emu: get_hccl_comm_name: this backend belongs to no known process group")
+from . import device, hccl, ops
 
 
 class _NotEmulatedClass:
@@ -72,20 +57,17 @@ def install() -> types.ModuleType:
     module.__spec__ = importlib.machinery.ModuleSpec("torch.npu", None)
     sys.modules["torch.npu"] = module
     torch.npu = module
+    hccl.register()
     tnpu = types.ModuleType("torch_npu", ops.__doc__)
-    for name in dir(ops):
-        if name.startswith("npu_") or name in ("get_npu_format",):
-            setattr(tnpu, name, getattr(ops, name))
+    for name, fn in ops.EXPORTS.items():
+        setattr(tnpu, name, fn)
     tnpu.__getattr__ = ops.__getattr__
     tnpu.npu = module
-    tnpu.__version__ = "2.13.0+mc2emu"
+    tnpu.__version__ = "2.14.0+mc2emu"
     tnpu.__mc2_emu__ = True
     tnpu.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)
     tnpu.__path__ = []                      # a package, so "torch_npu.x" submodule imports resolve
     sys.modules["torch_npu"] = tnpu
     sys.modules["torch_npu.npu"] = module
     _submodules(tnpu)
-    dist.ProcessGroupGloo.get_hccl_comm_name = _hccl_comm_name
-    if not hasattr(dist, "is_hccl_available"):      # torch_npu adds it; there is no HCCL here
-        dist.is_hccl_available = lambda: False
     return tnpu

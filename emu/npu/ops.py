@@ -1,15 +1,19 @@
-"""The ``torch_npu`` module of mc2-emu: the MC2 operators and the helpers MoE clients call
-around them, computed on the CPU.  Any other attribute raises a clear "not emulated" error.
+"""The ``torch_npu`` module of mc2-emu: the MC2 operators, the MoE routing operators and the
+helpers MoE clients call around them, computed on the CPU.  Each takes CPU or npu tensors (an
+npu call returns npu tensors on the same device).  Any other ``npu_*`` name raises a clear
+"not emulated" error when called.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .. import api
-from ..core.plan import expand_idx
+from collections.abc import Callable
 
-__all__ = ["expand_idx"]
+from .. import api
+from . import routing
+from .hccl import distribute_barrier
+from .tensor import on_cpu
 
 npu_moe_distribute_dispatch_v2 = api.moe_distribute_dispatch_v2
 npu_moe_distribute_combine_v2 = api.moe_distribute_combine_v2
@@ -119,9 +123,22 @@ class NotEmulated(AttributeError, NotImplementedError):
     """A torch_npu name mc2-emu does not provide (``hasattr`` sees False)."""
 
 
+def _exports() -> dict[str, Callable]:
+    """torch_npu's name -> the function, run on the CPU memory of npu arguments."""
+    names = {n: f for n, f in globals().items() if n.startswith("npu_") and callable(f)}
+    names.update({n: getattr(routing, n) for n in routing.__all__})
+    names["_npu_distribute_barrier"] = distribute_barrier
+    wrapped = {n: on_cpu(f) for n, f in names.items()}
+    wrapped["get_npu_format"] = get_npu_format
+    return wrapped
+
+
+EXPORTS: dict[str, Callable] = _exports()
+
+
 def _not_emulated(name: str) -> str:
     return (f"torch_npu.{name} is not emulated by mc2-emu (emulated: "
-            f"{', '.join(sorted(n for n in globals() if n.startswith('npu_')))})")
+            f"{', '.join(sorted(n for n in EXPORTS if n.startswith('npu_')))})")
 
 
 def __getattr__(name: str):

@@ -1,0 +1,204 @@
+"""Checks of npu tensors, RNG, device identity and "hccl" groups after ``emu.npu.install()``,
+run in a process of their own (install changes torch for the whole process): prints one JSON
+object, check name -> "ok" or the failure's traceback.  Driven by tests/test_npu_tensors.py."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+
+import emu
+import emu.npu
+
+torch_npu = None                      # main() installs (not on import: the test only reads the names)
+CHECKS = {}
+
+
+def check(fn):
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+@check
+def moves_and_factories():
+    x = torch.arange(6, dtype=torch.float32).view(2, 3)
+    y = x.npu()
+    assert y.device == torch.device("npu", 0) and y.is_npu and not y.is_cpu
+    assert torch.equal(y.cpu(), x) and type(y.cpu()) is torch.Tensor and y.cpu().device.type == "cpu"
+    assert x.to("npu:3").device == torch.device("npu", 3) and x.to("npu").device.type == "npu"
+    assert y.to("npu") is y
+    assert torch.equal(x.npu(2).cpu(), x) and x.npu(2).device.index == 2
+    for t, want in ((torch.zeros(2, 3, device="npu:1"), torch.zeros(2, 3)),
+                    (torch.ones(4, device="npu", dtype=torch.bfloat16), torch.ones(4, dtype=torch.bfloat16)),
+                    (torch.full((2,), 7, device="npu"), torch.full((2,), 7)),
+                    (torch.arange(5, device="npu"), torch.arange(5)),
+                    (torch.tensor([[1, 2], [3, 4]], device="npu"), torch.tensor([[1, 2], [3, 4]])),
+                    (torch.empty_like(y).zero_(), torch.zeros(2, 3)),
+                    (y.new_ones(3), torch.ones(3))):
+        assert t.device.type == "npu", t.device
+        assert t.dtype == want.dtype and torch.equal(t.cpu(), want), (t, want)
+    assert torch.zeros(2, device="npu:1").device.index == 1
+
+
+@check
+def current_device_places_tensors():
+    torch.npu.set_device(5)
+    try:
+        assert torch.npu.current_device() == 5
+        assert torch.ones(2).npu().device == torch.device("npu", 5)
+        assert torch.zeros(2, device="npu").device == torch.device("npu", 5)
+        with torch.npu.device(2):
+            assert torch.ones(1).npu().device.index == 2
+        assert torch.npu.current_device() == 5
+    finally:
+        torch.npu.set_device(0)
+
+
+@check
+def ops_follow_the_cpu():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(4, 5, generator=g), torch.randn(5, 3, generator=g)
+    an, bn = a.npu(), b.npu()
+    for got, want in ((an @ bn, a @ b), (an * 2 + 1, a * 2 + 1), (an.sum(0), a.sum(0)), (an[1:3, ::2], a[1:3, ::2]),
+                      (torch.cat([an, an]), torch.cat([a, a])), (an.softmax(-1), a.softmax(-1)),
+                      (an.bfloat16(), a.bfloat16()), (torch.topk(an, 2).indices, torch.topk(a, 2).indices)):
+        assert got.device.type == "npu" and got.dtype == want.dtype and torch.equal(got.cpu(), want), (got, want)
+    assert an.sum().item() == a.sum().item() and an.tolist() == a.tolist()
+    c = an.clone()
+    same = c.add_(1)
+    assert same is c and torch.equal(c.cpu(), a + 1)
+    view = c[0]
+    view.zero_()
+    assert not c.cpu()[0].any(), "a view shares its base's memory"
+    mixed = an + torch.ones(5)                                      # the device refuses this; mc2-emu allows it
+    assert mixed.device.type == "npu"
+
+
+@check
+def autograd_on_npu0():
+    w = torch.tensor([1.0, 2.0, 3.0], device="npu", requires_grad=True)
+    (w * w).sum().backward()
+    assert w.grad.device.type == "npu" and torch.equal(w.grad.cpu(), torch.tensor([2.0, 4.0, 6.0]))
+
+
+@check
+def numpy_needs_cpu_first():
+    try:
+        torch.ones(2).npu().numpy()
+    except TypeError as exc:
+        assert "cpu()" in str(exc)
+    else:
+        raise AssertionError("numpy() of an npu tensor did not raise")
+
+
+@check
+def rng_seeding():
+    torch.manual_seed(0)                               # seeds the CPU and the npu streams, no recursion
+    a = torch.randn(8, device="npu")
+    torch.manual_seed(0)
+    b = torch.randn(8, device="npu")
+    assert torch.equal(a.cpu(), b.cpu())
+    torch.npu.manual_seed(1)
+    c = torch.rand(5, device="npu")
+    assert torch.equal(c.cpu(), torch.rand(5, generator=torch.Generator().manual_seed(1)))   # same algorithm
+    torch.npu.manual_seed_all(1)
+    assert torch.equal(torch.rand(5, device="npu").cpu(), c.cpu())
+    torch.manual_seed(5)
+    cpu_first = torch.rand(3)
+    torch.manual_seed(5)
+    torch.rand(3, device="npu")                        # draws from the npu stream only
+    assert torch.equal(torch.rand(3), cpu_first)
+    torch.npu.manual_seed(7)
+    state = torch.npu.get_rng_state()
+    d = torch.randn(3, device="npu")
+    torch.npu.set_rng_state(state)
+    assert torch.equal(torch.randn(3, device="npu").cpu(), d.cpu()) and torch.npu.initial_seed() == 7
+
+
+@check
+def generators_on_npu():
+    g = torch.Generator(device="npu")
+    assert g.device.type == "npu" and isinstance(g, torch.Generator) and isinstance(torch.default_generator, torch.Generator)
+    g.manual_seed(11)
+    a = torch.randn(4, generator=g, device="npu")
+    g.manual_seed(11)
+    assert torch.equal(torch.randn(4, generator=g, device="npu").cpu(), a.cpu())
+    assert torch.Generator().device.type == "cpu"
+
+
+@check
+def device_identity_per_soc():
+    for soc, name, code, count in (("A3", "Ascend910_93", 250, 16), ("A2", "Ascend910B", 223, 8)):
+        os.environ["EMU_SOC"] = soc
+        try:
+            assert torch.npu.get_device_name().startswith(name) and torch_npu.npu.get_device_name(0).startswith(name)
+            assert torch_npu.npu.get_soc_version() == code and torch.npu.device_count() == count
+            assert torch.npu.get_device_properties(0).name == torch.npu.get_device_name()
+        finally:
+            os.environ.pop("EMU_SOC")
+    os.environ["LOCAL_WORLD_SIZE"] = "4"
+    assert torch.npu.device_count() == 4
+    os.environ["EMU_NPU_DEVICE_COUNT"] = "32"
+    assert torch.npu.device_count() == 32
+    del os.environ["LOCAL_WORLD_SIZE"], os.environ["EMU_NPU_DEVICE_COUNT"]
+    try:
+        torch.npu.set_device(16)
+    except RuntimeError as exc:
+        assert "device_count" in str(exc)
+    else:
+        raise AssertionError("set_device(16) with 16 devices did not raise")
+
+
+@check
+def emulated_ops_take_npu_tensors():
+    x = torch.randn(3, 8).bfloat16()
+    got = torch_npu.npu_swiglu(x.npu())
+    assert got.device.type == "npu" and torch.equal(got.cpu(), torch_npu.npu_swiglu(x))
+    y, s = torch_npu.npu_dynamic_quant(x.npu(3))
+    y0, s0 = torch_npu.npu_dynamic_quant(x)
+    assert y.device == torch.device("npu", 3) and torch.equal(y.cpu(), y0) and torch.equal(s.cpu(), s0)
+
+
+@check
+def hccl_groups_run_gloo():
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1] if len(sys.argv) > 1 else "29531")
+    dist.init_process_group("hccl", rank=0, world_size=1)
+    try:
+        assert dist.get_backend() == "hccl" and dist.is_hccl_available()
+        sub = dist.new_group([0], backend="hccl")
+        t = torch.ones(4).npu()
+        dist.all_reduce(t, group=sub)
+        assert t.device.type == "npu" and torch.equal(t.cpu(), torch.ones(4))
+        out = torch.empty(4, device="npu")
+        dist.all_to_all_single(out, torch.arange(4.0).npu())
+        assert torch.equal(out.cpu(), torch.arange(4.0))
+        for pg in (dist.group.WORLD, sub):
+            name = pg._get_backend(torch.device("npu")).get_hccl_comm_name(0)
+            assert name == emu.group_name(pg), name
+        ref = torch.ones(2).npu()
+        flag = torch_npu._npu_distribute_barrier(ref, emu.group_name(sub), 1)
+        assert flag.shape == ref.shape and flag.device.type == "npu"
+        del pg, sub
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    global torch_npu
+    torch_npu = emu.npu.install()
+    results = {}
+    for name, fn in CHECKS.items():
+        try:
+            fn()
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - reported to the test
+            results[name] = traceback.format_exc()
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
