@@ -79,7 +79,9 @@ def main() -> int:
                 run(venv + f"({half}) & ({half}); wait", clone, must=("PASS: 16/16",), limit_s=600)
                 covered |= {cmd, cmd + " &"}
                 continue
-            musts = {"examples/quickstart.py": ("x_out equals a dense MoE",), "emu.npu.run": ("CLIENT OK",),
+            musts = {"examples/quickstart.py": ("x_out equals a dense MoE",),
+                     "npu_example_style.py": ("A2 fullmesh: 16 ranks", "A2 hierarchy: 16 ranks"),
+                     "emu.npu.run": ("CLIENT OK",),
                      "torchfrtrace": (), "trace_report.py": ("collectives from 8 ranks",),
                      "emu.debug.report": ("every group's ranks agree",)}
             must = next((m for key, m in musts.items() if key in cmd), ("PASS",))

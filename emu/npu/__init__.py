@@ -3,17 +3,19 @@
     import emu.npu; emu.npu.install()        # or: torchrun ... -m emu.npu.run script.py args
 
 ``install()`` (idempotent):
-* registers ``npu`` as PyTorch's privateuse1 device with Python hooks, a device guard and a
-  device module, so torch.distributed keeps working; tensors stay on the CPU;
-* makes ``torch.npu`` that module (``is_available``, ``device_count``, ``current_device``,
-  ``set_device``, ``synchronize``, ``Stream``, ``Event``, ``current_stream().record_event()``,
-  ``stream(...)`` context: honest no-ops on the CPU);
+* registers ``npu`` as PyTorch's privateuse1 device with Python hooks, a device guard, a device
+  module, and npu tensors whose memory is on the CPU (:mod:`emu.npu.tensor`: ``.npu()``,
+  ``.to("npu")``, ``device="npu:i"`` factories, every aten op and collective);
+* makes ``torch.npu`` that module (:mod:`emu.npu.device`: the chosen SoC's device name, SoC
+  version and device count, ``set_device``, the npu random stream, ``Stream``, ``Event``:
+  honest no-ops on the CPU) and ``torch.Generator`` accept ``device="npu"``;
+* makes ``"hccl"`` a torch.distributed backend name run by gloo, whose groups answer
+  ``get_hccl_comm_name(rank)`` with ``emu.group_name(pg)`` (:mod:`emu.npu.hccl`), as groups made
+  with ``"cpu:gloo,npu:gloo"`` do;
 * puts a ``torch_npu`` module in ``sys.modules`` whose MC2 operators (V2 and V1) are mc2-emu's,
-  with the helpers MoE clients call around them computed on the CPU (``npu_grouped_matmul``,
-  ``npu_swiglu``, ``npu_dynamic_quant``, ``npu_dequant_swiglu_quant``, ``npu_format_cast``);
-  any other name raises a clear "not emulated" error;
-* makes the backends of process groups created with ``"cpu:gloo,npu:gloo"`` answer
-  ``get_hccl_comm_name(rank)`` with ``emu.group_name(pg)``.
+  with the MoE routing operators (:mod:`emu.npu.routing`) and the helpers MoE clients call
+  around them computed on the CPU (:mod:`emu.npu.ops`); any other ``npu_*`` name raises a clear
+  "not emulated" error when called.
 """
 from __future__ import annotations
 
