@@ -23,6 +23,16 @@ def check(fn):
     return fn
 
 
+def raises(kind: type[Exception], words: str, fn) -> None:
+    """``fn()`` raises ``kind`` with ``words`` in its message."""
+    try:
+        fn()
+    except kind as exc:
+        assert words in str(exc), exc
+        return
+    raise AssertionError(f"{fn} did not raise {kind.__name__}")
+
+
 @check
 def moves_and_factories():
     x = torch.arange(6, dtype=torch.float32).view(2, 3)
@@ -87,12 +97,7 @@ def autograd_on_npu0():
 
 @check
 def numpy_needs_cpu_first():
-    try:
-        torch.ones(2).npu().numpy()
-    except TypeError as exc:
-        assert "cpu()" in str(exc)
-    else:
-        raise AssertionError("numpy() of an npu tensor did not raise")
+    raises(TypeError, "cpu()", lambda: torch.ones(2).npu().numpy())
 
 
 @check
@@ -145,12 +150,7 @@ def device_identity_per_soc():
     os.environ["EMU_NPU_DEVICE_COUNT"] = "32"
     assert torch.npu.device_count() == 32
     del os.environ["LOCAL_WORLD_SIZE"], os.environ["EMU_NPU_DEVICE_COUNT"]
-    try:
-        torch.npu.set_device(16)
-    except RuntimeError as exc:
-        assert "device_count" in str(exc)
-    else:
-        raise AssertionError("set_device(16) with 16 devices did not raise")
+    raises(RuntimeError, "device_count", lambda: torch.npu.set_device(16))       # 16 devices: 0-15
 
 
 @check

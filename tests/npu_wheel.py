@@ -49,8 +49,9 @@ REQUIRED = object()
 
 
 def _default(text: str):
-    if text == "None":
-        return None
+    fixed = {"None": None, "[]": [], "True": True, "False": False}
+    if text in fixed:
+        return fixed[text]
     if text.startswith('"'):
         return text.strip('"')
     if re.fullmatch(r"-?\d+", text):
@@ -58,12 +59,13 @@ def _default(text: str):
     return float(text)
 
 
-def schema(wheel: Path) -> dict[str, list[Param]]:
-    """Each MC2 op's parameters from the codegen yaml: name, type, default, keyword-only."""
+def schema(wheel: Path, ops=OPS) -> dict[str, list[Param]]:
+    """Each op's parameters from the codegen yaml (the MC2 ops by default): name, type,
+    default, keyword-only."""
     text = zipfile.ZipFile(wheel).read(SCHEMA).decode()
     out = {}
-    for op in OPS:
-        m = re.search(rf"- func: {op}\((.*)\) ->", text)
+    for op in ops:
+        m = re.search(rf"func: {op}\((.*)\) ->", text)
         params, kw = [], False
         for part in (p.strip() for p in m.group(1).split(",")):
             if part == "*":

@@ -538,32 +538,12 @@ OPS = {f.__name__: f for f in (npu_moe_init_routing, npu_moe_init_routing_v2, np
                                npu_moe_finalize_routing, npu_moe_compute_expert_tokens, npu_moe_re_routing)}
 
 
-def _schema_default(text: str) -> object:
-    """A yaml default as a Python value."""
-    fixed = {"None": None, "[]": [], "True": True, "False": False}
-    return fixed[text] if text in fixed else int(text) if re.fullmatch(r"-?\d+", text) else text
-
-
-def _schema_params(text: str, op: str) -> list[tuple[str, bool, object]]:
-    """(name, keyword-only, default or 'required') of each parameter in the codegen yaml."""
-    m = re.search(rf"func: {op}\((.*)\) ->", text)
-    out, kw = [], False
-    for part in (p.strip() for p in m.group(1).split(",")):
-        if part == "*":
-            kw = True
-            continue
-        decl, _, default = part.partition("=")
-        out.append((decl.rsplit(" ", 1)[1], kw, _schema_default(default) if default else "required"))
-    return out
-
-
 @needs_wheel
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_signatures_equal_the_schema(op):
-    text = zipfile.ZipFile(WHEEL).read(npu_wheel.SCHEMA).decode()
-    got = [(p.name, p.kind == p.KEYWORD_ONLY, "required" if p.default is p.empty else p.default)
+    got = [(p.name, p.kind == p.KEYWORD_ONLY, npu_wheel.REQUIRED if p.default is p.empty else p.default)
            for p in inspect.signature(OPS[op]).parameters.values()]
-    assert got == _schema_params(text, op)
+    assert got == [(p.name, p.keyword_only, p.default) for p in npu_wheel.schema(WHEEL, [op])[op]]
 
 
 @pytest.fixture(scope="module")
