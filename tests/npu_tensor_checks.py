@@ -84,6 +84,9 @@ def ops_follow_the_cpu():
     view = c[0]
     view.zero_()
     assert not c.cpu()[0].any(), "a view shares its base's memory"
+    host = torch.zeros(4, 5)
+    back = host.copy_(an)                                           # device to host: the CPU tensor itself
+    assert back is host and torch.equal(host, a)
     mixed = an + torch.ones(5)                                      # the device refuses this; mc2-emu allows it
     assert mixed.device.type == "npu"
 

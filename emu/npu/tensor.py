@@ -60,7 +60,7 @@ class NpuTensor(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        seen: dict[int, NpuTensor] = {}
+        seen: dict[int, torch.Tensor] = {}
         index = _unwrap_into(seen, args, kwargs)
         target = kwargs.get("device")
         cpu_args, cpu_kwargs = tree_map(_to_cpu_arg, args), tree_map(_to_cpu_arg, kwargs)
@@ -74,8 +74,10 @@ class NpuTensor(torch.Tensor):
         return tree_map(lambda o: _rewrap(o, seen, index or 0), out)
 
 
-def _unwrap_into(seen: dict[int, NpuTensor], args, kwargs) -> int | None:
-    """Record every NpuTensor argument by its inner tensor; returns the first one's index."""
+def _unwrap_into(seen: dict[int, torch.Tensor], args, kwargs) -> int | None:
+    """Record every tensor argument by the CPU tensor an op sees (an NpuTensor's inner one),
+    so that an output which is an argument comes back as that argument; returns the first
+    NpuTensor's index (None: there is none)."""
     index = None
 
     def note(a):
@@ -84,6 +86,8 @@ def _unwrap_into(seen: dict[int, NpuTensor], args, kwargs) -> int | None:
             seen[id(a.inner)] = a
             if index is None:
                 index = a.device.index
+        elif isinstance(a, torch.Tensor):
+            seen[id(a)] = a                  # e.g. cpu.copy_(npu) returns the CPU tensor
         return a
 
     tree_map(note, (args, kwargs))
@@ -98,7 +102,7 @@ def _to_cpu_arg(a):
     return a
 
 
-def _rewrap(o, seen: dict[int, NpuTensor], index: int):
+def _rewrap(o, seen: dict[int, torch.Tensor], index: int):
     if not isinstance(o, torch.Tensor) or isinstance(o, NpuTensor):
         return o
     same = seen.get(id(o))
@@ -195,13 +199,6 @@ def to_cpu(x: Any) -> Any:
     return tree_map(lambda a: a.inner if isinstance(a, NpuTensor) else a, x)
 
 
-def first_npu_index(x: Any) -> int | None:
-    """The device index of the first NpuTensor in ``x`` (None: there is none)."""
-    found: list[int] = []
-    tree_map(lambda a: found.append(a.device.index) if isinstance(a, NpuTensor) else None, x)
-    return found[0] if found else None
-
-
 def on_cpu(fn: Callable) -> Callable:
     """``fn`` run on the CPU memory of its npu arguments; when any argument was an npu
     tensor, the tensors it returns are npu tensors on that device (one that is an argument's
@@ -209,11 +206,10 @@ def on_cpu(fn: Callable) -> Callable:
 
     @wraps(fn)
     def run(*args, **kwargs):
-        index = first_npu_index((args, kwargs))
+        seen: dict[int, torch.Tensor] = {}
+        index = _unwrap_into(seen, args, kwargs)
         if index is None:
             return fn(*args, **kwargs)
-        seen: dict[int, NpuTensor] = {}
-        _unwrap_into(seen, args, kwargs)
         out = fn(*to_cpu(args), **to_cpu(kwargs))
         return tree_map(lambda o: _rewrap(o, seen, index), out)
 
