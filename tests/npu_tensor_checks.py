@@ -190,6 +190,47 @@ def hccl_groups_run_gloo():
         dist.destroy_process_group()
 
 
+@check
+def operator_test_module():
+    """torch_npu.testing as Ascend's operator tests use it (run on A3, the default chip)."""
+    import unittest
+
+    import numpy as np
+    from torch_npu.testing.common_distributed import skipIfUnsupportMultiNPU
+    from torch_npu.testing.common_utils import SupportedDevices, create_common_tensor
+    from torch_npu.testing.testcase import TestCase
+
+    cpu, npu = create_common_tensor([np.float16, -1, [3, 4]], -1, 1)
+    assert cpu.dtype == torch.float16 and npu.device == torch.device("npu", 0) and torch.equal(npu.cpu(), cpu)
+    assert ((cpu >= -1) & (cpu <= 1)).all()
+
+    class Probe(TestCase):
+        @SupportedDevices(["Ascend910_93"])
+        def test_on_a3(self):
+            x = torch.randn(64).half()
+            self.assertRtolEqual(x, x + 1e-4)                     # within fp16's 1e-3
+            self.assertRtolEqual(x.bfloat16(), x.bfloat16())
+            self.assertEqual(torch.ones(3).npu(), torch.ones(3) + 1e-6)
+            self.assertEqual([1, 2.0], [1, 2.0])
+            with self.assertRaises(AssertionError):
+                self.assertRtolEqual(torch.ones(64), torch.ones(64) * 1.1)
+            with self.assertRaises(AssertionError):
+                self.assertEqual(torch.ones(3), torch.zeros(3))
+
+        @SupportedDevices(["Ascend910B"])
+        def test_on_a2(self):
+            raise AssertionError("ran on the wrong chip")
+
+        @skipIfUnsupportMultiNPU(32)
+        def test_32_devices(self):
+            raise AssertionError("ran with 16 devices")
+
+    result = unittest.TextTestRunner(stream=open(os.devnull, "w")).run(
+        unittest.defaultTestLoader.loadTestsFromTestCase(Probe))
+    assert result.testsRun == 3 and not result.failures and not result.errors, (result.failures, result.errors)
+    assert len(result.skipped) == 2, result.skipped
+
+
 def main() -> None:
     global torch_npu
     torch_npu = emu.npu.install()

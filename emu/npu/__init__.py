@@ -15,7 +15,8 @@
 * puts a ``torch_npu`` module in ``sys.modules`` whose MC2 operators (V2 and V1) are mc2-emu's,
   with the MoE routing operators (:mod:`emu.npu.routing`) and the helpers MoE clients call
   around them computed on the CPU (:mod:`emu.npu.ops`); any other ``npu_*`` name raises a clear
-  "not emulated" error when called.
+  "not emulated" error when called; ``torch_npu.testing`` as operator tests use it
+  (:mod:`emu.npu.optest`).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import types
 
 import torch
 
-from . import device, hccl, ops
+from . import device, hccl, ops, optest
 
 
 class _NotEmulatedClass:
@@ -72,4 +73,5 @@ def install() -> types.ModuleType:
     sys.modules["torch_npu"] = tnpu
     sys.modules["torch_npu.npu"] = module
     _submodules(tnpu)
+    optest.install(tnpu)
     return tnpu
