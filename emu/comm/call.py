@@ -226,10 +226,15 @@ class Call:
         return hdr, rows, received
 
     def _waits(self, kind: str, head: np.ndarray, t0: int, t1: int) -> dict:
-        """Microseconds this rank waited for each source: from entering the exchange to the
-        moment that source sent its header (its clock, carried in the header), within [0, duration]."""
-        clocks = self.domain(kind).from_group(clock_of(head))
-        w = np.minimum(np.maximum(clocks - t0, 0), t1 - t0) // 1000
+        """Microseconds this rank waited for each source's data, within [0, duration]: how late
+        the source sent it (its clock, carried in the header, against entering the exchange),
+        plus the transfer once the last source had sent (every source's data crosses it, so a
+        rank that arrives last still waits for data, as on the device); 0 for itself."""
+        dom = self.domain(kind)
+        clocks = dom.from_group(clock_of(head))
+        transfer = max(t1 - max(t0, int(clocks.max())), 0)
+        w = np.minimum(np.maximum(clocks - t0, 0) + transfer, t1 - t0) // 1000
+        w[dom.rank] = 0
         if kind == "EP":
             self.wait_us = w
         return {"wait_us": w.tolist()}
