@@ -34,9 +34,7 @@ def npu_dynamic_quant(x: torch.Tensor, *, smooth_scales: torch.Tensor | None = N
     xf = x.float()
     if smooth_scales is not None:
         xf = xf * smooth_scales.float()
-    scale = xf.abs().amax(dim=-1) / 127.0
-    y = torch.where(scale[..., None] > 0, xf / scale[..., None].clamp_min(1e-30), torch.zeros_like(xf))
-    return y.round().clamp(-128, 127).to(torch.int8), scale
+    return routing.dynamic_quant_rows(xf)
 
 
 def _group_sizes(group_list: torch.Tensor | list | None, n: int, groups: int, group_list_type: int) -> list[int]:

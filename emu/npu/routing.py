@@ -56,12 +56,12 @@ def _check_tensor(t: torch.Tensor, name: str, dim: int, dtypes: Sequence[torch.d
     _require(t.dtype in dtypes, f"{name} dtype must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
 
 
-def _dynamic_quant_rows(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric int8, as this project's ``npu_dynamic_quant``: scale = max|x| / 127,
-    y = round(x / scale) in [-128, 127]; an all-zero row gives y 0 and scale 0.
-    xf (R, H) fp32 -> (y (R, H) int8, scale (R,) fp32)."""
+def dynamic_quant_rows(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 over the last dim (``npu_dynamic_quant`` and init_routing_v2's
+    quant_mode 1): scale = max|x| / 127, y = round(x / scale) in [-128, 127]; an all-zero row
+    gives y 0 and scale 0.  xf (..., H) fp32 -> (y (..., H) int8, scale (...) fp32)."""
     scale = xf.abs().amax(-1) / torch.tensor(127.0)
-    y = torch.where(scale[:, None] > 0, xf / scale[:, None].clamp_min(1e-30), torch.zeros_like(xf))
+    y = torch.where(scale[..., None] > 0, xf / scale[..., None].clamp_min(1e-30), torch.zeros_like(xf))
     return y.round().clamp(-128, 127).to(torch.int8), scale
 
 
@@ -271,7 +271,7 @@ def _v2_expand(x: torch.Tensor, slots: torch.Tensor, route: _Route, scale: torch
     if scale is not None:
         smooth = scale[torch.zeros_like(src) if scale.shape[0] == 1 else route.experts[src] - route.start]
         xf[filled] = xf[filled] * smooth
-    return _dynamic_quant_rows(xf)
+    return dynamic_quant_rows(xf)
 
 
 def _expert_tokens(route: _Route, tokens_type: int, flag: bool, expert_num: int) -> torch.Tensor:

@@ -194,11 +194,6 @@ def register_factories() -> None:
     _LIBRARY.append(lib)
 
 
-def to_cpu(x: Any) -> Any:
-    """``x`` with every NpuTensor (also inside lists, tuples, dicts) replaced by its CPU memory."""
-    return tree_map(lambda a: a.inner if isinstance(a, NpuTensor) else a, x)
-
-
 def on_cpu(fn: Callable) -> Callable:
     """``fn`` run on the CPU memory of its npu arguments; when any argument was an npu
     tensor, the tensors it returns are npu tensors on that device (one that is an argument's
@@ -210,7 +205,7 @@ def on_cpu(fn: Callable) -> Callable:
         index = _unwrap_into(seen, args, kwargs)
         if index is None:
             return fn(*args, **kwargs)
-        out = fn(*to_cpu(args), **to_cpu(kwargs))
+        out = fn(*tree_map(_to_cpu_arg, args), **tree_map(_to_cpu_arg, kwargs))
         return tree_map(lambda o: _rewrap(o, seen, index), out)
 
     return run
