@@ -61,22 +61,26 @@ def make_groups(rank, ep, tp):
     return ep_group, tp_group
 
 
+def scale_runs(rows, counts, scales):
+    """Consecutive runs of ``rows`` (counts[i] rows each) times scales[i], rounded to the rows'
+    dtype; rows after the runs are zero."""
+    out = torch.zeros_like(rows)
+    start = 0
+    for n, s in zip(counts, scales):
+        out[start:start + n] = (rows[start:start + n].float() * s).to(rows.dtype)
+        start += n
+    return out
+
+
 def experts(expand_x, counts, ep_rank, shared, local, tp_rank):
     """Expert e multiplies its rows by expert_scale(e); the shared expert by SHARED_SCALE.
     With tp 2, TP rank 0 computes the rows and TP rank 1 contributes zeros."""
-    out = torch.zeros_like(expand_x)
     if tp_rank == 1:
-        return out
+        return torch.zeros_like(expand_x)
     if ep_rank < shared:
-        n = int(counts.sum())
-        out[:n] = (expand_x[:n].float() * SHARED_SCALE).to(expand_x.dtype)
-        return out
-    start = 0
-    for j, n in enumerate(counts.tolist()):
-        e = (ep_rank - shared) * local + j
-        out[start:start + n] = (expand_x[start:start + n].float() * expert_scale(e)).to(expand_x.dtype)
-        start += n
-    return out
+        return scale_runs(expand_x, [int(counts.sum())], [SHARED_SCALE])
+    first = (ep_rank - shared) * local
+    return scale_runs(expand_x, counts.tolist(), [expert_scale(first + j) for j in range(local)])
 
 
 def run_rank(rank, all_cases, c2p, p2c):
@@ -138,17 +142,14 @@ def golden(case, x_all, ids_all, w_all):
         ex, ex_row, ex_expert = ex.cpu(), ex_row.cpu(), ex_expert.cpu()
         ends = torch_npu.npu_moe_compute_expert_tokens(ex_expert.npu(), moe).cpu().tolist()
         starts = [0] + ends[:-1]
-        scaled = ex.clone()
-        for e in range(moe):
-            scaled[starts[e]:ends[e]] = (ex[starts[e]:ends[e]].float() * expert_scale(e)).to(ex.dtype)
+        scaled = scale_runs(ex, [e - s for s, e in zip(starts, ends)], [expert_scale(e) for e in range(moe)])
         skip = (x.float() * SHARED_SCALE).to(x.dtype) if shared else None
         y = torch_npu.npu_moe_finalize_routing(scaled.npu(), skip.npu() if skip is not None else None, None, None,
                                                w.npu(), ex_row.npu(), ex_expert.npu()).cpu()
-        for j, r in enumerate(members):
-            ep_rank = j
-            x_out[r] = y[j * BS:(j + 1) * BS]
+        for ep_rank, r in enumerate(members):
+            x_out[r] = y[ep_rank * BS:(ep_rank + 1) * BS]
             if ep_rank < shared:
-                rows[r] = torch.cat([x_all[m] for m in members if members.index(m) % shared == ep_rank])
+                rows[r] = torch.cat([x_all[m] for j, m in enumerate(members) if j % shared == ep_rank])
             else:
                 first = (ep_rank - shared) * local
                 rows[r] = ex[starts[first]:ends[first + local - 1]]

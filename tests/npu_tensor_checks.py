@@ -191,6 +191,33 @@ def hccl_groups_run_gloo():
 
 
 @check
+def streams_events_and_gloo_pairs():
+    """The device module's no-op streams, the accelerator, stubs, and groups made with
+    "cpu:gloo,npu:gloo" naming themselves as "hccl" groups do."""
+    import torch_npu as imported
+    assert imported is torch_npu and torch.npu.is_available()
+    torch.npu.set_device("npu:0")
+    assert torch.npu.current_device() == 0
+    s = torch.npu.Stream()
+    e = torch.npu.current_stream().record_event()
+    with torch.npu.stream(s):
+        s.wait_event(e)
+    torch.npu.synchronize()
+    assert torch.accelerator.current_accelerator().type == "npu"
+    assert not hasattr(torch_npu, "no_such_attribute")
+    raises(NotImplementedError, "not emulated", lambda: torch_npu.npu_no_such_op(1))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(int(sys.argv[1]) + 1 if len(sys.argv) > 1 else 29532))
+    dist.init_process_group("cpu:gloo,npu:gloo", rank=0, world_size=1)
+    try:
+        dist.barrier()
+        pg = dist.group.WORLD
+        assert pg._get_backend(torch.device("npu")).get_hccl_comm_name(0) == emu.group_name(pg)
+        del pg
+    finally:
+        dist.destroy_process_group()
+
+
+@check
 def operator_test_module():
     """torch_npu.testing as Ascend's operator tests use it (run on A3, the default chip)."""
     import unittest
