@@ -10,6 +10,7 @@ import traceback
 
 import torch
 import torch.distributed as dist
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import emu
 import emu.npu
@@ -164,6 +165,62 @@ def emulated_ops_take_npu_tensors():
     y, s = torch_npu.npu_dynamic_quant(x.npu(3))
     y0, s0 = torch_npu.npu_dynamic_quant(x)
     assert y.device == torch.device("npu", 3) and torch.equal(y.cpu(), y0) and torch.equal(s.cpu(), s0)
+
+
+@check
+def operators_are_the_dispatcher_ops():
+    from emu.npu import registry
+    for e in registry.ENTRIES:
+        assert getattr(torch_npu, e.base) is getattr(torch.ops.npu, e.base), e.name
+    x = torch.randn(2, 1024).bfloat16().npu()
+    ids = torch.zeros(2, 1, dtype=torch.int32).npu()
+    # as in torch_npu, group_ep is a str: a ProcessGroup object is refused by the schema, before any check
+    raises(RuntimeError, "group_ep", lambda: torch_npu.npu_moe_distribute_dispatch_v2(x, ids, object(), 2, 0, 2))
+
+
+@check
+def histc_counts_integer_tensors_as_the_npu():
+    ids = torch.tensor([[0, 3], [3, 1], [7, 3]], dtype=torch.int32)
+    for dtype in (torch.int32, torch.int64, torch.uint8):
+        got = torch.histc(ids.to(dtype).npu(), bins=8, min=0, max=8)
+        assert got.device.type == "npu" and got.dtype == dtype, (got.device, got.dtype)
+        assert got.cpu().tolist() == [1, 1, 0, 3, 0, 0, 0, 1], got
+    out = torch.empty(4, dtype=torch.int32).npu()
+    torch.histc(ids.npu(), bins=4, min=0, max=8, out=out)               # bins of width 2: [0, 2) ... [6, 8]
+    assert out.cpu().tolist() == [2, 3, 0, 1], out
+    floats = torch.tensor([0.5, 1.5, 1.5])
+    assert torch.equal(torch.histc(floats.npu(), bins=2, min=0, max=2).cpu(), torch.histc(floats, bins=2, min=0, max=2))
+    raises(RuntimeError, "not implemented", lambda: torch.histc(ids, bins=8, min=0, max=8))   # the CPU's own refusal
+    fast = torch.compile(lambda t: torch.histc(t, bins=8, min=0, max=8) * 2, fullgraph=True, backend="aot_eager")
+    assert fast(ids.npu()).cpu().tolist() == [2, 2, 0, 6, 0, 0, 0, 2]
+
+
+def _routed_mlp(x, gate, w1, w2, k: int):
+    """gating -> init_routing_v2 -> grouped matmul -> swiglu -> grouped matmul -> unpermute, all torch.ops.npu."""
+    npu = torch.ops.npu
+    probs, ids, _ = npu.npu_moe_gating_top_k_softmax(x @ gate, k=k)
+    rows, row_idx, counts, _ = npu.npu_moe_init_routing_v2(x, ids, active_num=ids.numel(), expert_num=w1.shape[0],
+                                                           expert_tokens_num_type=1, expert_tokens_num_flag=True)
+    h = npu.npu_grouped_matmul([rows], [w1], group_list=counts, split_item=2, group_type=0, group_list_type=1)[0]
+    y = npu.npu_grouped_matmul([npu.npu_swiglu(h)], [w2], group_list=counts, split_item=2, group_type=0,
+                               group_list_type=1)[0]
+    return npu.npu_moe_token_unpermute(y, row_idx, probs)
+
+
+@check
+def graph_capture_of_routing_and_compute_ops():
+    g = torch.Generator().manual_seed(3)
+    gate = torch.randn(64, 8, generator=g).bfloat16().npu()
+    w1 = (torch.randn(8, 64, 32, generator=g) / 8).bfloat16().npu()
+    w2 = (torch.randn(8, 16, 64, generator=g) / 4).bfloat16().npu()
+    counter = CompileCounterWithBackend("aot_eager")
+    fast = torch.compile(_routed_mlp, fullgraph=True, backend=counter)
+    for step in range(3):
+        x = torch.randn(6, 64, generator=g).bfloat16().npu()
+        eager, graph = _routed_mlp(x, gate, w1, w2, 2), fast(x, gate, w1, w2, 2)
+        assert graph.device == x.device and (graph.shape, graph.dtype) == ((6, 64), torch.bfloat16)
+        assert torch.equal(eager.cpu(), graph.cpu()), step
+    assert counter.frame_count == 1, counter.frame_count          # new data of the same shapes: the same graph
 
 
 @check

@@ -78,27 +78,45 @@ def schema(wheel: Path, ops=OPS) -> dict[str, list[Param]]:
     return out
 
 
+def schema_lines(wheel: Path) -> dict[str, str]:
+    """Every ``func:`` of the codegen yaml by its name with overload ("npu_grouped_matmul.List")."""
+    text = zipfile.ZipFile(wheel).read(SCHEMA).decode()
+    return {m.group(1): m.group(0) for m in re.finditer(r"(?<=func: )([\w.]+)\(.*", text)}
+
+
 def meta_functions(wheel: Path, soc_version: int = 250) -> dict:
-    """The meta functions of the MC2 ops (and the helpers they call), executed on stubs of
-    torch_npu's own modules; ``soc_version`` below 260 (Ascend 950) is A2 / A3."""
-    source = zipfile.ZipFile(wheel).read(META).decode()
-    tree = ast.parse(source)
-    keep = {f"{op}_meta" for op in OPS} | {"get_dispatch_dynamic_scales_dtype", "get_dispatch_dynamic_shape"}
-    body = []
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and node.name in keep:
-            node.decorator_list = []
-            body.append(node)
-        elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id in
-                                                  ("TORCH_DTYPE_ENUM_VALUE_TO_SCALAR_TYPE_MAP",
-                                                   "_ASCEND950_SOC_VERSION") for t in node.targets):
-            body.append(node)
-    scope = {"torch": torch, "math": math, "get_soc_version": lambda: soc_version,
-             "ops_error": lambda *a, **k: "", "ErrCode": type("ErrCode", (), {"VALUE": 0, "PARAM": 1})}
-    exec(compile(ast.Module(body=body, type_ignores=[]), META, "exec"), scope)   # noqa: S102 (the wheel's own code)
-    return {name: scope[name] for name in keep if name in scope}
+    """The meta functions of the MC2 ops; ``soc_version`` below 260 (Ascend 950) is A2 / A3."""
+    return named_meta_functions(wheel, [f"{op}_meta" for op in OPS], soc_version)
 
 
 def meta(x: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A tensor without data, as the meta functions take."""
     return torch.empty(x, dtype=dtype, device="meta")
+
+
+META_TABLES = ("TORCH_DTYPE_MAP", "TORCH_DTYPE_ENUM_VALUE_TO_SCALAR_TYPE_MAP", "TORCH_NPU_DTYPE_TO_STRING_MAP",
+               "_ASCEND950_SOC_VERSION")
+META_HELPERS = ("gmm_get_dtype", "is_transpose_weight", "npu_dtype_to_str", "get_dispatch_dynamic_scales_dtype",
+                "get_dispatch_dynamic_shape")
+
+
+def named_meta_functions(wheel: Path, names, soc_version: int = 250) -> dict:
+    """The wheel's meta functions of the given names (e.g. "npu_grouped_matmul_meta"), with the
+    module-level dtype tables and helpers they call, executed without decorators on stubs of
+    torch_npu's own modules (its private dtypes as their torch_npu codes, the SoC as given)."""
+    tree = ast.parse(zipfile.ZipFile(wheel).read(META).decode())
+    keep = set(names) | set(META_HELPERS)
+    body = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name in keep:
+            node.decorator_list = []
+            body.append(node)
+        elif isinstance(node, ast.Assign) and any(getattr(t, "id", "") in META_TABLES for t in node.targets):
+            body.append(node)
+    stub = type("torch_npu", (), {"hifloat8": 290, "float8_e8m0fnu": 293, "float4_e2m1fn_x2": 296,
+                                  "float4_e1m2fn_x2": 297, "int4": 285})
+    scope = {"torch": torch, "math": math, "torch_npu": stub, "ops_error": lambda *a, **k: "",
+             "get_soc_version": lambda: soc_version, "print": lambda *a, **k: None,
+             "ErrCode": type("ErrCode", (), {"VALUE": 0, "PARAM": 1, "TYPE": 2, "NOT_SUPPORT": 3})}
+    exec(compile(ast.Module(body=body, type_ignores=[]), META, "exec"), scope)  # noqa: S102 (the wheel's own code)
+    return {name: scope[name] for name in names}

@@ -5,12 +5,9 @@ torch_npu 2.14.0 wheel is at hand) the signatures and output shapes / dtypes of 
 schema and meta functions."""
 from __future__ import annotations
 
-import ast
 import inspect
 import math
 import re
-import types
-import zipfile
 
 import npu_wheel
 import pytest
@@ -549,19 +546,8 @@ def test_signatures_equal_the_schema(op):
 @pytest.fixture(scope="module")
 def meta():
     """The wheel's meta functions of these ops, run with stand-ins for torch_npu's own modules."""
-    tree = ast.parse(zipfile.ZipFile(WHEEL).read(npu_wheel.META).decode())
-    keep = {f"{op}_meta" for op in OPS}
-    body = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in keep or
-            isinstance(n, ast.Assign) and any(getattr(t, "id", "") == "TORCH_DTYPE_ENUM_VALUE_TO_SCALAR_TYPE_MAP"
-                                              for t in n.targets)]
-    for n in body:
-        if isinstance(n, ast.FunctionDef):
-            n.decorator_list = []
-    stub = types.SimpleNamespace(float4_e2m1fn_x2=object(), int4=object(), hifloat8=object())
-    scope = {"torch": torch, "math": math, "torch_npu": stub, "print": lambda *a: None,
-             "ops_error": lambda *a: "", "ErrCode": types.SimpleNamespace(VALUE=0, PARAM=1, TYPE=2)}
-    exec(compile(ast.Module(body=body, type_ignores=[]), npu_wheel.META, "exec"), scope)  # noqa: S102 (the wheel's own)
-    return {op: scope[f"{op}_meta"] for op in OPS}
+    found = npu_wheel.named_meta_functions(WHEEL, [f"{op}_meta" for op in OPS])
+    return {op: found[f"{op}_meta"] for op in OPS}
 
 
 def _meta_args(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -602,3 +588,24 @@ def test_outputs_have_the_meta_functions_shapes_and_dtypes(meta):
         want = meta[op](*_meta_args(args, kwargs)[0], **_meta_args(args, kwargs)[1])
         got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
         assert [(tuple(t.shape), t.dtype) for t in got] == [(tuple(t.shape), t.dtype) for t in want], (op, kwargs)
+
+
+@needs_wheel
+def test_registered_fakes_give_the_meta_functions_shapes_and_dtypes(meta):
+    """torch.ops.npu.<op> on meta tensors runs the fake kernel (graph capture's view of the op)."""
+    for op, args, kwargs in _cases():
+        m_args, m_kwargs = _meta_args(args, kwargs)
+        got = getattr(torch.ops.npu, op)(*m_args, **m_kwargs)
+        want = meta[op](*m_args, **m_kwargs)
+        got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+        assert [(tuple(t.shape), t.dtype) for t in got] == [(tuple(t.shape), t.dtype) for t in want], (op, kwargs)
+
+
+@pytest.mark.parametrize("case", range(len(_cases())))
+def test_opcheck(case):
+    """torch.library.opcheck: schema (no mutation or aliasing it does not declare), fake kernel against
+    the kernel, and AOT dispatch with dynamic shapes."""
+    torch.manual_seed(case)
+    op, args, kwargs = _cases()[case]
+    result = torch.library.opcheck(getattr(torch.ops.npu, op).default, args, kwargs)
+    assert set(result.values()) == {"SUCCESS"}, result

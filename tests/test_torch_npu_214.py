@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import emu
-import emu.npu.ops as torch_npu_face
+import emu.npu.ops  # noqa: F401 (registers torch.ops.npu)
 import mp_cases
 import npu_wheel
 from emu.core.attrs import Geometry
@@ -43,13 +43,12 @@ def wheel_meta():
 @needs_wheel
 @pytest.mark.parametrize("op", npu_wheel.OPS)
 def test_signatures_equal_the_schema(op):
+    """The API's Python signatures (the torch_npu module's ops carry the schema itself: test_npu_ops.py)."""
     want = npu_wheel.schema(WHEEL)[op]
-    for fn in (API[op], getattr(torch_npu_face, op)):
-        got = list(inspect.signature(fn).parameters.values())
-        assert [p.name for p in got] == [p.name for p in want], fn
-        assert [p.kind == p.KEYWORD_ONLY for p in got] == [p.keyword_only for p in want], fn
-        assert [p.default if p.default is not p.empty else npu_wheel.REQUIRED for p in got] == \
-            [p.default for p in want], fn
+    got = list(inspect.signature(API[op]).parameters.values())
+    assert [p.name for p in got] == [p.name for p in want]
+    assert [p.kind == p.KEYWORD_ONLY for p in got] == [p.keyword_only for p in want]
+    assert [p.default if p.default is not p.empty else npu_wheel.REQUIRED for p in got] == [p.default for p in want]
 
 
 def _random_geometry(rng: random.Random) -> tuple[Geometry, dict]:
@@ -71,7 +70,8 @@ def _random_geometry(rng: random.Random) -> tuple[Geometry, dict]:
 @pytest.mark.parametrize("seed", range(4))
 def test_allocation_rule_equals_the_meta_functions(wheel_meta, seed):
     """dispatch_shapes against the wheel's meta functions on 300 random configurations and ranks:
-    equal under graph allocation; eager differs only in expand_scales (A entries)."""
+    equal under graph allocation; eager differs only in expand_scales (A entries).  The registered
+    ops' fake kernels (on meta tensors) give the meta functions' shapes and dtypes."""
     rng = random.Random(seed)
     for _ in range(300):
         geom, attrs = _random_geometry(rng)
@@ -96,6 +96,9 @@ def test_allocation_rule_equals_the_meta_functions(wheel_meta, seed):
             if not graph and not given:
                 want = want[:6] + [s.capacity]               # eager: expand_scales always has A entries
             assert got == want, (geom, rank, dict(v1=v1, elastic=elastic, expert_scales=given, graph=graph))
+        fake = (torch.ops.npu.npu_moe_distribute_dispatch if v1 else torch.ops.npu.npu_moe_distribute_dispatch_v2)(
+            x, ids, "ep", geom.W, rank, geom.E, **attrs, **extra)            # the registered op's fake kernel
+        assert [(o.shape, o.dtype) for o in fake] == [(o.shape, o.dtype) for o in outs], (geom, rank, v1)
 
 
 def _tensor_args(described: dict) -> dict:

@@ -12,11 +12,13 @@
 * makes ``"hccl"`` a torch.distributed backend name run by gloo, whose groups answer
   ``get_hccl_comm_name(rank)`` with ``emu.group_name(pg)`` (:mod:`emu.npu.hccl`), as groups made
   with ``"cpu:gloo,npu:gloo"`` do;
-* puts a ``torch_npu`` module in ``sys.modules`` whose MC2 operators (V2 and V1) are mc2-emu's,
-  with the MoE routing operators (:mod:`emu.npu.routing`) and the helpers MoE clients call
-  around them computed on the CPU (:mod:`emu.npu.ops`); any other ``npu_*`` name raises a clear
-  "not emulated" error when called; ``torch_npu.testing`` as operator tests use it
-  (:mod:`emu.npu.optest`).
+* puts a ``torch_npu`` module in ``sys.modules`` whose operators are dispatcher ops in the
+  ``npu`` namespace with torch_npu 2.14.0's schemas (``torch_npu.X is torch.ops.npu.X``,
+  :mod:`emu.npu.registry`): the MC2 operators (V2 and V1) run by mc2-emu, the MoE routing
+  operators (:mod:`emu.npu.routing`) and the compute operators a MoE layer calls around them
+  (:mod:`emu.npu.compute`), each with a fake kernel for graph capture; any other ``npu_*`` name
+  raises a clear "not emulated" error when called; ``torch_npu.testing`` as operator tests use
+  it (:mod:`emu.npu.optest`).
 """
 from __future__ import annotations
 

@@ -57,9 +57,8 @@ def _check_tensor(t: torch.Tensor, name: str, dim: int, dtypes: Sequence[torch.d
 
 
 def dynamic_quant_rows(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric int8 over the last dim (``npu_dynamic_quant`` and init_routing_v2's
-    quant_mode 1): scale = max|x| / 127, y = round(x / scale) in [-128, 127]; an all-zero row
-    gives y 0 and scale 0.  xf (..., H) fp32 -> (y (..., H) int8, scale (...) fp32)."""
+    """Per-row symmetric int8 over the last dim (init_routing_v2's quant_mode 1): scale =
+    max|x| / 127, y = round(x / scale) in [-128, 127]; an all-zero row gives y 0 and scale 0.  xf (..., H) fp32 -> (y (..., H) int8, scale (...) fp32)."""
     scale = xf.abs().amax(-1) / torch.tensor(127.0)
     y = torch.where(scale[..., None] > 0, xf / scale[..., None].clamp_min(1e-30), torch.zeros_like(xf))
     return y.round().clamp(-128, 127).to(torch.int8), scale
@@ -456,6 +455,15 @@ def _re_routing_index(counts: torch.Tensor) -> torch.Tensor:
     return index
 
 
+def _re_routing_modes(expert_token_num_type: int, idx_type: int, tokens_dtype: int | None) -> None:
+    _require(expert_token_num_type == 1, f"npu_moe_re_routing expert_token_num_type={expert_token_num_type} is not "
+                                         f"emulated (torch_npu supports count mode 1 only)", NotImplementedError)
+    _require(idx_type == 0, f"npu_moe_re_routing idx_type={idx_type} is not emulated (torch_npu supports gather "
+                            f"index 0 only)", NotImplementedError)
+    _require(tokens_dtype is None, f"npu_moe_re_routing tokens_dtype={tokens_dtype} (hifloat8 / float4 tokens) is not "
+                                   f"emulated by mc2-emu", NotImplementedError)
+
+
 def npu_moe_re_routing(tokens: torch.Tensor, expert_token_num_per_rank: torch.Tensor, *,
                        per_token_scales: torch.Tensor | None = None, expert_token_num_type: int = 1,
                        idx_type: int = 0, tokens_dtype: int | None = None
@@ -470,12 +478,7 @@ def npu_moe_re_routing(tokens: torch.Tensor, expert_token_num_per_rank: torch.Te
     (permute_tokens[i] = tokens[permute_token_idx[i]]); expert_token_num (E,) (count mode, the
     dtype of expert_token_num_per_rank).
     """
-    _require(expert_token_num_type == 1, f"npu_moe_re_routing expert_token_num_type={expert_token_num_type} is not "
-                                         f"emulated (torch_npu supports count mode 1 only)", NotImplementedError)
-    _require(idx_type == 0, f"npu_moe_re_routing idx_type={idx_type} is not emulated (torch_npu supports gather "
-                            f"index 0 only)", NotImplementedError)
-    _require(tokens_dtype is None, f"npu_moe_re_routing tokens_dtype={tokens_dtype} (hifloat8 / float4 tokens) is not "
-                                   f"emulated by mc2-emu", NotImplementedError)
+    _re_routing_modes(expert_token_num_type, idx_type, tokens_dtype)
     _check_tensor(tokens, "tokens", 2, (torch.float16, torch.bfloat16, torch.int8))
     counts = expert_token_num_per_rank
     _check_tensor(counts, "expert_token_num_per_rank", 2, (torch.int32, torch.int64))
@@ -490,3 +493,83 @@ def npu_moe_re_routing(tokens: torch.Tensor, expert_token_num_per_rank: torch.Te
     scales = (per_token_scales[index] if per_token_scales is not None
               else torch.zeros(tokens.shape[0], dtype=torch.float32))
     return tokens[index], scales, index.to(torch.int32), counts.sum(0).to(counts.dtype)
+
+
+# ----------------------------------------------------------------------------- fake kernels
+# Output shapes and dtypes only (graph capture, FakeTensorMode, meta tensors), as torch_npu 2.14's
+# meta functions allocate them; the argument checks that need no data are the kernels' own.
+
+def _gating_fake(x: torch.Tensor, finished: torch.Tensor | None = None,
+                 k: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _require(x.dim() in (2, 3), f"x must be a 2-D or 3-D tensor, got {tuple(x.shape)}")
+    shape = (*x.shape[:-1], k)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.int32), x.new_empty(shape, dtype=torch.int32)
+
+
+def _init_routing_fake(x: torch.Tensor, row_idx: torch.Tensor, expert_idx: torch.Tensor,
+                       active_num: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, k = expert_idx.shape
+    return (x.new_empty((min(n, active_num) * k, x.shape[1])), row_idx.new_empty((n * k,)),
+            row_idx.new_empty((n * k,)))
+
+
+def _init_routing_v2_fake(x: torch.Tensor, expert_idx: torch.Tensor, *, scale: torch.Tensor | None = None,
+                          offset: torch.Tensor | None = None, active_num: int = -1, expert_capacity: int = -1,
+                          expert_num: int = -1, drop_pad_mode: int = 0, expert_tokens_num_type: int = 0,
+                          expert_tokens_num_flag: bool = False, quant_mode: int = -1,
+                          active_expert_range: Sequence[int] = [], row_idx_type: int = 0, x_dtype: int | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _v2_check_modes(quant_mode, drop_pad_mode, expert_tokens_num_type, row_idx_type, x_dtype)
+    start, end = _v2_range(active_expert_range, expert_num)
+    n, k = expert_idx.shape
+    h = x.shape[1]
+    dtype = torch.int8 if quant_mode in (0, 1) else x.dtype
+    if drop_pad_mode == 1:
+        rows_shape, scale_shape = (expert_num, expert_capacity, h), (expert_num * expert_capacity,)
+    else:
+        rows = n * k if active_num <= 0 else min(active_num, n * k)
+        rows_shape, scale_shape = (rows, h), (rows,)
+    if not expert_tokens_num_flag:
+        tokens_shape: tuple = ()
+    else:
+        tokens_shape = (expert_num, 2) if expert_tokens_num_type == 2 else (end - start,)
+    return (x.new_empty(rows_shape, dtype=dtype), x.new_empty((n * k,), dtype=torch.int32),
+            x.new_empty(tokens_shape, dtype=torch.int64),
+            x.new_empty(() if quant_mode == 0 else scale_shape, dtype=torch.float32))
+
+
+def _finalize_routing_fake(expanded_permuted_rows: torch.Tensor, skip1: torch.Tensor | None,
+                           skip2: torch.Tensor | None, bias: torch.Tensor | None, scales: torch.Tensor | None,
+                           expanded_src_to_dst_row: torch.Tensor, export_for_source_row: torch.Tensor | None,
+                           drop_pad_mode: int | None = 0, k: int | None = 1) -> torch.Tensor:
+    mode = 0 if drop_pad_mode is None else drop_pad_mode
+    kk = 1 if k is None else k
+    rows = scales.shape[0] if scales is not None else expanded_src_to_dst_row.shape[0] // kk
+    return expanded_permuted_rows.new_empty((rows, expanded_permuted_rows.shape[2 if mode in (1, 3) else 1]))
+
+
+def _compute_expert_tokens_fake(sorted_expert_for_source_row: torch.Tensor, num_expert: int) -> torch.Tensor:
+    return sorted_expert_for_source_row.new_empty((num_expert,), dtype=torch.int32)
+
+
+def _re_routing_fake(tokens: torch.Tensor, expert_token_num_per_rank: torch.Tensor, *,
+                     per_token_scales: torch.Tensor | None = None, expert_token_num_type: int = 1,
+                     idx_type: int = 0, tokens_dtype: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _re_routing_modes(expert_token_num_type, idx_type, tokens_dtype)
+    a = tokens.shape[0]
+    scales = (per_token_scales.new_empty(per_token_scales.shape) if per_token_scales is not None
+              else tokens.new_empty((a,), dtype=torch.float32))
+    return (tokens.new_empty(tokens.shape), scales, tokens.new_empty((a,), dtype=torch.int32),
+            expert_token_num_per_rank.new_empty((expert_token_num_per_rank.shape[1],)))
+
+
+#: schema name -> (kernel on CPU tensors, fake kernel), for :mod:`emu.npu.registry`.
+KERNELS = {
+    "npu_moe_gating_top_k_softmax": (npu_moe_gating_top_k_softmax, _gating_fake),
+    "npu_moe_init_routing": (npu_moe_init_routing, _init_routing_fake),
+    "npu_moe_init_routing_v2": (npu_moe_init_routing_v2, _init_routing_v2_fake),
+    "npu_moe_finalize_routing": (npu_moe_finalize_routing, _finalize_routing_fake),
+    "npu_moe_compute_expert_tokens": (npu_moe_compute_expert_tokens, _compute_expert_tokens_fake),
+    "npu_moe_re_routing": (npu_moe_re_routing, _re_routing_fake),
+}

@@ -10,7 +10,12 @@ written per op; the c10d collectives reach gloo with the inner CPU tensors the s
 Factory functions (``torch.zeros(..., device="npu:1")``, ``.to("npu")``, ``torch.randn``)
 end in ``aten::empty`` / ``aten::empty_strided`` on the ``npu`` (privateuse1) key, which
 :func:`register_factories` implements.  Random ops on npu tensors draw from the npu
-generator (``torch.npu.manual_seed``), not from the CPU's, as on the device.
+generator (``torch.npu.manual_seed``), not from the CPU's, as on the device.  Where the NPU's
+kernel takes what the CPU's refuses (``torch.histc`` of integer tensors), npu tensors get the
+NPU's behaviour (``_NPU_SEMANTICS``).
+
+npu tensors are traceable (``__tensor_flatten__`` / ``__tensor_unflatten__``): ``torch.compile``
+captures graphs over them, with Dynamo and AOTAutograd tracing the inner CPU tensors.
 
 Not supported: ``.numpy()`` (as on the device: ``.cpu()`` first), storage-level APIs
 (``untyped_storage()``, sharing npu tensors between processes, ``torch.save`` of npu tensors),
@@ -19,7 +24,6 @@ pinned memory.  Mixing npu and CPU tensors in one op is allowed (the device refu
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import wraps
 from typing import Any
 
 import torch
@@ -37,11 +41,28 @@ class NpuTensor(torch.Tensor):
 
     @staticmethod
     def __new__(cls, inner: torch.Tensor, index: int = 0) -> "NpuTensor":
+        # The wrapper's storage is as large as the memory it stands for; an empty one claims one byte,
+        # since graph capture resizes a zero-byte storage, which a Python-registered device cannot do.
         t = torch.Tensor._make_wrapper_subclass(
             cls, inner.size(), strides=inner.stride(), storage_offset=inner.storage_offset(), dtype=inner.dtype,
-            layout=inner.layout, device=torch.device(NPU, index), requires_grad=inner.requires_grad)
+            layout=inner.layout, device=torch.device(NPU, index), requires_grad=inner.requires_grad,
+            storage_size=inner.untyped_storage().nbytes() or 1)
         t.inner = inner
         return t
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __tensor_flatten__(self) -> tuple[list[str], int]:
+        """Graph capture (Dynamo / AOTAutograd) traces the inner CPU tensor; the device index rides along."""
+        return ["inner"], self.device.index
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict[str, torch.Tensor], index: int, outer_size, outer_stride) -> "NpuTensor":
+        return NpuTensor(inner["inner"], index)
+
+    def _stable_hash_for_caching(self) -> str:
+        """AOTAutograd's cache key of the subclass: what is not in the inner tensor (the device)."""
+        return f"NpuTensor:{self.device.index}"
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
         text = repr(self.inner.detach())
@@ -66,12 +87,33 @@ class NpuTensor(torch.Tensor):
         cpu_args, cpu_kwargs = tree_map(_to_cpu_arg, args), tree_map(_to_cpu_arg, kwargs)
         if _is_random(func) and cpu_kwargs.get("generator") is None:
             cpu_kwargs["generator"] = npu_generator()
-        out = func(*cpu_args, **cpu_kwargs)
+        out = _NPU_SEMANTICS.get(func, func)(*cpu_args, **cpu_kwargs)
         if target is not None and torch.device(target).type != NPU:
             return out                                      # e.g. .cpu(), .to("cpu")
         if target is not None and index is None:
             index = _index(torch.device(target))
         return tree_map(lambda o: _rewrap(o, seen, index or 0), out)
+
+
+def _histc(self: torch.Tensor, bins: int = 100, min: float = 0, max: float = 0) -> torch.Tensor:
+    """The NPU's histc (aclnnHistc) takes integer tensors too, counting in their dtype; the CPU
+    kernel takes floating ones only.  Integers are binned as float64 (exact), as the CPU bins floats."""
+    if self.is_floating_point():
+        return torch.ops.aten.histc.default(self, bins, min, max)
+    return torch.ops.aten.histc.default(self.double(), bins, min, max).to(self.dtype)
+
+
+def _histc_out(self: torch.Tensor, bins: int = 100, min: float = 0, max: float = 0, *,
+               out: torch.Tensor) -> torch.Tensor:
+    return out.copy_(_histc(self, bins, min, max))
+
+
+#: aten ops whose NPU kernel accepts what the CPU kernel refuses, run on npu tensors the NPU's way
+#: (docs/graph-mode.md, "npu tensors").
+_NPU_SEMANTICS: dict[Any, Callable] = {
+    torch.ops.aten.histc.default: _histc,
+    torch.ops.aten.histc.out: _histc_out,
+}
 
 
 def _unwrap_into(seen: dict[int, torch.Tensor], args, kwargs) -> int | None:
@@ -97,6 +139,11 @@ def _unwrap_into(seen: dict[int, torch.Tensor], args, kwargs) -> int | None:
 def _to_cpu_arg(a):
     if isinstance(a, NpuTensor):
         return a.inner
+    if isinstance(a, torch.Tensor) and a.device.type == NPU:
+        # Not an NpuTensor yet on npu: a factory's result traced under graph capture (FakeTensorMode
+        # makes it without our factory kernels).  The copy is traced too; when the graph runs, the
+        # factory gives an NpuTensor and the copy its CPU memory.
+        return a.to(_CPU)
     if isinstance(a, torch.device) and a.type == NPU:
         return _CPU
     return a
@@ -192,20 +239,3 @@ def register_factories() -> None:
     lib.impl("empty_strided", _empty_strided, "PrivateUse1")
     lib.impl("_copy_from", _copy_from, "PrivateUse1")
     _LIBRARY.append(lib)
-
-
-def on_cpu(fn: Callable) -> Callable:
-    """``fn`` run on the CPU memory of its npu arguments; when any argument was an npu
-    tensor, the tensors it returns are npu tensors on that device (one that is an argument's
-    memory comes back as that argument)."""
-
-    @wraps(fn)
-    def run(*args, **kwargs):
-        seen: dict[int, torch.Tensor] = {}
-        index = _unwrap_into(seen, args, kwargs)
-        if index is None:
-            return fn(*args, **kwargs)
-        out = fn(*tree_map(_to_cpu_arg, args), **tree_map(_to_cpu_arg, kwargs))
-        return tree_map(lambda o: _rewrap(o, seen, index), out)
-
-    return run
