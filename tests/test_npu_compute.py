@@ -351,6 +351,19 @@ def test_gmm_m_groups_single_weight_and_rows_past_the_groups(group_list_type, gr
     assert len(out) == 1 and out[0].dtype == BF16 and out[0].tolist() == [[1.0], [4.5], [7.5], [0.0]]
 
 
+def test_gmm_sparse_group_list_takes_rows_in_turn():
+    """group_list_type 2: rows [expert, count] (init_routing_v2's key-value table): rows 0-1 go to
+    expert 2, row 2 to expert 0, [0, 0] adds nothing, row 3 is past the groups (0)."""
+    x = t([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [9.0, 9.0]], BF16)
+    w = torch.stack([t([[1.0], [2.0]]), t([[5.0], [5.0]]), t([[3.0], [4.0]])]).to(BF16)
+    out = npu_grouped_matmul([x], [w], group_list=t([[2, 2], [0, 1], [0, 0]], I64), group_list_type=2,
+                             split_item=2, group_type=0)
+    assert out[0].tolist() == [[3.0], [4.0], [3.0], [0.0]]
+    for bad in ([[3, 1], [0, 1]], [[0, 5], [1, 0]]):                       # expert out of range; too many rows
+        raises_code(PARAM_INVALID, lambda: npu_grouped_matmul([x], [w], group_list=t(bad, I64), group_list_type=2,
+                                                              split_item=2, group_type=0))
+
+
 def test_gmm_bf16_accumulates_in_fp32_with_one_rounding():
     x = t([[1.0, 2.0 ** -8, 2.0 ** -8, 2.0 ** -8]], BF16)
     out = npu_grouped_matmul([x], [torch.ones(1, 4, 1, dtype=BF16)], group_list=t([1], I64), split_item=2,
@@ -473,7 +486,6 @@ def test_gmm_rejects_more(call, code, match):
 @pytest.mark.parametrize("kwargs, match", [
     ({"group_type": 2}, "group_type=2"),
     ({"group_type": 0, "x_dtype": 290}, "x_dtype=290"),
-    ({"group_type": 0, "group_list_type": 2}, "group_list_type=2"),
 ])
 def test_gmm_modes_not_emulated(kwargs, match):
     x, w = _gmm_x_w()
@@ -515,6 +527,8 @@ def _cases() -> list[tuple[str, tuple, dict]]:
                                               "per_token_scale": [torch.rand(6)]}),
         ("npu_grouped_matmul", ([x8], [w8]), {"group_list": counts, "group_list_type": 1, "split_item": 2,
                                               "group_type": 0, "output_dtype": 5, "scale": [torch.rand(3, 4)]}),
+        ("npu_grouped_matmul", ([xb], [wb]), {"group_list": t([[2, 3], [0, 2], [0, 0]], I64), "group_list_type": 2,
+                                              "split_item": 2, "group_type": 0}),
         ("npu_grouped_matmul.List", ([xb], list(wb[:2])), {"group_list": [2, 6], "split_item": 2}),
         ("npu_grouped_matmul.List", ([xb], list(wb[:2])), {"group_list": [2, 6], "split_item": 1}),
         ("npu_grouped_matmul.List", ([xb], [wb[0]]), {"split_item": 0, "group_type": -1}),

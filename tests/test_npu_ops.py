@@ -5,6 +5,8 @@ Graph capture and the MC2 ops inside a world: tests/test_npu_moe_layer.py; npu t
 tests/npu_tensor_checks.py."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import npu_wheel
 import pytest
 import torch
@@ -72,3 +74,8 @@ def test_mc2_fakes_need_no_world():
         y = torch.ops.npu.npu_moe_distribute_combine_v2(outs[0].bfloat16(), ids, outs[2], outs[4],
                                                         torch.empty(6, 4), "no such group", 8, 3, 16)
         assert (tuple(y.shape), y.dtype) == ((6, 1024), torch.bfloat16)
+
+
+def test_the_docs_page_names_every_op():
+    text = (Path(__file__).resolve().parent.parent / "docs" / "torch-npu.md").read_text(encoding="utf-8")
+    assert [e.base for e in registry.ENTRIES if f"`{e.base}" not in text] == []

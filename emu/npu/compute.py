@@ -751,15 +751,19 @@ def _gmm_layout(c: _Gmm) -> tuple[str, list[tuple[int, ...]], int]:
     if gl is None:
         _check(len(c.x) > 1, f"{op}: group_list (tensor) is required in this case, but get None")
     else:
-        _emulated(c.group_list_type != 2, f"{op} group_list_type=2 (sparse (expert, count) pairs)")
-        _check(c.group_list_type in (0, 1), f"{op}: group_list_type must be 0 or 1, got {c.group_list_type}")
-        _check(gl.dtype == torch.int64 and gl.dim() == 1, f"{op}: group_list must be a 1-D int64 tensor, got "
-                                                          f"{gl.dtype} {tuple(gl.shape)}")
+        _check(c.group_list_type in (0, 1, 2), f"{op}: group_list_type must be 0, 1 or 2, got {c.group_list_type}")
+        sparse = c.group_list_type == 2             # rows [group index, row count] (aclnnGroupedMatmulV4)
+        want = (2, "(G, 2)") if sparse else (1, "1-D")
+        _check(gl.dtype == torch.int64 and gl.dim() == want[0] and (not sparse or gl.shape[1] == 2),
+               f"{op}: group_list must be a {want[1]} int64 tensor, got {gl.dtype} {tuple(gl.shape)}")
         _check(gl.shape[0] <= _MAX_GROUP_TENSOR, f"{op}: size of group_list {gl.shape[0]} should be less than or "
                                                  f"equal to {_MAX_GROUP_TENSOR}")
-        _check(gl.shape[0] == groups or groups == 1, f"{op}: size of group_list {gl.shape[0]} should be equal to the "
-                                                     f"group count {groups}")
-        _emulated(gl.shape[0] == groups, f"{op} with one weight group and a group_list of {gl.shape[0]} entries")
+        if sparse:
+            _check(gl.shape[0] > 1, f"{op}: a sparse group_list (group_list_type 2) needs more than one row")
+        else:
+            _check(gl.shape[0] == groups or groups == 1, f"{op}: size of group_list {gl.shape[0]} should be equal "
+                                                         f"to the group count {groups}")
+            _emulated(gl.shape[0] == groups, f"{op} with one weight group and a group_list of {gl.shape[0]} entries")
     return "rows", [(sum(x.shape[0] for x in c.x), n)], groups
 
 
@@ -869,23 +873,33 @@ def _gmm_block(x: Tensor, w: Tensor, bias: Tensor | None, scale: Tensor | None, 
     return y.to(out)
 
 
-def _gmm_segments(c: _Gmm, groups: int) -> list[tuple[int, int]]:
-    """(start row, row count) of each group of the one x, from a Tensor group_list (kernel data)."""
+def _gmm_segments(c: _Gmm, groups: int) -> list[tuple[int, int, int]]:
+    """(group, start row, row count) of each run of rows of the one x, from a Tensor group_list
+    (kernel data): cumulative ends (type 0), counts (1), or [group, count] rows (2, sparse)."""
     op = "npu_grouped_matmul"
     rows = c.x[0].shape[0]
-    values = [int(v) for v in c.group_list.tolist()][:groups]
-    if c.group_list_type == 0:
-        _check(all(0 <= a <= b for a, b in zip([0] + values, values)),
-               f"{op}: group_list (cumulative, group_list_type 0) must be non-negative and non-decreasing, "
-               f"got {values}")
-        counts = [b - a for a, b in zip([0] + values, values)]
+    values = c.group_list.tolist()
+    if c.group_list_type == 2:
+        order = [int(g) for g, _ in values]
+        counts = [int(n) for _, n in values]
+        _check(all(0 <= g < groups for g in order), f"{op}: sparse group_list group indices {order} must lie in "
+                                                    f"[0, {groups})")
+        _check(all(n >= 0 for n in counts), f"{op}: sparse group_list counts must be non-negative, got {counts}")
     else:
-        _check(all(v >= 0 for v in values), f"{op}: group_list (counts, group_list_type 1) must be non-negative, "
-                                            f"got {values}")
-        counts = values
+        values = [int(v) for v in values][:groups]
+        order = list(range(len(values)))
+        if c.group_list_type == 0:
+            _check(all(0 <= a <= b for a, b in zip([0] + values, values)),
+                   f"{op}: group_list (cumulative, group_list_type 0) must be non-negative and non-decreasing, "
+                   f"got {values}")
+            counts = [b - a for a, b in zip([0] + values, values)]
+        else:
+            _check(all(v >= 0 for v in values), f"{op}: group_list (counts, group_list_type 1) must be "
+                                                f"non-negative, got {values}")
+            counts = values
     _check(sum(counts) <= rows, f"{op}: group_list covers {sum(counts)} rows, more than x's {rows}")
-    starts = [sum(counts[:g]) for g in range(len(counts))]
-    return list(zip(starts, counts))
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return list(zip(order, starts, counts))
 
 
 def _gmm_run(c: _Gmm, plan: _GmmPlan) -> list[Tensor]:
@@ -907,11 +921,11 @@ def _gmm_run(c: _Gmm, plan: _GmmPlan) -> list[Tensor]:
                            for g, x in enumerate(c.x)])]
     x = c.x[0]
     if c.list_overload:
-        segments = [(a, b - a) for a, b in zip([0] + c.group_list[:-1], c.group_list)]
+        segments = [(g, a, b - a) for g, (a, b) in enumerate(zip([0] + c.group_list[:-1], c.group_list))]
     else:
         segments = _gmm_segments(c, plan.groups)
     y = torch.zeros(plan.shapes[0], dtype=plan.out)
-    for g, (start, n) in enumerate(segments):
+    for g, start, n in segments:
         if n:
             rows = slice(start, start + n)
             y[rows] = _gmm_block(x[rows], c.w(g), c.per_group(c.bias, g), c.per_group(c.scale, g),
@@ -935,9 +949,10 @@ def npu_grouped_matmul(x: list[Tensor], weight: list[Tensor], *, bias: list[Tens
     group_type -1 (split_item 0/1, group_list None): y[i] = x[i] @ weight[i] (+ bias[i]); x[i]
     (..., K_i) 2-6 dims, weight[i] (K_i, N_i) 2-D; outputs (..., N_i).
     group_type 0 (split_item 2/3, one output (M, N)): one x (M, K) with weight one (E, K, N)
-    tensor or a list of (K, N), group_list (E,) int64 required: group_list_type 0 cumulative
-    row ends, 1 row counts; or several x[i] (M_i, K) with as many weights (group_list optional,
-    matching their rows).  Rows past the last group: the kernel leaves them unwritten (torch_npu
+    tensor or a list of (K, N), group_list int64 required: group_list_type 0 (E,) cumulative
+    row ends, 1 (E,) row counts, 2 (G, 2) rows [expert, row count] taking the rows in turn (the
+    sparse form, e.g. init_routing_v2's key-value expert_tokens; [0, 0] rows add nothing); or
+    several x[i] (M_i, K) with as many weights (group_list optional, matching their rows).  Rows past the last group: the kernel leaves them unwritten (torch_npu
     allocates M rows uninitialised); here 0.
     Float x (fp16 / bf16 / fp32, weight the same dtype): fp32 accumulation + bias (fp16 for
     fp16 x, fp32 otherwise), one rounding; output x's dtype.

@@ -58,7 +58,8 @@ def _check_tensor(t: torch.Tensor, name: str, dim: int, dtypes: Sequence[torch.d
 
 def dynamic_quant_rows(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric int8 over the last dim (init_routing_v2's quant_mode 1): scale =
-    max|x| / 127, y = round(x / scale) in [-128, 127]; an all-zero row gives y 0 and scale 0.  xf (..., H) fp32 -> (y (..., H) int8, scale (...) fp32)."""
+    max|x| / 127, y = round(x / scale) in [-128, 127]; an all-zero row gives y 0 and scale 0.
+    xf (..., H) fp32 -> (y (..., H) int8, scale (...) fp32)."""
     scale = xf.abs().amax(-1) / torch.tensor(127.0)
     y = torch.where(scale[..., None] > 0, xf / scale[..., None].clamp_min(1e-30), torch.zeros_like(xf))
     return y.round().clamp(-128, 127).to(torch.int8), scale
