@@ -35,6 +35,7 @@ import torch
 
 from ..core.errors import PARAM_INVALID, PARAM_NULLPTR, TILING_ERROR, AclnnError
 from ..core.inputs import NPU_DTYPE_CODES
+from .schemas import bound_arguments
 
 __all__ = ["KERNELS", "npu_dequant_swiglu_quant", "npu_dynamic_quant", "npu_grouped_matmul",
            "npu_grouped_matmul_list", "npu_moe_token_permute", "npu_moe_token_unpermute", "npu_swiglu"]
@@ -384,15 +385,9 @@ def npu_dequant_swiglu_quant(x: Tensor, *, weight_scale: Tensor | None = None, a
     return _dsq_grouped(c, groups) if c.group_index is not None else _dsq_whole(c)
 
 
-def _dequant_swiglu_quant_fake(x: Tensor, *, weight_scale: Tensor | None = None,
-                               activation_scale: Tensor | None = None, bias: Tensor | None = None,
-                               quant_scale: Tensor | None = None, quant_offset: Tensor | None = None,
-                               group_index: Tensor | None = None, activate_left: bool = False, quant_mode: int = 0,
-                               dst_type: int | None = None, round_mode: int | None = None,
-                               activate_dim: int | None = None, swiglu_mode: int = 0, clamp_limit: float = 7.0,
-                               glu_alpha: float = 1.702, glu_bias: float = 1.0) -> tuple[Tensor, Tensor]:
-    c = _Dsq(x, weight_scale, activation_scale, bias, quant_scale, quant_offset, group_index, activate_left,
-             quant_mode, dst_type, round_mode, activate_dim, swiglu_mode, clamp_limit, glu_alpha, glu_bias)
+def _dequant_swiglu_quant_fake(*args, **kwargs) -> tuple[Tensor, Tensor]:
+    c = _Dsq(**bound_arguments(npu_dequant_swiglu_quant, args, kwargs))
+    x = c.x
     _dsq_check_attrs(c)
     _dsq_check_tensors(c)
     return (x.new_empty((*x.shape[:-1], x.shape[-1] // 2), dtype=torch.int8),
@@ -967,18 +962,8 @@ def npu_grouped_matmul(x: list[Tensor], weight: list[Tensor], *, bias: list[Tens
     return _gmm_run(c, _gmm_plan(c))
 
 
-def _grouped_matmul_fake(x: list[Tensor], weight: list[Tensor], *, bias: list[Tensor] | None = None,
-                         scale: list[Tensor] | None = None, offset: list[Tensor] | None = None,
-                         antiquant_scale: list[Tensor] | None = None, antiquant_offset: list[Tensor] | None = None,
-                         per_token_scale: list[Tensor] | None = None, group_list: Tensor | None = None,
-                         activation_input: list[Tensor] | None = None,
-                         activation_quant_scale: list[Tensor] | None = None,
-                         activation_quant_offset: list[Tensor] | None = None, split_item: int | None = 0,
-                         group_type: int | None = None, group_list_type: int | None = 0, act_type: int | None = 0,
-                         tuning_config: list[int] | None = None, output_dtype: int | None = None,
-                         x_dtype: int | None = None, weight_dtype: int | None = None, scale_dtype: int | None = None,
-                         per_token_scale_dtype: int | None = None) -> list[Tensor]:
-    c = _gmm_call(locals(), list_overload=False)
+def _grouped_matmul_fake(*args, **kwargs) -> list[Tensor]:
+    c = _gmm_call(bound_arguments(npu_grouped_matmul, args, kwargs), list_overload=False)
     plan = _gmm_plan(c)
     return [c.x[0].new_empty(s, dtype=plan.out) for s in plan.shapes]
 
@@ -1007,17 +992,8 @@ def npu_grouped_matmul_list(x: list[Tensor], weight: list[Tensor], *, bias: list
     return _gmm_run(c, _gmm_plan(c))
 
 
-def _grouped_matmul_list_fake(x: list[Tensor], weight: list[Tensor], *, bias: list[Tensor] | None = None,
-                              scale: list[Tensor] | None = None, offset: list[Tensor] | None = None,
-                              antiquant_scale: list[Tensor] | None = None,
-                              antiquant_offset: list[Tensor] | None = None,
-                              per_token_scale: list[Tensor] | None = None, group_list: list[int] | None = None,
-                              activation_input: list[Tensor] | None = None,
-                              activation_quant_scale: list[Tensor] | None = None,
-                              activation_quant_offset: list[Tensor] | None = None, split_item: int | None = 0,
-                              group_type: int | None = None, group_list_type: int | None = 0,
-                              act_type: int | None = 0, output_dtype: torch.dtype | None = None) -> list[Tensor]:
-    c = _gmm_call(dict(locals(), tuning_config=None), list_overload=True)
+def _grouped_matmul_list_fake(*args, **kwargs) -> list[Tensor]:
+    c = _gmm_call(dict(bound_arguments(npu_grouped_matmul_list, args, kwargs), tuning_config=None), list_overload=True)
     plan = _gmm_plan(c)
     return [c.x[0].new_empty(s, dtype=plan.out) for s in plan.shapes]
 

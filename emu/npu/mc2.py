@@ -9,7 +9,6 @@ default ``EMU_ALLOCATION=eager``) allocate A.  Every other output agrees with th
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 
 import torch
 
@@ -18,15 +17,9 @@ from ..core.attrs import Geometry, MoeConfig
 from ..core.inputs import DtypeArgs
 from ..core.layout import dispatch_shapes
 from .hccl import distribute_barrier
+from .schemas import bound_arguments
 
 _CONFIG_FIELDS = tuple(inspect.signature(MoeConfig).parameters)
-
-
-def bound_arguments(kernel: Callable, args: tuple, kwargs: dict) -> dict:
-    """The call's arguments by name, defaults filled in (the dispatcher passes only those given)."""
-    bound = inspect.signature(kernel).bind(*args, **kwargs)
-    bound.apply_defaults()
-    return bound.arguments
 
 
 def _dispatch_outputs(a: dict, v1: bool) -> tuple[torch.Tensor, ...]:

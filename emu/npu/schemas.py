@@ -6,6 +6,9 @@ strings; ``tests/test_npu_ops.py`` checks every string against the released whee
 """
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+
 MC2: tuple[str, ...] = (
     'npu_moe_distribute_dispatch(Tensor x, Tensor expert_ids, str group_ep, int ep_world_size, '
     'int ep_rank_id, int moe_expert_num, *, Tensor? scales=None, Tensor? x_active_mask=None, '
@@ -112,3 +115,11 @@ SCHEMAS: tuple[str, ...] = MC2 + ROUTING + COMPUTE + FORMAT
 def op_name(schema: str) -> str:
     """'npu_grouped_matmul.List(Tensor[] x, ...) -> Tensor[]' -> 'npu_grouped_matmul.List'."""
     return schema.split("(", 1)[0]
+
+
+def bound_arguments(kernel: Callable, args: tuple, kwargs: dict) -> dict:
+    """A dispatcher call's arguments by name, defaults filled in (the dispatcher passes only the
+    keyword arguments given): fake kernels read them through their kernel's signature."""
+    bound = inspect.signature(kernel).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
