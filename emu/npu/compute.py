@@ -947,8 +947,9 @@ def npu_grouped_matmul(x: list[Tensor], weight: list[Tensor], *, bias: list[Tens
     tensor or a list of (K, N), group_list int64 required: group_list_type 0 (E,) cumulative
     row ends, 1 (E,) row counts, 2 (G, 2) rows [expert, row count] taking the rows in turn (the
     sparse form, e.g. init_routing_v2's key-value expert_tokens; [0, 0] rows add nothing); or
-    several x[i] (M_i, K) with as many weights (group_list optional, matching their rows).  Rows past the last group: the kernel leaves them unwritten (torch_npu
-    allocates M rows uninitialised); here 0.
+    several x[i] (M_i, K) with as many weights (group_list optional, matching their rows).
+    Rows past the last group: the kernel leaves them unwritten (torch_npu allocates M rows
+    uninitialised); here 0.
     Float x (fp16 / bf16 / fp32, weight the same dtype): fp32 accumulation + bias (fp16 for
     fp16 x, fp32 otherwise), one rounding; output x's dtype.
     int8 x, int8 weight: int32 accumulation (+ int32 bias); output_dtype int32 (code 3) gives
