@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from .a2 import checks as a2_checks
 from .a2 import fullmesh, hierarchy
@@ -21,6 +22,7 @@ from .a3 import dispatch as a3_dispatch
 from .comm.call import Call, open_call
 from .comm.context import current
 from .comm.watching import watched_group
+from .core.errors import AclnnError, ErrorKind
 from .core.inputs import CombineInputs, DispatchInputs
 from .core.layout import DispatchOutputs
 from .core.request import CombineRequest, DispatchRequest, Prepared, R, Request, attempt
@@ -82,12 +84,17 @@ def run(req: Request, on: Chip | None = None) -> DispatchOutputs | torch.Tensor:
         call = open_call(req, checked, on.elastic)
         result = getattr(on.paths[checked.prep.algorithm], req.kind)(call, checked.prep, req.inputs)
     except Exception as exc:
-        recorder.farewell(type(exc).__name__, getattr(exc, "kind", None), getattr(exc, "culprits", ()), str(exc))
+        if isinstance(exc, AclnnError) and exc.kind == ErrorKind.BAD_INPUT and not exc.culprits:
+            exc.culprits = (dist.get_rank(),)           # it blames its own input
+        recorder.farewell(type(exc).__name__, getattr(exc, "kind", None), getattr(exc, "culprits", ()), str(exc),
+                          getattr(exc, "code", None))
+        ctx.op_raised()
         if watched is not None:
             ctx.watcher.after(watched, failed=True)
         raise
     if watched is not None:
         ctx.watcher.after(watched)
+    ctx.op_returned()
     call.add_waits(req.inputs.performance_info)
     return result
 

@@ -84,9 +84,10 @@ def _add_rms_norm_kwargs(kw: dict) -> dict:
     return kw
 
 
-def bad_call(op: str, change: dict, bad_ranks: list[int] | None = None, env: dict | None = None,
+def bad_call(op: str, change: dict, bad_ranks: list[int] | None = None, bad_env: dict | None = None,
              callers: list[int] | None = None, **fields) -> str:
-    """One call of ``op`` where ``bad_ranks`` (None = all) apply ``change`` to their kwargs.
+    """One call of ``op`` where ``bad_ranks`` (None = all) apply ``change`` to their kwargs (and
+    ``bad_env`` to their environment).
 
     Only ``callers`` (default: the scenario's survivors) call the op; the others answer "idle".
 
@@ -111,7 +112,7 @@ def bad_call(op: str, change: dict, bad_ranks: list[int] | None = None, env: dic
             orig = dict(kw)
             for name, value in change.items():
                 kw[name] = value(orig) if callable(value) else value
-        with mock.patch.dict(os.environ, (env or {}) if bad else {}):
+        with mock.patch.dict(os.environ, (bad_env or {}) if bad else {}):
             _call(fn, kw)
     return "ok"
 

@@ -29,8 +29,8 @@ def check_scenario(world: World, target=mp_cases.scenario, run_kwargs: dict | No
 def assert_all_raise(results: list[Outcome], code: int, text: str, bad_ranks: list[int] | None = None,
                      kind: ErrorKind = ErrorKind.BAD_INPUT, culprits: tuple[int, ...] | None = None) -> None:
     """Every rank raised AclnnError(code).  The bad ranks (all, when None) raised ``kind``
-    (blaming ``culprits`` when given) naming ``text`` in their message; the others raised a
-    PeerError of kind PEER_BAD_INPUT blaming exactly the bad ranks."""
+    (blaming ``culprits`` when given, themselves for BAD_INPUT) naming ``text`` in their message;
+    the others raised a PeerError of kind PEER_BAD_INPUT blaming exactly the bad ranks."""
     for res in results:
         g, e = res.rank, res.error
         assert e is not None, f"rank {g} returned {res.value!r} instead of raising"
@@ -39,6 +39,7 @@ def assert_all_raise(results: list[Outcome], code: int, text: str, bad_ranks: li
         if bad_ranks is None or g in bad_ranks:
             assert e.kind == kind, f"rank {g} raised {e.kind}, want {kind}: {e.message}"
             assert culprits is None or e.culprits == culprits, (g, e.culprits, culprits)
+            assert kind != ErrorKind.BAD_INPUT or e.culprits == (g,), (g, e.culprits)   # it blames its own input
             assert text in e.message.splitlines()[0], f"rank {g}: {text!r} not in {e.message.splitlines()[0]!r}"
         else:
             assert e.type_name == "PeerError", f"rank {g} raised {e.type_name}: {e.message}"

@@ -2,6 +2,8 @@
 and the world still usable afterwards (docs/errors.md)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from mutators import (add, cast, derive, elastic_field, elastic_tables, extra_di
                       first_slot_id, first_slot_twice, widen)
 import mp_cases
 from mp_check import assert_all_raise, check_scenario
+from emu.testing import Fault
 
 pytestmark = [pytest.mark.emu_world(4), pytest.mark.timeout(300)]
 
@@ -197,7 +200,96 @@ def test_elastic_with_tp2_rejected(world):
 
 
 def test_elastic_combine_error_on_every_survivor(world):
-    res = world.run(mp_cases.bad_call, op="combine", change={"expert_scales": derive(first_columns, "expert_scales", 1)},
-                    **ELASTIC_BASE)
+    res = world.run(mp_cases.bad_call, op="combine",
+                    change={"expert_scales": derive(first_columns, "expert_scales", 1)}, **ELASTIC_BASE)
     assert_all_raise(_survivors(res), TILING, "expert_scales.shape")
     check_scenario(world, target=mp_cases.elastic, run_kwargs={"warmup": False}, **ELASTIC_BASE, seed=9)
+
+
+# ----------------------------------------------------------------------------- one bad rank, then the next call
+
+TP2 = dict(ep=2, tp=2, moe=2, shared_ranks=0, k=1, h=1024)
+
+
+def _raised_promptly(res) -> None:
+    """No rank waited out EMU_TIMEOUT_S for a peer that already knew it would not come."""
+    limit = float(os.environ.get("EMU_TIMEOUT_S", "30"))
+    assert all(r.seconds < limit / 2 for r in res), [(r.rank, round(r.seconds, 2)) for r in res]
+
+
+def _then_next_call_works(world, **fields) -> None:
+    """The same groups serve the next valid call on every rank (call numbers in step, no group left
+    with a collective in flight)."""
+    if "removed" in fields:
+        check_scenario(world, target=mp_cases.elastic, run_kwargs={"warmup": False}, **fields, seed=9)
+    else:
+        check_scenario(world, **fields, seed=3)
+
+
+@pytest.mark.parametrize("op,name", [("dispatch", n) for n in DISPATCH] + [("combine", n) for n in COMBINE])
+def test_one_bad_rank_every_rank_gets_its_error_and_the_world_goes_on(world, op, name):
+    """Only rank 1 gets the bad input, whatever it is and wherever it is detected (arguments, the
+    group name, the attributes, the data): it raises its own error, every peer a PeerError with
+    that code naming it, at once; the next valid call works."""
+    change, code, text, extra = (DISPATCH if op == "dispatch" else COMBINE)[name]
+    fields, env = _fields(extra)
+    res = world.run(mp_cases.bad_call, op=op, change=change, bad_ranks=[1], bad_env=env, **fields)
+    assert_all_raise(res, code, text, bad_ranks=[1])
+    _raised_promptly(res)
+    _then_next_call_works(world, **BASE)
+
+
+ONE_BAD_RANK = {
+    # the elastic table of one survivor: a dtype the kernel rejects, one entry short (no domain can be read
+    # from it: the peers learn of it from its farewell), tables that disagree, a wrong E'
+    "elastic-int64": ("dispatch", {"elastic_info": derive(cast, "elastic_info", torch.int64)}, INVALID,
+                      "elastic_info.dtype", ELASTIC_BASE),
+    "elastic-short": ("dispatch", {"elastic_info": derive(first_rows, "elastic_info", -1)}, TILING,
+                      "elastic_info.shape[0]", ELASTIC_BASE),
+    "elastic-tables": ("dispatch", {"elastic_info": derive(elastic_tables, [1, 0, 3, -1])}, TILING,
+                       "inverse permutations", ELASTIC_BASE),
+    "elastic-group-long": ("dispatch", {"group_ep": "g" * 130}, NULL, "group_ep", ELASTIC_BASE),
+    "elastic-combine-shared-ranks-eq-ep": ("combine", {"shared_expert_rank_num": 4}, TILING, "shared_expert_rank_num",
+                                           ELASTIC_BASE),
+    # with elastic_info every rank may take either role: combine wants max(W, W*L) * tp entries
+    "elastic-combine-short-counts": ("combine", {"ep_send_counts": derive(first_rows, "ep_send_counts", 3)}, TILING,
+                                     "ep_send_counts.shape[0]", ELASTIC_BASE),
+    # tp 2 (ep 2 x tp 2): the TP peer, in another EP group, hears it through the TP exchange
+    "tp2-tp-size-3": ("dispatch", {"tp_world_size": 3}, TILING, "tp_world_size", TP2),
+    "tp2-group-tp-long": ("dispatch", {"group_tp": "g" * 130}, NULL, "group_tp", TP2),
+    "tp2-group-tp-unknown": ("dispatch", {"group_tp": "no_such_group"}, TILING, "group_tp", TP2),
+}
+
+
+@pytest.mark.parametrize("name", list(ONE_BAD_RANK))
+def test_one_bad_rank_elastic_and_tp2(world, name):
+    op, change, code, text, fields = ONE_BAD_RANK[name]
+    res = world.run(mp_cases.bad_call, op=op, change=change, bad_ranks=[1], **fields)
+    callers = _survivors(res) if "removed" in fields else res
+    assert_all_raise(callers, code, text, bad_ranks=[1])
+    _raised_promptly(callers)
+    _then_next_call_works(world, **fields)
+
+
+@pytest.mark.parametrize("op,change", [("dispatch", {"x": derive(widen, "x", 8)}),
+                                       ("combine", {"expand_x": derive(widen, "expand_x", 8)})])
+def test_tp2_mismatch_blames_the_odd_ranks_on_every_rank(world, op, change):
+    """ep 2 x tp 2, rank 1 passes another H: its own group finds the mismatch, and the ranks that
+    hear of it through the other domain get the same verdict (kind and culprits), not a peer's
+    "rejected input"."""
+    res = world.run(mp_cases.bad_call, op=op, change=change, bad_ranks=[1], **TP2)
+    culprits = {r.error.culprits for r in res}
+    assert len(culprits) == 1 and 1 in culprits.pop(), [(r.rank, r.error.culprits) for r in res]
+    assert_all_raise(res, TILING, "H (hidden size)", bad_ranks=None, kind=ErrorKind.MISMATCHED_ATTRIBUTE)
+    _then_next_call_works(world, **TP2)
+
+
+def test_a_timed_out_group_is_rebuilt_and_serves_the_next_calls(world):
+    """Rank 2 comes 2.5 s late where EMU_TIMEOUT_S is 1: the others time out, then rank 2; the group
+    every rank abandoned is rebuilt, and the next calls work on every rank."""
+    res = world.run(mp_cases.scenario, env={"EMU_TIMEOUT_S": "1"}, faults=[Fault.delay(2, "dispatch:EP header", 2.5)],
+                    **BASE)
+    assert all(r.error is not None and r.error.kind == ErrorKind.TIMEOUT for r in res), res
+    assert [r.error.culprits for r in res if r.rank != 2] == [(2,)] * 3
+    for _ in range(2):
+        _then_next_call_works(world, **BASE)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from emu.a3.checks import hccl_buffsize_bytes, validate_combine, validate_dispatch, window_need
+from emu.core.checks import usable_remap
 from emu.core.attrs import Geometry, MoeConfig
 from emu.core.errors import AclnnError
 from emu.core.inputs import CombineInputs, DispatchInputs, SpecialExperts
-from emu.core.request import CombineRequest, DispatchRequest, Placement
+from emu import chips
+from emu.core.request import CombineRequest, DispatchRequest, Placement, attempt
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -144,3 +148,50 @@ def test_combine_rules():
     _raises(561002, "ori_x", validate_combine, **_combine_kw(cfg))
     tp_cfg = MoeConfig(ep_world_size=4, moe_expert_num=4, tp_world_size=2)
     _raises(561002, "tp_send_counts", validate_combine, **_combine_kw(tp_cfg, tp_send_counts=None))
+
+
+# ----------------------------------------------------------------------------- any attribute value
+
+_INTS = st.integers(min_value=-3, max_value=40)
+_ATTRS = ("ep_world_size", "moe_expert_num", "tp_world_size", "expert_shard_type", "shared_expert_num",
+          "shared_expert_rank_num", "quant_mode", "global_bs", "expert_token_nums_type", "comm_quant_mode",
+          "zero_expert_num", "copy_expert_num", "const_expert_num")
+
+
+def _table(data, world: int):
+    """None, or an elastic_info of a random length, dtype and contents."""
+    if not data.draw(st.booleans()):
+        return None
+    n = data.draw(st.sampled_from([4 + 2 * max(world, 0), 4 + 2 * max(world, 0) - 1, 3, 0]))
+    dtype = data.draw(st.sampled_from([torch.int32, torch.int64]))
+    return torch.tensor(data.draw(st.lists(st.integers(-2, 9), min_size=n, max_size=n)), dtype=dtype)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_checks_reject_any_attribute_values_with_the_operators_errors(data):
+    """Every chip's checks meet arbitrary attribute values (zero, negative, S == W, tables of any
+    length and dtype) with an operator error of their own making, never a Python error in them."""
+
+    cfg = MoeConfig(**{a: data.draw(_INTS, label=a) for a in _ATTRS})
+    place = Placement(group_ep=None, ep_name="ep", ep_rank_id=data.draw(_INTS, label="ep_rank_id"),
+                      tp_name=data.draw(st.sampled_from(["", "tp"])), tp_rank_id=data.draw(st.integers(-1, 2)))
+    table = _table(data, cfg.ep_world_size)
+    bs, k = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 4))
+    ids = torch.zeros(bs, k, dtype=torch.int32)
+    dispatch = DispatchRequest(DispatchInputs(x=torch.zeros(bs, 1024, dtype=torch.bfloat16), expert_ids=ids,
+                                              elastic_info=table), cfg, place)
+    combine = CombineRequest(CombineInputs(expand_x=torch.zeros(64, 1024, dtype=torch.bfloat16), expert_ids=ids,
+                                           assist_info=torch.zeros(128 * 64, dtype=torch.int32),
+                                           ep_send_counts=torch.zeros(data.draw(st.integers(0, 80)), dtype=torch.int32),
+                                           expert_scales=torch.zeros(bs, k), elastic_info=table,
+                                           tp_send_counts=torch.zeros(max(cfg.tp_world_size, 0), dtype=torch.int32)),
+                             cfg, place)
+    if cfg.ep_world_size > 0:              # the domain an elastic call runs on, read from any table
+        remap = usable_remap(table, cfg.ep_world_size, min(max(place.ep_rank_id, 0), cfg.ep_world_size - 1))
+        assert remap is None or not remap.active or 0 < remap.new_world <= cfg.ep_world_size
+    for soc in ("A3", "A2"):
+        chip = chips.chip(soc)
+        for req, check in ((dispatch, chip.check_dispatch), (combine, chip.check_combine)):
+            out = attempt(check, chip.adapt(req))
+            assert out.error is None or "malformed argument" not in str(out.error), (soc, req.kind, out.error)

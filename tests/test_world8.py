@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from emu.core.errors import ErrorKind
 import mp_cases
+from mutators import cast, derive, first_rows
 from mp_check import assert_all_raise, check_scenario
 from emu.testing.scenario import RankResult, Scenario, compare, run_reference
 
@@ -114,3 +116,22 @@ def test_both_transports_are_bit_exact_and_auto_saves_the_rows_exchange(world):
         counts[transport] = [o.get()[1] for o in res]
     assert counts["split"] == [2 * 2 * 3] * 8                    # dispatch and combine, header + rows, 3 calls
     assert counts["auto"] == [2 * 3] * 8                         # the second auto run: the group has its slot
+
+
+@pytest.mark.parametrize("op,change,code,text,fields", [
+    ("dispatch", {"x": None}, 161001, "x=None", dict(h=H)),
+    ("dispatch", {"group_ep": "g" * 130}, 161001, "group_ep", dict(h=H)),
+    ("dispatch", {"elastic_info": derive(first_rows, "elastic_info", -1)}, 561002, "elastic_info.shape[0]",
+     dict(moe=14, k=4, removed="1,5", h=H)),
+    ("combine", {"expert_scales": derive(cast, "expert_scales", torch.float16)}, 161002, "expert_scales.dtype",
+     dict(tp=2, ep=4, moe=3, shared_ranks=1, k=2, h=H)),
+], ids=["x-null", "group-ep-long", "elastic-short-table", "tp2-combine-dtype"])
+def test_one_bad_rank_among_8_then_the_same_groups_go_on(world, op, change, code, text, fields):
+    """Rank 6 alone gets the bad input; every caller raises at once, then the next call works."""
+    res = world.run(mp_cases.bad_call, op=op, change=change, bad_ranks=[6], **fields)
+    removed = {int(r) for r in fields.get("removed", "").split(",") if r}
+    assert_all_raise([r for r in res if r.rank not in removed], code, text, bad_ranks=[6])
+    if removed:
+        check_scenario(world, target=mp_cases.elastic, run_kwargs={"warmup": False}, **fields, seed=51)
+    else:
+        check_scenario(world, **fields, seed=51)

@@ -250,12 +250,13 @@ def _combine_shapes(c: Checker, req: CombineRequest, geom: Geometry, tp_send_cou
         c.tiling(inp.assist_info.shape[0] >= 128 * a, "assist_info_for_combine.shape[0]", inp.assist_info.shape[0],
                  f"must be >= 128*A = {128 * a}")
     n = inp.ep_send_counts.shape[0]
+    # with elastic_info any rank may have either role: tiling wants max(W, W*L) entries (per TP rank)
+    blocks = max(geom.W, geom.W * geom.L) if inp.elastic_info is not None else geom.recv_blocks(rank)
     if tp:
-        want = geom.recv_blocks(rank) * tp
-        c.tiling(n >= want, "ep_send_counts.shape[0]", n, f"must be >= {want}")
+        c.tiling(n >= blocks * tp, "ep_send_counts.shape[0]", n, f"must be >= {blocks * tp}"
+                 + (" = max(W, W*L) * tp_world_size (elastic_info given)" if inp.elastic_info is not None else ""))
     else:
-        c.tiling(n >= geom.recv_blocks(rank), "ep_send_counts.shape[0]", n,
-                 f"must be >= {geom.recv_blocks(rank)} (the own total is read there)")
+        c.tiling(n >= blocks, "ep_send_counts.shape[0]", n, f"must be >= {blocks} (the own total is read there)")
     if tp_send_counts is not None:
         c.tiling(tp_send_counts.shape[0] == tp, "tp_send_counts.shape[0]", tp_send_counts.shape[0],
                  f"must equal tp_world_size={tp}")
@@ -315,6 +316,9 @@ def own_rows(geom: Geometry, rank: int, ep_send_counts: torch.Tensor) -> int:
 def check_own_rows(prep: Prepared, inp) -> None:
     """Data checks on what this rank is asked to return (561002 instead of garbage)."""
     geom, rank, cap = prep.route, prep.me, prep.shapes.capacity
+    if geom.recv_blocks(rank) > inp.ep_send_counts.shape[0]:
+        raise AclnnError(TILING_ERROR, f"combine: ep_send_counts has {inp.ep_send_counts.shape[0]} entries, EP rank "
+                         f"{rank} reads its total at [{geom.recv_blocks(rank) - 1}]")
     own = own_rows(geom, rank, inp.ep_send_counts)
     if not 0 <= own <= cap:
         raise AclnnError(TILING_ERROR, f"combine: ep_send_counts[{geom.recv_blocks(rank) - 1}]={own} on EP rank "

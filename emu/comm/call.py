@@ -19,14 +19,14 @@ import torch
 import torch.distributed as dist
 
 from ..core.checks import Checker, usable_remap
-from ..core.errors import TILING_ERROR, AclnnError, PeerError
+from ..core.errors import TILING_ERROR, AclnnError, EmuError, PeerError
 from ..core.request import Checked, Request
 from .context import CommContext, current
 from .domain import Domain
 from .groups import resolve_group
 from .header import HEADER_LEN, MAX_ATTRS, Header, Outgoing, clock_of, stamp_clock
 from .transport import CallTag, Transfer, issue
-from .verdict import judge
+from .verdict import judge, relay_kind
 from .wire import Segments, rows_for_meta
 
 HEADER_BYTES = 8 * HEADER_LEN
@@ -114,21 +114,21 @@ class Call:
         self.extra[dom.kind] = dom
 
     def exchange_header(self, kind: str, rows: np.ndarray, row_bytes: int,
-                        expect: np.ndarray, error: int = 0, origin: int = -1) -> Header:
+                        expect: np.ndarray, error: int = 0, origin: int = -1, relayed: int = 0) -> Header:
         """Header all-to-all on domain ``kind``: tell every peer ``rows`` (what this rank sends
         it), ``row_bytes`` and ``expect`` (what it expects back); returns every source's header.
 
         Raises PeerError on every rank when a peer reported an error or disagrees on the op,
         the call number or an attribute (after first telling the remaining domains).
         """
-        out = self._outgoing(rows, row_bytes, expect, error, origin)
+        out = self._outgoing(rows, row_bytes, expect, error, origin, relayed=relayed)
         return self._first_exchange(kind, out, None)[0]
 
     def _outgoing(self, rows: np.ndarray, row_bytes: int, expect: np.ndarray, error: int = 0, origin: int = -1,
-                  inline: bool = False, later: bool = False) -> Outgoing:
+                  inline: bool = False, later: bool = False, relayed: int = 0) -> Outgoing:
         return Outgoing(op=self.op, order=self.order, call_no=self.call_no, error=error, rows=rows,
                         row_bytes=row_bytes, clock_ns=self.clock_ns, expect=expect, origin=origin,
-                        attrs=tuple(v for _, v in self.attrs), inline=inline, later=later)
+                        attrs=tuple(v for _, v in self.attrs), inline=inline, later=later, kind=relayed)
 
     def _first_exchange(self, kind: str, out: Outgoing,
                         fill: Callable[[torch.Tensor], None] | None) -> tuple[Header, torch.Tensor]:
@@ -159,7 +159,7 @@ class Call:
         if out.error == 0:
             sites = self._watched_site if self.ctx.watcher is not None else (lambda r: None)
             problem = judge(hdr, dom, dist.get_rank(), (self.op, self.call_no, self.order), self.attrs,
-                            self._peer_message, sites)
+                            self._peer_message, sites, self._peer_verdict)
             if problem is not None:
                 self.abort(problem)
         return hdr, recv
@@ -242,6 +242,10 @@ class Call:
     def _peer_message(self, origin: int, order: int) -> str | None:
         return self.ctx.recorder.message(f"emu_err/{origin}/{order}")
 
+    def _peer_verdict(self, rank: int, order: int) -> dict | None:
+        raw = self.ctx.recorder.message(f"emu_verdict/{rank}/{order}")
+        return json.loads(raw) if raw else None
+
     def _watched_site(self, rank: int) -> str | None:
         """Where ``rank`` called this op, from its last watch record (this op's own)."""
         raw = self.ctx.recorder.message(f"emu_watch_last/{rank}")
@@ -280,18 +284,29 @@ class Call:
         return out
 
     def abort(self, err: AclnnError) -> None:
-        """Tell every domain whose header is still due that this call failed, then raise."""
+        """Tell every domain whose header is still due that this call failed, then raise: a
+        rejected input by its origin, a verdict of this group (mismatched attribute or call) by
+        its kind, with its culprits left in the store."""
+        me = dist.get_rank()
         code = err.code if isinstance(err, AclnnError) else TILING_ERROR
-        origins = getattr(err, "origins", None) or [dist.get_rank()]
+        relayed = relay_kind(err)
+        origins = getattr(err, "origins", None) or ([] if relayed else [me])
         if not isinstance(err, PeerError):          # peers quote this rank's own message
-            self.ctx.recorder.message(f"emu_err/{dist.get_rank()}/{self.order}", str(err)[:2000])
+            self.ctx.recorder.message(f"emu_err/{me}/{self.order}", str(err)[:2000])
+        if relayed and self.pending:
+            self.ctx.recorder.message(f"emu_verdict/{me}/{self.order}", json.dumps(
+                {"culprits": list(getattr(err, "culprits", ())), "text": str(err).splitlines()[0][:1000]}))
         for kind in list(self.pending):
             dom = self.domain(kind)
             if dom is None:
                 self.pending.remove(kind)
                 continue
             zeros = np.zeros(dom.size, dtype=np.int64)
-            self.exchange_header(kind, zeros, 0, zeros, error=code, origin=origins[0])
+            try:
+                self.exchange_header(kind, zeros, 0, zeros, error=code, origin=origins[0] if origins else -1,
+                                     relayed=relayed)
+            except EmuError:
+                pass                        # a peer failed too; this rank's own error is the one it raises
         raise err
 
     def add_waits(self, performance_info: torch.Tensor | None) -> None:
@@ -324,26 +339,45 @@ def _group_error(req: Request, ep: Domain | None, tp: Domain | None) -> AclnnErr
     return None
 
 
+def _tp_domain(req: Request, rejected: bool) -> Domain | None:
+    """The TP domain: with tp_world_size 2, or on a rank that rejected its input and passed a
+    tp_world_size no job uses (neither 0, 1 nor 2) with a 2-rank group_tp holding it: its TP peer
+    waits there."""
+    tp = req.cfg.tp_world_size
+    if tp != 2 and not (rejected and tp not in (0, 1)):
+        return None
+    pg = resolve_group(req.place.group_tp)
+    if pg is None or (tp != 2 and (dist.get_world_size(pg) != 2 or dist.get_rank(pg) < 0)):
+        return None
+    return Domain.of("TP", pg)
+
+
 def open_call(req: Request, checked: Checked, elastic: bool = True) -> Call:
     """Open the call: its EP (and TP) domain, its number, the attributes peers must share.
 
     A rank whose input failed its checks still takes part in the first exchange of each of
-    its domains with an error marker, so that every peer raises at once instead of waiting;
-    only a rank without a usable group (unknown group_ep, unusable elastic table) raises on
-    its own.  Under active elastic scaling the EP domain is the survivors alone (docs/elastic.md);
+    its domains with an error marker, so that every peer raises at once instead of waiting
+    (its domains come from where it actually is: the group's size and its place in it, and the
+    elastic table's structure, whatever the attributes say).  Only a rank without a usable group
+    (unknown group_ep, an elastic table naming no domain) raises on its own; its farewell tells
+    the peers waiting for it (:func:`~emu.comm.transport.issue`), who abandon the group: every
+    member then builds its next generation, where call numbers start afresh.
+    Under active elastic scaling the EP domain is the survivors alone (docs/elastic.md);
     ``elastic=False`` (a chip without elastic scaling) always uses the whole EP group.
     """
-    cfg, place = req.cfg, req.place
+    place = req.place
     ep_pg = resolve_group(place.group_ep)
-    tp_pg = resolve_group(place.group_tp) if cfg.tp_world_size == 2 else None
     full = Domain.of("EP", ep_pg) if ep_pg is not None else None
-    tp = Domain.of("TP", tp_pg) if tp_pg is not None else None
+    tp = _tp_domain(req, checked.error is not None)
     error = checked.error or _group_error(req, full, tp)
     table = req.inputs.elastic_info if elastic else None
-    remap = usable_remap(table, cfg, place.ep_rank_id, req.kind) if full is not None else None
+    remap = usable_remap(table, full.size, full.rank) if full is not None else None
     if remap is None:
         raise error if error is not None else AclnnError(TILING_ERROR, f"{req.kind}: elastic_info is unusable")
-    ep = Domain.survivors(full, remap.survivors(), int(remap.to_new[place.ep_rank_id])) if remap.active else full
+    ep = Domain.survivors(full, remap.survivors(), int(remap.to_new[full.rank])) if remap.active else full
+    ep.bind()
+    if tp is not None:
+        tp.bind()
     headers = (["TP", "EP"] if req.kind == "combine" else ["EP", "TP"]) if tp is not None else ["EP"]
     ctx = current()
     attrs = checked.prep.agreed[:MAX_ATTRS] if error is None else ()

@@ -34,6 +34,18 @@ def transport_mode() -> str:
     return mode
 
 
+@dataclass(frozen=True)
+class OwnGroup:
+    """One of the emulator's own gloo groups: the object, its store prefix (``name``), the name
+    it is known by whatever its generation (``base``), and its generation (how many times one of
+    its members abandoned a collective on it; a new generation is a new gloo group)."""
+
+    pg: object
+    name: str
+    base: str
+    gen: int
+
+
 @dataclass
 class CommContext:
     """Mutable state of one process's emulator communication."""
@@ -43,7 +55,10 @@ class CommContext:
     collectives_issued: int = 0                                     # every collective (benchmarks count them)
     wire_buffers: dict[str, torch.Tensor] = field(default_factory=dict)
     group_names: dict[str, str] = field(default_factory=dict)       # emu group name -> torch's group name
-    bare_groups: dict[tuple, tuple] = field(default_factory=dict)   # key -> (ProcessGroupGloo, name)
+    bare_groups: dict[tuple, "OwnGroup"] = field(default_factory=dict)   # (prefix, members) -> group
+    graveyard: list = field(default_factory=list)                   # abandoned groups, kept until exit
+    suspect: bool = False                                           # the last op call raised
+    validated: set = field(default_factory=set)                     # groups checked since it raised
     recorder: FlightRecorder = field(default_factory=FlightRecorder)
     tracer: Tracer | None = None
     trace_checked: bool = False                                     # EMU_TRACE read once
@@ -99,6 +114,16 @@ class CommContext:
     def release_groups(self) -> None:
         """Drop the bare groups (before interpreter teardown: none may outlive it)."""
         self.bare_groups.clear()
+        self.graveyard.clear()
+
+    def op_raised(self) -> None:
+        """An op call raised: before this process uses a group again, it checks whether a peer
+        abandoned it meanwhile (its generation moved on)."""
+        self.suspect = True
+        self.validated.clear()
+
+    def op_returned(self) -> None:
+        self.suspect = False
 
 
 _current: CommContext | None = None

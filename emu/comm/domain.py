@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from .groups import group_label, group_ranks, own_group, own_group_name
+from .groups import group_label, group_ranks, own_generation, own_group, own_group_name
 
 
 def timeout_s() -> float:
@@ -67,22 +67,33 @@ class Domain:
         """A domain of the EP ranks ``members`` (ascending) of ``full``."""
         dom = cls.of_members(kind, [full.ranks[m] for m in members], members.index(full.rank), members,
                              prefix=kind.lower())
-        dom.name = dom.backend_name()
-        return dom
+        dom.name = ""
+        return dom.bind()
 
     @classmethod
     def survivors(cls, full: "Domain", old_ep_ranks: np.ndarray, my_new_id: int) -> "Domain":
         """The EP domain of an elastic call: new id i = original EP rank ``old_ep_ranks[i]``."""
         dom = cls.of_members("EP", [full.ranks[int(r)] for r in old_ep_ranks], my_new_id, old_ep_ranks,
                              prefix="survivors")
-        dom.name = dom.backend_name()
+        dom.name = ""
         return dom
+
+    def bind(self) -> "Domain":
+        """Name the domain after the current generation of its own group (not built here): call
+        numbers, slots and flight records live under the name, so a group a member abandoned
+        starts afresh on every member (docs/errors.md)."""
+        name, gen = own_generation(self.ranks, self.prefix)
+        if not self.name or self.name == own_group_name(self.ranks, self.prefix):
+            self.name = name                                  # the emulator's own domain: its group's name
+        elif gen:
+            self.name = f"{self.name.split('~')[0]}~g{gen}"
+        return self
 
     def backend(self) -> ProcessGroup:
         """The emulator's own gloo group of this domain's members (made on first use).  Looked
         up, never held: the per-process registry must be its only owner, so that it is released
         at exit even when a user keeps an emulator error (and its traceback's frames)."""
-        return own_group(self.ranks, timeout_s(), self.prefix)[0]
+        return own_group(self.ranks, timeout_s(), self.prefix).pg
 
     def backend_name(self) -> str:
         return own_group_name(self.ranks, self.prefix)

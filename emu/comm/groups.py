@@ -14,9 +14,17 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed import distributed_c10d as c10d
 
-from .context import current
+from .context import OwnGroup, current
 
 _PREFIX = "emu_hccl_"
+
+
+class Departed(RuntimeError):
+    """Members raised in this op call and will not come: ``farewells`` by global rank."""
+
+    def __init__(self, farewells: dict[int, dict]):
+        super().__init__(f"ranks {sorted(farewells)} left the op")
+        self.farewells = farewells
 
 
 def group_name(pg: ProcessGroup | None = None) -> str:
@@ -63,9 +71,9 @@ def group_ranks(pg: ProcessGroup) -> list[int]:
     return dist.get_process_group_ranks(pg)
 
 
-def own_group(global_ranks: list[int], timeout_s: float, prefix: str) -> tuple[ProcessGroup, str]:
+def own_group(global_ranks: list[int], timeout_s: float, prefix: str) -> OwnGroup:
     """A gloo group of exactly ``global_ranks`` (sorted), built by those ranks alone, whose
-    collectives give up after ``timeout_s``.  Returns (group, name).
+    collectives give up after ``timeout_s``.  Returns it with its name and generation.
 
     Every collective of the emulator runs on such a group, never on the user's: a gloo thread
     stuck in a collective keeps its process from exiting until *its group's* timeout (30
@@ -77,17 +85,84 @@ def own_group(global_ranks: list[int], timeout_s: float, prefix: str) -> tuple[P
     that depends on the members only, created on first use (after every member has arrived,
     failing at once when one of them is gone), reused afterwards, and not registered with
     torch.distributed (collectives on it go through the backend object).
+
+    A member that abandons a collective (a peer left, died or never came) abandons the group
+    (:func:`abandon_group`): its generation moves on in the store and every member builds the
+    next one on its next use, so a group left with a collective in flight is never reused.  A
+    process whose last op call raised checks the generation of each group once before using it.
     """
     ctx = current()
     key = (prefix,) + tuple(sorted(int(r) for r in global_ranks))
-    if key not in ctx.bare_groups:
-        name = own_group_name(global_ranks, prefix)
+    entry = _current(ctx, key)
+    if entry is None:
+        name, gen = own_generation(global_ranks, prefix)
+        base = own_group_name(global_ranks, prefix)
         me = dist.get_rank()
         store = dist.PrefixStore(name + "/", c10d._get_default_store())
         _arrive(store, me, list(key[1:]), timeout_s)
         pg = dist.ProcessGroupGloo(store, key[1:].index(me), len(key) - 1, timedelta(seconds=timeout_s))
-        ctx.bare_groups[key] = (pg, name)
-    return ctx.bare_groups[key]
+        entry = OwnGroup(pg, name, base, gen)
+        ctx.bare_groups[key] = entry
+    return entry
+
+
+def _current(ctx, key: tuple) -> OwnGroup | None:
+    """The cached group of ``key`` unless a member abandoned it meanwhile (checked once after an
+    op call of this process raised)."""
+    entry = ctx.bare_groups.get(key)
+    if entry is not None and ctx.suspect and key not in ctx.validated:
+        ctx.validated.add(key)
+        if _generation(entry.base) != entry.gen:
+            _bury(ctx, key)
+            return None
+    return entry
+
+
+def own_generation(global_ranks: list[int], prefix: str) -> tuple[str, int]:
+    """(name, generation) of the own group of ``global_ranks``, without building it."""
+    entry = _current(current(), (prefix,) + tuple(sorted(int(r) for r in global_ranks)))
+    if entry is not None:
+        return entry.name, entry.gen
+    base = own_group_name(global_ranks, prefix)
+    gen = _generation(base)
+    return (base if gen == 0 else f"{base}_g{gen}"), gen
+
+
+def abandon_group(global_ranks: list[int], prefix: str) -> None:
+    """This rank gave up on a collective of the own group of ``global_ranks``, which may still
+    be in flight, or on setting the group up: move the group's generation on (once per
+    generation, whoever comes first), and keep the object until exit (dropping it would wait for
+    the collective)."""
+    ctx = current()
+    key = (prefix,) + tuple(sorted(int(r) for r in global_ranks))
+    entry = ctx.bare_groups.get(key)
+    base = own_group_name(global_ranks, prefix)
+    gen = entry.gen if entry is not None else own_generation(global_ranks, prefix)[1]   # not built: set-up failed
+    try:
+        c10d._get_default_store().compare_set(_GEN + base, str(gen or ""), str(gen + 1))
+    except RuntimeError:
+        pass
+    if entry is not None:
+        _bury(ctx, key)
+
+
+def _bury(ctx, key: tuple) -> None:
+    """Keep an abandoned group until exit; its collective in flight may still write into the
+    wire buffers it was given, so this process takes fresh ones."""
+    ctx.graveyard.append(ctx.bare_groups.pop(key).pg)
+    ctx.wire_buffers.clear()
+
+
+_GEN = "emu_gen/"
+
+
+def _generation(base: str) -> int:
+    """The generation of the own group named ``base`` (0 until a member abandons it)."""
+    store = c10d._get_default_store()
+    try:
+        return int(store.get(_GEN + base).decode() or 0) if store.check([_GEN + base]) else 0
+    except (RuntimeError, ValueError):
+        return 0
 
 
 def own_group_name(global_ranks: list[int], prefix: str) -> str:
@@ -109,7 +184,11 @@ def _arrive(store: dist.Store, me: int, members: list[int], timeout_s: float) ->
         polls += 1
         if polls % 10 == 0:
             missing = [r for r in members if not store.check([f"arrived/{r}"])]
-            gone = [r for r in missing if recorder.farewell_of(r) is not None or recorder.alive(r) is False]
+            left = {r: bye for r in missing if (bye := recorder.farewell_of(r, recorder.current)) is not None}
+            if left:
+                recorder.consume(left)
+                raise Departed(left)
+            gone = [r for r in missing if recorder.alive(r) is False]
             if gone:
                 raise RuntimeError(f"rank {gone[0]} left before the group was set up")
             if time.monotonic() - start > timeout_s:

@@ -17,8 +17,9 @@ import torch
 MAGIC = 0x4D43325F454D55          # "MC2_EMU"
 OPS = {1: "dispatch", 2: "combine"}
 OP_CODE = {v: k for k, v in OPS.items()}
-_MAGIC, _OP, _ORDER, _ERR, _ROWS, _ROW_BYTES, _CLOCK, _EXPECT, _ORIGIN, _NATTR, _CALL, _INLINE, _LATER = range(13)
-_ATTRS = 13
+(_MAGIC, _OP, _ORDER, _ERR, _ROWS, _ROW_BYTES, _CLOCK, _EXPECT, _ORIGIN, _NATTR, _CALL, _INLINE, _LATER,
+ _KIND) = range(14)
+_ATTRS = 14
 HEADER_LEN = 40
 MAX_ATTRS = HEADER_LEN - _ATTRS
 
@@ -42,12 +43,13 @@ class Outgoing:
     attrs: tuple[int, ...]
     inline: bool = False            # its rows travel in this exchange, after the header
     later: bool = False             # it sends rows in a second exchange (to some destination)
+    kind: int = 0                   # with an error: the relayed verdict's kind (0: an input was rejected)
 
     def encode(self) -> torch.Tensor:
         """The (P, HEADER_LEN) int64 block, row i for logical destination i."""
         h = np.zeros((len(self.rows), HEADER_LEN), dtype=np.int64)
         h[:, :_ATTRS] = (MAGIC, OP_CODE[self.op], self.order, self.error, 0, self.row_bytes, self.clock_ns, 0,
-                         self.origin, len(self.attrs), self.call_no, int(self.inline), int(self.later))
+                         self.origin, len(self.attrs), self.call_no, int(self.inline), int(self.later), self.kind)
         h[:, _ROWS] = self.rows
         h[:, _EXPECT] = self.expect
         if self.attrs:
@@ -73,7 +75,9 @@ class Header:
     genuine: the block carries the emulator's magic (False: a collective outside the op);
     op / order: the source's op and the place of its call among its op calls on the group (what
     every rank must agree on); call_no: the call's number among its op's calls (for messages);
-    error / origin: its error code and the rank it blames;
+    error / origin / kind: its error code, the rank it blames and what it relays (0: a rejected
+    input; else the index of a relayed verdict's kind in ``verdict.RELAYED``, whose culprits the
+    relaying rank left in the store);
     rows / row_bytes: what it sends this rank; expect: the rows it expects back; clock: its
     CLOCK_MONOTONIC send time (ns); inline: its rows to this rank follow its header in the same
     exchange; later: it sends rows in a second exchange; attrs (P, MAX_ATTRS): its agreed
@@ -93,6 +97,7 @@ class Header:
     attrs: np.ndarray
     inline: np.ndarray
     later: np.ndarray
+    kind: np.ndarray
 
     @classmethod
     def decode(cls, block: np.ndarray) -> "Header":
@@ -100,7 +105,8 @@ class Header:
         return cls(genuine=block[:, _MAGIC] == MAGIC, op=block[:, _OP], order=block[:, _ORDER], call_no=block[:, _CALL],
                    error=block[:, _ERR], rows=block[:, _ROWS], row_bytes=block[:, _ROW_BYTES],
                    clock=block[:, _CLOCK], expect=block[:, _EXPECT], origin=block[:, _ORIGIN],
-                   attrs=block[:, _ATTRS:], inline=block[:, _INLINE] != 0, later=block[:, _LATER] != 0)
+                   attrs=block[:, _ATTRS:], inline=block[:, _INLINE] != 0, later=block[:, _LATER] != 0,
+                   kind=block[:, _KIND])
 
     def op_name(self, i: int) -> str:
         return OPS.get(int(self.op[i]), "?")

@@ -16,11 +16,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..core.errors import CollectiveError
+from ..core.errors import CollectiveError, ErrorKind, PeerError
+from ..core.ranks import who
 from ..debug.events import TraceEvent
 from ..debug.flight import Failure, maybe_fail
 from .context import CommContext
 from .domain import Domain, timeout_s
+from .groups import Departed, abandon_group
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,50 @@ def _cause(exc: BaseException) -> str:
     return re.split(r"\.\s", text, maxsplit=1)[0][:200]
 
 
+POLL_S = 0.05          # a collective not done by then looks for members that left the op, then every POLL_S
+
+
+def _wait(ctx: CommContext, work, dom: Domain, deadline_ns: int) -> dict[int, dict]:
+    """Wait for ``work`` until ``deadline_ns``; returns {} when it is done, or the farewells of
+    members that raised in this op call without coming (they never will).  Raises the
+    collective's own error, or a timeout."""
+    while True:
+        left = (deadline_ns - time.monotonic_ns()) / 1e9
+        try:
+            work.wait(timeout=timedelta(seconds=max(min(POLL_S, left), 0.001)))
+            return {}
+        except RuntimeError:
+            if work.is_completed():             # it ended meanwhile: its own outcome, at once
+                work.wait()
+                return {}
+            if left <= POLL_S:
+                raise
+        gone = ctx.recorder.departures(dom.ranks)
+        if gone:
+            return gone
+
+
+def departure_error(ctx: CommContext, dom: Domain, what: str, gone: dict[int, dict]) -> PeerError | None:
+    """The error of a rank whose peers raised an operator error in this call without coming to
+    ``what``: the origin's code, blaming whom it blamed (None: no operator error among them)."""
+    relayed = sorted((r, bye) for r, bye in gone.items() if bye.get("code") is not None)
+    if not relayed:
+        return None
+    r, bye = relayed[0]
+    kind = ErrorKind[bye["kind"]] if bye.get("kind") in ErrorKind.__members__ else ErrorKind.BAD_INPUT
+    blamed = tuple(bye.get("culprits") or ()) if kind != ErrorKind.BAD_INPUT else (r,)
+    text = (f"rank {dist.get_rank()}: {what} on {dom.describe()} aborted: rank {r} raised in this call "
+            f"without coming: {bye['message']}")
+    if kind in (ErrorKind.BAD_INPUT, ErrorKind.PEER_BAD_INPUT):
+        return PeerError(int(bye["code"]), text, kind=ErrorKind.PEER_BAD_INPUT, origins=list(blamed or (r,)))
+    return PeerError(int(bye["code"]), text, kind=kind, culprits=blamed or (r,))
+
+
+def _diagnosed(ctx: CommContext, failure: Failure) -> CollectiveError:
+    diag = ctx.recorder.diagnose(failure)
+    return CollectiveError(f"rank {dist.get_rank()}: {diag.text}", diag.kind, diag.culprits, diag.states)
+
+
 def issue(ctx: CommContext, tag: CallTag, dom: Domain, xfer: Transfer) -> tuple[int, int]:
     """Issue ``xfer`` on ``dom`` and wait for it (at most EMU_TIMEOUT_S).
 
@@ -78,17 +124,25 @@ def issue(ctx: CommContext, tag: CallTag, dom: Domain, xfer: Transfer) -> tuple[
     if xfer.before is not None:
         xfer.before()
     t0 = time.monotonic_ns()
-    error = None
+    error: Exception | None = None
+    gone: dict[int, dict] = {}
+    what = f"{tag.op} #{tag.call_no} {xfer.phase}"
     try:
         work = dom.all_to_all(xfer.out, xfer.inp, splits_out, splits_in)
-        work.wait(timeout=timedelta(seconds=limit))
+        gone = _wait(ctx, work, dom, t0 + int(limit * 1e9))
+    except Departed as exc:                         # while the group was being set up
+        gone = exc.farewells
     except RuntimeError as exc:
         work = None                 # an error's traceback must not keep the group alive (see Domain.backend)
-        failure = Failure(group=dom.name, ranks=tuple(dom.ranks), seq=seq, what=f"{tag.op} #{tag.call_no} {xfer.phase}",
-                          elapsed_s=(time.monotonic_ns() - t0) / 1e9, limit_s=limit,
-                          cause=_cause(exc))
-        diag = ctx.recorder.diagnose(failure)
-        error = CollectiveError(f"rank {dist.get_rank()}: {diag.text}", diag.kind, diag.culprits, diag.states)
+        error = _diagnosed(ctx, Failure(group=dom.name, ranks=tuple(dom.ranks), seq=seq, what=what,
+                                        elapsed_s=(time.monotonic_ns() - t0) / 1e9, limit_s=limit, cause=_cause(exc)))
+    if gone:
+        work = None
+        error = departure_error(ctx, dom, what, gone) or _diagnosed(ctx, Failure(
+            group=dom.name, ranks=tuple(dom.ranks), seq=seq, what=what, elapsed_s=(time.monotonic_ns() - t0) / 1e9,
+            limit_s=limit, cause=f"{who(sorted(gone))} left the op"))
+    if error is not None:
+        abandon_group(dom.ranks, dom.prefix)        # the collective may still be in flight there
     t1 = time.monotonic_ns()
     more = xfer.after(t0, t1) if xfer.after is not None and error is None else {}
     tracer = ctx.trace_sink()

@@ -33,15 +33,28 @@ def _sites(ranks: list[int], site_of: Callable[[int], str | None]) -> str:
     return ("; called at " + ", ".join(f"{s} ({who(rs)})" for s, rs in by_site.items())) if by_site else ""
 
 
+#: Verdicts a rank relays to the domains it has not yet told (header ``kind``: the index here;
+#: 0 is an input a rank rejected, whose origin the header names).
+RELAYED = (ErrorKind.BAD_INPUT, ErrorKind.MISMATCHED_ATTRIBUTE, ErrorKind.MISMATCHED_CALL,
+           ErrorKind.MISMATCHED_DATA)
+
+
+def relay_kind(err: Exception) -> int:
+    """The header ``kind`` that relays ``err`` (0 for a rejected input, this rank's or a peer's)."""
+    kind = getattr(err, "kind", None)
+    return RELAYED.index(kind) if kind in RELAYED[1:] else 0
+
+
 def judge(hdr: Header, dom: Domain, me: int, call: tuple[str, int, int], attrs: tuple[tuple[str, int], ...],
           message_of: Callable[[int, int], str | None],
-          site_of: Callable[[int], str | None] = lambda r: None) -> PeerError | None:
+          site_of: Callable[[int], str | None] = lambda r: None,
+          verdict_of: Callable[[int, int], dict | None] = lambda r, order: None) -> PeerError | None:
     """A peer's error, a call mismatch or an attribute mismatch on ``dom``, else None.
 
     me: this global rank; call: (op, its call number, the call's place among the group's op
     calls) of this rank; attrs: its agreed attributes; message_of(origin, place): the message a
-    rank that rejected its input left behind;
-    site_of(rank): the rank's call site, when the watch records it.
+    rank that rejected its input left behind; site_of(rank): the rank's call site, when the watch
+    records it; verdict_of(rank, place): the verdict a rank relays (kind, culprits, text).
     """
     ranks = dom.ranks
     op, call_no, _order = call
@@ -52,7 +65,15 @@ def judge(hdr: Header, dom: Domain, me: int, call: tuple[str, int, int], attrs: 
                          f"{dom.describe()} (a collective outside the op?)", kind=ErrorKind.MISMATCHED_DATA,
                          culprits=tuple(culprits))
     err = np.flatnonzero(hdr.error != 0)
+    relayed = [i for i in err if 0 < hdr.kind[i] < len(RELAYED)]
+    if relayed and len(relayed) == err.size:                 # only verdicts a peer relays from its own group
+        i = relayed[0]
+        v = verdict_of(ranks[i], int(hdr.order[i])) or {}
+        return PeerError(int(hdr.error[i]), f"rank {me}: {op} call #{call_no} aborted: rank {ranks[i]} relays "
+                         f"on {dom.describe()}: {v.get('text', RELAYED[hdr.kind[i]].value)}",
+                         kind=RELAYED[hdr.kind[i]], culprits=tuple(v.get("culprits") or (ranks[i],)))
     if err.size:
+        err = np.array([i for i in err if hdr.kind[i] == 0 or hdr.kind[i] >= len(RELAYED)])
         origins = sorted({int(hdr.origin[i]) for i in err})
         via = sorted({ranks[i] for i in err} - set(origins))
         details = []

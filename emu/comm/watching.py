@@ -62,7 +62,7 @@ def watched_group(req: Request) -> tuple[str, list[int]] | None:
     if pg is None:
         return None
     ranks = dist.get_process_group_ranks(pg)
-    remap = usable_remap(req.inputs.elastic_info, req.cfg, req.place.ep_rank_id, req.kind)
+    remap = usable_remap(req.inputs.elastic_info, len(ranks), dist.get_rank(pg))
     if remap is not None and remap.active:
         ranks = [ranks[int(r)] for r in remap.survivors()]
         return f"{group_name(pg)}/survivors {','.join(map(str, sorted(ranks)))}", ranks

@@ -145,29 +145,36 @@ def check_remap(c: Checker, remap: Remap, cfg: MoeConfig, ep_rank_id: int) -> No
     me = int(remap.to_new[ep_rank_id])
     c.tiling(0 <= me < w2, f"elastic_info[4 + {ep_rank_id}]", me,
              "this rank is removed by the elastic table: removed ranks must not call the op")
-    old = remap.survivors()
-    ok = bool(((old >= 0) & (old < W)).all()) and len(set(old.tolist())) == w2 \
-        and bool((remap.to_new[old] == np.arange(w2)).all()) and int((remap.to_new >= 0).sum()) == w2
-    c.tiling(ok, "elastic_info tables", remap.to_new.tolist() + remap.to_old.tolist(),
+    c.tiling(_tables_agree(remap, W), "elastic_info tables", remap.to_new.tolist() + remap.to_old.tolist(),
              "table 1 (rank -> new id) and table 2 (new id -> rank) must be inverse permutations of the W' survivors")
 
 
-def usable_remap(elastic: torch.Tensor | None, cfg: MoeConfig, ep_rank_id: int, op: str) -> Remap | None:
-    """The remap of a well-formed ``elastic_info`` (identity for None or flag 0); None when the
-    table cannot be used (wrong dtype or length, or an active table failing its checks)."""
+def _tables_agree(remap: Remap, world: int) -> bool:
+    """Table 1 (rank -> new id) and table 2 (new id -> rank) are inverse permutations of W' survivors."""
+    w2, old = remap.new_world, remap.survivors()
+    return bool(((old >= 0) & (old < world)).all()) and len(set(old.tolist())) == w2 \
+        and bool((remap.to_new[old] == np.arange(w2)).all()) and int((remap.to_new >= 0).sum()) == w2
+
+
+def usable_remap(elastic: torch.Tensor | None, world: int, ep_rank_id: int) -> Remap | None:
+    """The remap a call runs on, read from ``elastic_info``'s structure alone: identity for None
+    or flag 0; the survivors and this rank's new id of an active table.  None when no EP domain
+    can be read from it (not a 1-D integer table of 4 + 2*W entries, W' out of range, tables that
+    are not inverse permutations, this rank removed).  Its dtype and values (E', S', ...) are
+    checked with the rest of the input: a rank whose table fails those still knows its domain,
+    so it tells its peers instead of leaving them waiting."""
     if elastic is None:
-        return identity_remap(cfg.ep_world_size)
-    ok = (isinstance(elastic, torch.Tensor) and elastic.dtype == torch.int32 and elastic.dim() == 1
-          and elastic.shape[0] == 4 + 2 * cfg.ep_world_size and 0 <= ep_rank_id < cfg.ep_world_size)
+        return identity_remap(world)
+    ok = (isinstance(elastic, torch.Tensor) and elastic.dim() == 1 and not elastic.is_floating_point()
+          and not elastic.is_complex() and elastic.shape[0] == 4 + 2 * world and 0 <= ep_rank_id < world)
     if not ok:
         return None
-    remap = Remap.parse(elastic, cfg.ep_world_size)
-    if remap.active:
-        try:
-            check_remap(Checker(op), remap, cfg, ep_rank_id)
-        except AclnnError:
-            return None
-    return remap
+    remap = Remap.parse(elastic, world)
+    if not remap.active:
+        return remap
+    if not 1 <= remap.new_world <= world or not _tables_agree(remap, world):
+        return None
+    return remap if 0 <= int(remap.to_new[ep_rank_id]) < remap.new_world else None
 
 
 def prepare(req: Request, geom: Geometry, xt: torch.dtype, act: ActiveSet, algorithm: str = "") -> Prepared:

@@ -98,13 +98,14 @@ R = TypeVar("R", DispatchRequest, CombineRequest)
 
 
 def attempt(check: Callable[[R], Prepared], req: R) -> Checked:
-    """Run ``check(req)``; an AclnnError, or a malformed argument (e.g. a list where a tensor
-    belongs: 161002), becomes the error this rank reports."""
+    """Run ``check(req)``; an AclnnError, or any other exception the checks meet on an input
+    outside every contract (a list where a tensor belongs, a value no rule foresaw: 161002),
+    becomes the error this rank reports: only the operator's errors leave an op call."""
     try:
         return Checked(check(req), None)
     except AclnnError as exc:
         return Checked(None, exc)
-    except (TypeError, AttributeError, ValueError, IndexError) as exc:
+    except Exception as exc:  # noqa: BLE001 - reported as the operator's parameter error, type named
         return Checked(None, AclnnError(PARAM_INVALID, f"{req.kind}: malformed argument ({type(exc).__name__}: {exc})"))
 
 

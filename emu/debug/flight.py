@@ -96,6 +96,16 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class Waiting:
+    """The collective this rank entered last: its group, sequence number, and whether it is the
+    first of the rank's current op call on that group."""
+
+    group: str = ""
+    seq: int = 0
+    first: bool = True
+
+
+@dataclass(frozen=True)
 class Diagnosis:
     """Who caused a failure: every other member's state, the culprits (dead, stuck, or failed
     on their own), the error kind, and the explanation (first line, then one line per rank)."""
@@ -136,6 +146,7 @@ def innermost_user_frame(dump: str) -> str | None:
 
 
 PUBLISH_S = 0.01                 # the publisher writes at most one batch per 10 ms
+FAREWELLS = "emu_bye_count"      # farewells left in the job so far
 
 
 class FlightRecorder:
@@ -151,9 +162,13 @@ class FlightRecorder:
         self._store = store                               # None: the default store, once there is one
         self.registered = False
         self.count = 0                                    # collectives of this process
-        self.attempt = 0                                  # op calls of this process (aligned across ranks)
+        self.attempt = 0                                  # op calls of this process (recorded, for reports)
         self.ring: collections.deque[dict] = collections.deque(maxlen=capacity)
         self.stack_path: str | None = None
+        self._farewells_seen = -1
+        self._call_groups = set()                          # the groups of this rank's current op call
+        self.current = Waiting()
+        self._consumed: dict[int, str | None] = {}        # rank -> the serial of its farewell this rank acted on
         self._stack_file: IO[str] | None = None
 
     @property
@@ -206,13 +221,16 @@ class FlightRecorder:
             os.unlink(self.stack_path)
 
     def begin_op(self) -> None:
-        """An op call starts (every rank calls the ops in the same order, so the numbers align)."""
+        """An op call starts (its number in this process, for the records)."""
         self.attempt += 1
+        self._call_groups: set[str] = set()
 
     def entered(self, group: str, seq: int, op: str, call: int, phase: str) -> None:
         """Record that this rank is about to issue collective ``seq`` of ``group``."""
         self.register()
         self.count += 1
+        self.current = Waiting(group, seq, group not in self._call_groups)
+        self._call_groups.add(group)
         rec = {"group": group, "seq": seq, "op": op, "call": call, "phase": phase, "n": self.count,
                "attempt": self.attempt, "t": time.time()}
         self.ring.append(rec)
@@ -252,14 +270,43 @@ class FlightRecorder:
         if self._publisher is not None:
             self._publisher.join(timeout=2)
 
-    def farewell(self, type_name: str, kind: ErrorKind | None, culprits: tuple[int, ...], message: str) -> None:
-        """Record, before the error leaves the op, that this rank raised it and blaming whom."""
+    def farewell(self, type_name: str, kind: ErrorKind | None, culprits: tuple[int, ...], message: str,
+                 code: int | None = None) -> None:
+        """Record, before the error leaves the op, that this rank raised it, with which operator
+        error ``code`` (if any) and blaming whom; then count it (peers waiting in a collective
+        read farewells only when the count moved)."""
         self.flush()
         last = self.ring[-1] if self.ring else None
         self._set(f"emu_bye/{dist.get_rank()}", json.dumps({
             "type": type_name, "kind": kind.name if kind is not None else None, "culprits": list(culprits),
-            "message": message.splitlines()[0][:400] if message else "", "n": self.count, "attempt": self.attempt,
-            "at": _where(last)}))
+            "code": code, "message": message.splitlines()[0][:400] if message else "", "n": self.count,
+            "attempt": self.attempt, "at": _where(last), "serial": f"{os.getpid()}:{time.monotonic_ns()}",
+            "groups": sorted(self._call_groups)}))
+        try:
+            self.store.add(FAREWELLS, 1)                  # after the record: a reader that sees the count sees it
+        except (RuntimeError, AttributeError):
+            pass
+
+    def departures(self, ranks: list[int]) -> dict[int, dict]:
+        """The farewells ``ranks`` left in this rank's current op call (one store read while
+        none was added since the last look)."""
+        try:
+            count = self.store.add(FAREWELLS, 0)
+        except (RuntimeError, AttributeError):
+            return {}
+        if count == self._farewells_seen:
+            return {}
+        found = {r: bye for r in ranks
+                 if r != dist.get_rank() and (bye := self.farewell_of(r, self.current)) is not None}
+        if not found:
+            self._farewells_seen = count
+        self.consume(found)
+        return found
+
+    def consume(self, farewells: dict[int, dict]) -> None:
+        """This rank acted on these farewells (raised because of them): they are not news again."""
+        for r, bye in farewells.items():
+            self._consumed[r] = bye.get("serial")
 
     def alive(self, rank: int) -> bool | None:
         """True/False when ``rank`` runs on this host and its pid can be checked, else None."""
@@ -275,15 +322,25 @@ class FlightRecorder:
         except OSError:
             return False
 
-    def farewell_of(self, rank: int) -> dict | None:
-        """The farewell ``rank`` left in this rank's current op call (not an earlier one), if it
-        issued no collective since; else None."""
+    def farewell_of(self, rank: int, at: "Waiting | None" = None) -> dict | None:
+        """The farewell ``rank`` left, if it issued no collective since and this rank has not
+        acted on it yet; with ``at`` (where this rank waits), only if it tells why ``rank`` is not
+        there: ``rank`` is one collective behind on that group, and raised in an op call that
+        never came to it (this rank waits in its call's first collective there) or that did (a
+        later one).  A farewell ``rank`` left in an earlier call, after a verdict every rank heard,
+        names the group it was in: it is no news in the next call.  (Ranks that skip calls, such
+        as removed ranks under elastic scaling, count op calls differently: call counts cannot
+        tell an old farewell.)"""
         raw = self._get(f"emu_bye/{rank}")
         if raw is None:
             return None
         bye = json.loads(raw)
-        if bye["attempt"] < self.attempt:
+        if bye.get("serial") is not None and self._consumed.get(rank) == bye.get("serial"):
             return None
+        if at is not None:
+            rec = self.reached(at.group, rank)
+            if (rec["seq"] if rec else 0) != at.seq - 1 or (at.group in bye.get("groups", ())) == at.first:
+                return None
         last = self._get(f"emu_last/{rank}")
         return bye if last is None or bye["n"] >= json.loads(last)["n"] else None
 
@@ -297,7 +354,7 @@ class FlightRecorder:
 
     def _state(self, r: int, failure: Failure) -> tuple[RankState, dict | None]:
         alive = self.alive(r)                    # before the farewell: a farewell precedes any exit
-        bye = self.farewell_of(r)
+        bye = self.farewell_of(r, self.current if self.current.group == failure.group else None)
         if bye is not None:
             return RankState.FAILED, bye
         if alive is False:
@@ -320,6 +377,7 @@ class FlightRecorder:
                 break
             time.sleep(0.05)
         states = {r: s for r, (s, _) in seen.items()}
+        self.consume({r: bye for r, (s, bye) in seen.items() if s == RankState.FAILED})
         own_fault = [r for r, (s, bye) in seen.items()
                      if s == RankState.FAILED and (bye["kind"] == ErrorKind.BAD_INPUT.name or r in bye["culprits"])]
         dead = [r for r, s in states.items() if s == RankState.DEAD]

@@ -58,6 +58,5 @@ def distribute_barrier(x_ref: torch.Tensor, group: str, world_size: int, *, time
     if dist.get_world_size(pg) != world_size:
         raise RuntimeError(f"mc2-emu: _npu_distribute_barrier: world_size={world_size} but group {group!r} "
                            f"has {dist.get_world_size(pg)} ranks")
-    own, _ = own_group(group_ranks(pg), timeout_s(), "barrier")     # gives up after EMU_TIMEOUT_S
-    own.barrier().wait()
+    own_group(group_ranks(pg), timeout_s(), "barrier").pg.barrier().wait()     # gives up after EMU_TIMEOUT_S
     return torch.zeros_like(x_ref)
