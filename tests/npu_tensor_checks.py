@@ -241,7 +241,7 @@ def hccl_groups_run_gloo():
             assert name == emu.group_name(pg), name
         ref = torch.ones(2).npu()
         flag = torch_npu._npu_distribute_barrier(ref, emu.group_name(sub), 1)
-        assert flag.shape == ref.shape and flag.device.type == "npu"
+        assert torch.equal(flag.cpu(), ref.cpu()) and flag.device.type == "npu" and flag.data_ptr() != ref.data_ptr()
         del pg, sub
     finally:
         dist.destroy_process_group()

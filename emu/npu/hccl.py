@@ -51,7 +51,8 @@ def register() -> None:
 def distribute_barrier(x_ref: torch.Tensor, group: str, world_size: int, *, time_out: torch.Tensor | None = None,
                        elastic_info: torch.Tensor | None = None) -> torch.Tensor:
     """torch_npu._npu_distribute_barrier: every rank of ``group`` (a comm name) waits for the
-    others (at most EMU_TIMEOUT_S); returns a tensor shaped as ``x_ref`` (zeros: the device leaves it unwritten)."""
+    others (at most EMU_TIMEOUT_S); returns ``x_ref``'s values (op-plugin's kernel returns ``x_ref``
+    itself; a copy here, as the schema declares a new tensor)."""
     pg = resolve_group(group)
     if pg is None:
         raise RuntimeError(f"mc2-emu: _npu_distribute_barrier: no process group is named {group!r}")
@@ -59,4 +60,4 @@ def distribute_barrier(x_ref: torch.Tensor, group: str, world_size: int, *, time
         raise RuntimeError(f"mc2-emu: _npu_distribute_barrier: world_size={world_size} but group {group!r} "
                            f"has {dist.get_world_size(pg)} ranks")
     own_group(group_ranks(pg), timeout_s(), "barrier").pg.barrier().wait()     # gives up after EMU_TIMEOUT_S
-    return torch.zeros_like(x_ref)
+    return x_ref.clone()

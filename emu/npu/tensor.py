@@ -17,17 +17,37 @@ NPU's behaviour (``_NPU_SEMANTICS``).
 npu tensors are traceable (``__tensor_flatten__`` / ``__tensor_unflatten__``): ``torch.compile``
 captures graphs over them, with Dynamo and AOTAutograd tracing the inner CPU tensors.
 
-Not supported: ``.numpy()`` (as on the device: ``.cpu()`` first), storage-level APIs
-(``untyped_storage()``, sharing npu tensors between processes, ``torch.save`` of npu tensors),
-pinned memory.  Mixing npu and CPU tensors in one op is allowed (the device refuses it).
+Storage (:class:`NpuStorage`): ``t.untyped_storage()`` is an npu storage standing for the inner
+CPU storage: its size, ``data_ptr()`` and ``resize_()`` are the inner storage's, so
+``t.untyped_storage().resize_(0)`` frees the memory (later reads raise, as on the device) and every
+view of that memory sees it; views share one storage object.  It is a storage of its own, not the
+inner one, so graph capture, which fakeifies the npu tensor and its inner CPU tensor separately,
+never takes the two for aliases.
+
+Processes: once installed, ``torch.multiprocessing`` (any start method) passes npu tensors as it
+passes CPU tensors: the inner CPU tensor goes through torch's own reduction (shared memory), and
+the receiving process gets an npu tensor on the same device index over that memory (so in-place
+writes are seen on both sides); unpickling installs the drop-in in a process that has not.
+``pickle`` and ``torch.save`` copy, as torch saves storage-less privateuse1 tensors: the loaded
+tensor is ``cpu_copy.to("npu:i")`` (``torch.load``'s ``weights_only`` accepts it; loading needs
+the drop-in installed).
+
+Not supported: ``.numpy()`` (as on the device: ``.cpu()`` first), pinned memory, storage methods
+beyond those :class:`NpuStorage` defines.  Mixing npu and CPU tensors in one op is allowed (the
+device refuses it).
 """
 from __future__ import annotations
 
+import copy
+import sys
+import weakref
 from collections.abc import Callable
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch
 from torch.utils._pytree import tree_map
+from torch.utils.hooks import warn_if_has_hooks
 
 NPU = "npu"
 _CPU = torch.device("cpu")
@@ -65,10 +85,12 @@ class NpuTensor(torch.Tensor):
         return f"NpuTensor:{self.device.index}"
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
+        _check_memory(self)
         text = repr(self.inner.detach())
         return f"{text[:-1]}, device='{self.device}')"
 
     def tolist(self) -> Any:
+        _check_memory(self)
         return self.inner.tolist()
 
     def data_ptr(self) -> int:
@@ -78,11 +100,67 @@ class NpuTensor(torch.Tensor):
         raise TypeError(f"can't convert {self.device} device type tensor to numpy. "
                         "Use Tensor.cpu() to copy the tensor to host memory first.")
 
+    @torch.compiler.disable
+    def untyped_storage(self) -> NpuStorage:
+        """The npu storage of this tensor's memory: one object for every npu tensor (view) over the
+        same inner CPU storage on this device, kept alive by each npu tensor that handed it out
+        (as a view keeps its storage alive).  Compiled code runs it eagerly (a graph break): storage
+        objects are not traceable."""
+        inner = self.inner.untyped_storage()
+        key = (inner._cdata, self.device.index)
+        storage = _STORAGES.get(key)
+        if storage is None:
+            storage = _STORAGES[key] = _new_storage(inner, self.device.index)
+        self._npu_storage = storage
+        return storage
+
+    def _typed_storage(self) -> torch.TypedStorage:
+        """``t.storage()``: the typed view of :meth:`untyped_storage`."""
+        return torch.TypedStorage(wrap_storage=self.untyped_storage(), dtype=self.dtype, _internal=True)
+
+    def record_stream(self, stream: Any) -> None:
+        """Accepted and ignored: every CPU op has finished when it returns, so no stream can still be using
+        the memory when it is freed."""
+
+    def __reduce_ex__(self, protocol: int) -> tuple[Callable, tuple]:
+        """``pickle`` / ``torch.save``: a copy, rebuilt as torch rebuilds storage-less privateuse1 tensors
+        (``cpu.to(dtype, "npu:i")``, which ``torch.load(weights_only=True)`` accepts); a parameter stays one.
+        Between processes, :func:`reduce_npu_tensor` shares the memory instead."""
+        _check_memory(self)
+        if getattr(self, "_is_param", False):
+            return torch._utils._rebuild_parameter, (self.detach(), self.requires_grad, {})
+        return torch._utils._rebuild_device_tensor_from_cpu_tensor, (
+            self.inner.detach(), self.dtype, str(self.device), self.requires_grad)
+
+    def __deepcopy__(self, memo: dict) -> NpuTensor:
+        """A copy of the memory on the same device, with the tensor's attributes and gradient (torch's
+        default deep-copies the storage, which an npu storage cannot allocate)."""
+        if not self.is_leaf:
+            raise RuntimeError("Only Tensors created explicitly by the user (graph leaves) support the deepcopy "
+                               "protocol at the moment.")
+        if id(self) in memo:
+            return memo[id(self)]
+        _check_memory(self)
+        with torch.no_grad():
+            new = NpuTensor(self.inner.clone(memory_format=torch.preserve_format), self.device.index)
+        new.requires_grad_(self.requires_grad)
+        memo[id(self)] = new
+        for name, value in vars(self).items():
+            if name not in ("inner", "_npu_storage"):
+                setattr(new, name, copy.deepcopy(value, memo))
+        if self.grad is not None:
+            new.grad = copy.deepcopy(self.grad, memo)
+        return new
+
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         seen: dict[int, torch.Tensor] = {}
         index = _unwrap_into(seen, args, kwargs)
+        if _reads_memory(func):
+            for a in seen.values():
+                if isinstance(a, NpuTensor):
+                    _check_memory(a)
         target = kwargs.get("device")
         cpu_args, cpu_kwargs = tree_map(_to_cpu_arg, args), tree_map(_to_cpu_arg, kwargs)
         if _is_random(func) and cpu_kwargs.get("generator") is None:
@@ -93,6 +171,41 @@ class NpuTensor(torch.Tensor):
         if target is not None and index is None:
             index = _index(torch.device(target))
         return tree_map(lambda o: _rewrap(o, seen, index or 0), out)
+
+
+def _check_memory(t: NpuTensor) -> None:
+    """Raise if ``t`` reaches past its memory, as after ``t.untyped_storage().resize_(0)`` (the device fails
+    such an access; the CPU kernel would read freed memory).  Traced (fake, functional) inner tensors have
+    no memory to check."""
+    inner = t.inner
+    if type(inner) is not torch.Tensor:
+        return
+    have, size = inner.untyped_storage().nbytes(), inner.element_size()
+    if have >= (inner.storage_offset() + inner.numel()) * size and inner.is_contiguous() or inner.numel() == 0:
+        return                                                  # the common case, without the sum below
+    need = (inner.storage_offset() + 1 + sum((n - 1) * s for n, s in zip(inner.shape, inner.stride()))) * size
+    if have < need:
+        raise RuntimeError(f"mc2-emu: an {t.device} tensor of shape {tuple(t.shape)} needs {need} bytes of memory "
+                           f"but its storage has {have}: its memory was released (untyped_storage().resize_())")
+
+
+#: aten ops that see an npu tensor's metadata, not its memory (views are too: ``func.is_view``); every other
+#: op on an npu tensor whose memory was released raises.
+_METADATA_ONLY = {
+    torch.ops.aten.set_.source_Storage, torch.ops.aten.set_.source_Storage_storage_offset,
+    torch.ops.aten.set_.source_Tensor, torch.ops.aten.set_.default, torch.ops.aten.resize_.default,
+    torch.ops.aten.detach.default, torch.ops.aten.alias.default, torch.ops.aten.empty_like.default,
+    torch.ops.aten.new_empty.default, torch.ops.aten.new_empty_strided.default,
+}
+_READS: dict[Any, bool] = {}
+
+
+def _reads_memory(func) -> bool:
+    """Whether ``func`` touches its npu arguments' memory (so is checked by :func:`_check_memory`)."""
+    hit = _READS.get(func)
+    if hit is None:
+        hit = _READS[func] = not (getattr(func, "is_view", False) or func in _METADATA_ONLY)
+    return hit
 
 
 def _histc(self: torch.Tensor, bins: int = 100, min: float = 0, max: float = 0) -> torch.Tensor:
@@ -139,6 +252,8 @@ def _unwrap_into(seen: dict[int, torch.Tensor], args, kwargs) -> int | None:
 def _to_cpu_arg(a):
     if isinstance(a, NpuTensor):
         return a.inner
+    if isinstance(a, NpuStorage):
+        return a.inner                      # e.g. t.set_(storage), as graph capture and torch._utils rebuild
     if isinstance(a, torch.Tensor) and a.device.type == NPU:
         # Not an NpuTensor yet on npu: a factory's result traced under graph capture (FakeTensorMode
         # makes it without our factory kernels).  The copy is traced too; when the graph runs, the
@@ -154,6 +269,125 @@ def _rewrap(o, seen: dict[int, torch.Tensor], index: int):
         return o
     same = seen.get(id(o))
     return NpuTensor(o, index) if same is None else same
+
+
+class NpuStorage(torch.UntypedStorage):
+    """``t.untyped_storage()`` of an npu tensor: a storage on ``npu:i`` (a real storage object to torch, which
+    compares storages by identity) that stands for the inner CPU storage ``inner``.  Size, ``data_ptr()``,
+    ``resize_()``, copies and element access are the inner storage's; ``resize_(0)`` releases the memory
+    and every npu tensor over it then raises when read, as on the device.  Passed to an op
+    (``t.set_(storage)``), it is the inner storage.  Methods not defined here are torch's and raise
+    "invalid python storage"."""
+
+    inner: torch.UntypedStorage
+
+    def nbytes(self) -> int:
+        return self.inner.nbytes()
+
+    def size(self) -> int:
+        return self.inner.nbytes()
+
+    def __len__(self) -> int:
+        return self.inner.nbytes()
+
+    def data_ptr(self) -> int:
+        return self.inner.data_ptr()
+
+    def resizable(self) -> bool:
+        return self.inner.resizable()
+
+    def resize_(self, size: int) -> NpuStorage:
+        """Resizes the memory (0: frees it; back to its size: fresh, uninitialised memory)."""
+        self.inner.resize_(size)
+        return self
+
+    def is_shared(self) -> bool:
+        return self.inner.is_shared()
+
+    def copy_(self, source: torch.UntypedStorage, non_blocking: bool | None = None) -> NpuStorage:
+        self.inner.copy_(source.inner if isinstance(source, NpuStorage) else source)
+        return self
+
+    def fill_(self, value: int) -> NpuStorage:
+        self.inner.fill_(value)
+        return self
+
+    def clone(self) -> NpuStorage:
+        """A copy of the memory on the same device (also what ``copy.copy`` / ``copy.deepcopy`` give)."""
+        return _new_storage(self.inner.clone(), self.device.index)
+
+    def cpu(self) -> torch.UntypedStorage:
+        """A CPU copy, as ``.cpu()`` of a device storage."""
+        return self.inner.clone()
+
+    def tolist(self) -> list[int]:
+        return self.inner.tolist()
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.inner[index]
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self.inner[index] = value
+
+    def __repr__(self) -> str:
+        return f"{str(self.inner).rsplit('[', 1)[0]}[{torch.typename(self)}(device={self.device}) of size {len(self)}]"
+
+    def __reduce__(self) -> tuple[Callable, tuple]:
+        """Pickled as a byte tensor over its inner storage (shared between processes, copied by ``pickle``,
+        which cannot pickle a bare CPU storage) and its device index."""
+        return rebuild_npu_storage, (torch.empty(0, dtype=torch.uint8).set_(self.inner), self.device.index)
+
+
+#: The npu storage of each (inner storage, device index) while some npu tensor or caller holds it.
+_STORAGES: weakref.WeakValueDictionary[tuple[int, int], NpuStorage] = weakref.WeakValueDictionary()
+
+
+def _new_storage(inner: torch.UntypedStorage, index: int) -> NpuStorage:
+    """A new npu storage for ``inner``: the storage object of an empty wrapper on ``npu:index``, made an
+    :class:`NpuStorage` (its own object owns it: torch needs a real storage, for identity and to accept
+    it as an argument, and a Python-registered device cannot allocate one)."""
+    holder = torch.Tensor._make_wrapper_subclass(NpuTensor, (0,), dtype=torch.uint8,
+                                                 device=torch.device(NPU, index), storage_size=inner.nbytes())
+    storage = torch.Tensor.untyped_storage(holder)
+    storage.__class__ = NpuStorage
+    storage.inner = inner
+    return storage
+
+
+def _install() -> None:
+    """Install the drop-in (idempotent).  emu.npu imports this module (through device), so it is looked up
+    when called, by which time the package is fully imported, rather than imported here (a circle)."""
+    sys.modules[__package__].install()
+
+
+def rebuild_npu_tensor(inner: torch.Tensor, index: int, requires_grad: bool, is_param: bool) -> torch.Tensor:
+    """The npu tensor another process sent (:func:`reduce_npu_tensor`): over the memory ``inner`` (shared
+    when it came through torch.multiprocessing), on ``npu:index``.  Installs the drop-in first, since a
+    spawned child may receive npu tensors before (or without) importing torch_npu."""
+    _install()
+    t = NpuTensor(inner, index)
+    if is_param:
+        return torch.nn.Parameter(t, requires_grad)
+    return t.requires_grad_(requires_grad)
+
+
+def reduce_npu_tensor(t: NpuTensor) -> tuple[Callable, tuple]:
+    """How ``multiprocessing`` (``ForkingPickler``) sends an npu tensor: its inner CPU tensor, which torch's
+    own reduction puts in shared memory (as for CPU tensors), with the device index; refused, like CPU
+    tensors, when it is a non-leaf requiring grad."""
+    if t.requires_grad and not t.is_leaf:
+        raise RuntimeError("Cowardly refusing to serialize non-leaf tensor which requires_grad, since autograd "
+                           "does not support crossing process boundaries.  If you just want to transfer the data, "
+                           "call detach() on the tensor before serializing (e.g., putting it on the queue).")
+    warn_if_has_hooks(t)
+    return rebuild_npu_tensor, (t.inner.detach(), t.device.index, t.requires_grad, getattr(t, "_is_param", False))
+
+
+def rebuild_npu_storage(memory: torch.Tensor, index: int) -> NpuStorage:
+    """An npu storage another process sent or ``pickle`` saved (:meth:`NpuStorage.__reduce__`): over the
+    storage of the byte tensor ``memory``."""
+    _install()
+    return _new_storage(memory.untyped_storage(), index)
 
 
 _RANDOM: dict[Any, bool] = {}
@@ -221,6 +455,9 @@ def _empty_strided(size, stride, dtype=None, layout=None, device=None, pin_memor
 
 def _copy_from(src: torch.Tensor, dst: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
     """A copy into an npu tensor that bypassed Python dispatch (``torch.tensor(..., device="npu")``)."""
+    for t in (src, dst):
+        if isinstance(t, NpuTensor):
+            _check_memory(t)
     dst.inner.copy_(src.inner if isinstance(src, NpuTensor) else src)
     return dst
 
@@ -230,10 +467,12 @@ _LIBRARY: list[torch.library.Library] = []
 
 def register_factories() -> None:
     """aten::empty / empty_strided / _copy_from on the npu key, where every factory function
-    and ``.to("npu")`` allocate, and ``torch.Generator`` that accepts npu (once per process)."""
+    and ``.to("npu")`` allocate, ``torch.Generator`` that accepts npu, and how multiprocessing
+    sends npu tensors (once per process)."""
     if _LIBRARY:
         return
     torch.Generator = Generator
+    ForkingPickler.register(NpuTensor, reduce_npu_tensor)
     lib = torch.library.Library("aten", "IMPL")
     lib.impl("empty.memory_format", _empty, "PrivateUse1")
     lib.impl("empty_strided", _empty_strided, "PrivateUse1")
