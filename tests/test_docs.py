@@ -21,9 +21,11 @@ DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.glob("*.md"))
 BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+# the code's file name is not a file on disk ("<docs/page.md>"): torch.compile reads the source file of
+# the frames it traces, and would tokenize the Markdown page as Python
 RUNNER = ("import sys\n"
           "src = sys.stdin.read()\n"
-          "exec(compile(src, sys.argv[1], 'exec'), {'__name__': '__docs__'})\n")
+          "exec(compile(src, '<' + sys.argv[1] + '>', 'exec'), {'__name__': '__docs__'})\n")
 CLEAN_ENV = ("EMU_SOC", "HCCL_BUFFSIZE", "HCCL_INTRA_PCIE_ENABLE", "HCCL_INTRA_ROCE_ENABLE", "EMU_WATCH",
              "EMU_TRACE", "EMU_JITTER_MS", "EMU_FAULT")
 

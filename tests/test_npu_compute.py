@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import inspect
 import math
+import struct
 
 import npu_wheel
 import pytest
 import torch
 
-from emu.core.errors import PARAM_INVALID, PARAM_NULLPTR, TILING_ERROR, AclnnError
+from emu.core.errors import PARAM_INVALID, PARAM_NULLPTR, TILING_ERROR, AclnnError, ContractWarning
 from emu.npu import compute, registry  # noqa: F401 (registry: torch.ops.npu)
 from emu.npu.compute import (
     npu_dequant_swiglu_quant,
@@ -98,16 +99,39 @@ def test_dynamic_quant_keeps_leading_dims():
     (lambda: npu_dynamic_quant(torch.ones(2, 4, dtype=BF16), quant_mode="pertensor"), NotImplementedError,
      "pertensor"),
     (lambda: npu_dynamic_quant(torch.ones(2, 4, dtype=BF16), quant_mode="other"), AclnnError, "quant_mode"),
-    (lambda: npu_dynamic_quant(torch.ones(2, 4, dtype=BF16), dst_type=290), NotImplementedError, "290"),
+    # dst_type: int8 and int4 (quint4x2) are A2 / A3's outputs; a torch_npu code of another dtype is refused
+    (lambda: npu_dynamic_quant(torch.ones(2, 4, dtype=BF16), dst_type=290), AclnnError,
+     "torch_npu.hifloat8 is not supported"),
+    (lambda: npu_dynamic_quant(torch.ones(2, 4, dtype=BF16), dst_type=torch.float16), AclnnError, "not supported"),
+    (lambda: npu_dynamic_quant(torch.ones(2, 4, dtype=BF16), dst_type=torch.quint4x2), AclnnError, "divded by 8"),
     (lambda: npu_dynamic_quant(torch.ones(2, 4, dtype=BF16), smooth_scales=torch.ones(4)), AclnnError, "dtype"),
-    (lambda: npu_dynamic_quant(torch.ones(2, 4, dtype=BF16), smooth_scales=torch.ones(1, 4, dtype=BF16),
-                               group_index=t([1], I32)), AclnnError, "end at the row count"),
     (lambda: npu_dynamic_quant(torch.ones(2, 4, dtype=BF16), group_index=t([2], I32)), AclnnError,
      "needs smooth_scales"),
 ])
 def test_dynamic_quant_rejects(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_dynamic_quant_int4_packs_eight_values_per_int32():
+    """dst_type torch.quint4x2 (torch_npu's int4 output, as Huawei's int4 tests call it): scale = max / 7,
+    y = rint(x * 7 / max) in [-8, 7], eight to an int32 word, low nibble first (the tests' unpacking reads
+    the word's bytes low nibble then high nibble)."""
+    x = t([[7.0, -7.0, 3.5, 0.0, 1.0, -1.0, 6.0, -3.0]], F16)
+    y, s = npu_dynamic_quant(x, dst_type=torch.quint4x2)
+    assert y.dtype == I32 and y.shape == (1, 1) and torch.allclose(s, t([1.0]))
+    nibbles = [(int(y[0, 0]) >> (4 * j)) & 0xF for j in range(8)]
+    assert [v - 16 if v > 7 else v for v in nibbles] == [7, -7, 4, 0, 1, -1, 6, -3]       # 3.5 -> 4 (half to even)
+    assert torch.ops.npu.npu_dynamic_quant(x.to("meta"), dst_type=torch.quint4x2)[0].shape == (1, 1)
+
+
+def test_dynamic_quant_group_index_out_of_contract_warns():
+    """group_index whose last end is not the row count: the docs call the result meaningless, the kernel
+    computes it; rows past the last end keep a smooth scale of 1 (Huawei's golden leaves them as they are)."""
+    x = torch.ones(2, 4, dtype=BF16)
+    with pytest.warns(ContractWarning, match="end at the row count"):
+        _, s = npu_dynamic_quant(x, smooth_scales=torch.full((1, 4), 2.0, dtype=BF16), group_index=t([1], I32))
+    assert torch.allclose(s, t([2.0 / 127, 1.0 / 127]))
 
 
 # ============================================================================ npu_dequant_swiglu_quant
@@ -202,8 +226,6 @@ def test_dequant_swiglu_quant_without_groups():
     (lambda: npu_dequant_swiglu_quant(torch.zeros(2, 64, dtype=I32), weight_scale=torch.ones(64),
                                       bias=torch.zeros(64, dtype=I32), group_index=t([2], I64), quant_mode=1),
      PARAM_INVALID, "bias must be None"),
-    (lambda: npu_dequant_swiglu_quant(torch.zeros(2, 64, dtype=I32), weight_scale=torch.ones(2, 64),
-                                      group_index=t([2, 1], I64), quant_mode=1), PARAM_INVALID, "must not exceed"),
     (lambda: npu_dequant_swiglu_quant(torch.zeros(2, 64, dtype=I32), weight_scale=torch.ones(3, 64),
                                       group_index=t([1, 1], I64), quant_mode=1), PARAM_INVALID, "weight_scale shape"),
     (lambda: npu_dequant_swiglu_quant(torch.zeros(2, 64, dtype=I32), weight_scale=torch.ones(64),
@@ -227,16 +249,36 @@ def test_dequant_swiglu_quant_rejects(call, code, match):
     raises_code(code, call, match)
 
 
+def test_dequant_swiglu_quant_static_quant_not_emulated():
+    with pytest.raises(NotImplementedError, match="quant_mode=0"):
+        npu_dequant_swiglu_quant(torch.zeros(2, 64, dtype=BF16), quant_mode=0)
+
+
 @pytest.mark.parametrize("kwargs, match", [
-    ({"quant_mode": 0}, "quant_mode=0"),
-    ({"quant_mode": 1, "dst_type": 23}, "dst_type=23"),
-    ({"quant_mode": 1, "round_mode": 2}, "round_mode=2"),
-    ({"quant_mode": 1, "activate_dim": 0}, "activate_dim=0"),
-    ({"quant_mode": 1, "swiglu_mode": 1, "activate_left": True}, "without group_index"),
+    ({"dst_type": 23}, "dst_type=torch.float8_e5m2 is ignored"),
+    ({"round_mode": 2}, "round_mode=2 is ignored"),
+    ({"activate_dim": 0}, "activate_dim=0 is ignored"),
+    ({"swiglu_mode": 1, "activate_left": True}, "without group_index is ignored"),
 ])
-def test_dequant_swiglu_quant_modes_not_emulated(kwargs, match):
-    with pytest.raises(NotImplementedError, match=match):
-        npu_dequant_swiglu_quant(torch.zeros(2, 64, dtype=BF16), **kwargs)
+def test_dequant_swiglu_quant_what_a2_a3_ignore_warns(kwargs, match, monkeypatch):
+    """Below Ascend 950 torch_npu does not pass dst_type, round_mode, activate_dim on
+    (DequantSwigluQuantOpApi.cpp: int8, rint, the last dim) and the kernel without group_index computes
+    swiglu_mode 0: the result is the default call's, with a ContractWarning; EMU_STRICT=1 raises."""
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(1)).to(BF16)
+    want = npu_dequant_swiglu_quant(x, quant_mode=1, activate_left=kwargs.get("activate_left", False))
+    with pytest.warns(ContractWarning, match=match):
+        got = npu_dequant_swiglu_quant(x, quant_mode=1, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    monkeypatch.setenv("EMU_STRICT", "1")
+    raises_code(PARAM_INVALID, lambda: npu_dequant_swiglu_quant(x, quant_mode=1, **kwargs), match)
+
+
+def test_dequant_swiglu_quant_groups_past_the_rows_warn():
+    """group_index counts summing past x's rows: the device reads past x; here the groups stop at the rows."""
+    x = torch.ones(2, 64, dtype=I32)
+    with pytest.warns(ContractWarning, match="must not exceed"):
+        y, _ = npu_dequant_swiglu_quant(x, weight_scale=torch.ones(2, 64), group_index=t([2, 1], I64), quant_mode=1)
+    assert y.shape == (2, 32)
 
 
 # ============================================================================ npu_moe_token_permute / unpermute
@@ -483,23 +525,39 @@ def test_gmm_rejects_more(call, code, match):
     raises_code(code, call, match)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"group_type": 2}, "group_type=2"),
-    ({"group_type": 0, "x_dtype": 290}, "x_dtype=290"),
-])
-def test_gmm_modes_not_emulated(kwargs, match):
+def test_gmm_modes_not_emulated():
     x, w = _gmm_x_w()
-    with pytest.raises(NotImplementedError, match=match):
-        npu_grouped_matmul([x], [w], group_list=t([1, 2], I64), split_item=2, **kwargs)
+    with pytest.raises(NotImplementedError, match="x_dtype=290"):
+        npu_grouped_matmul([x], [w], group_list=t([1, 2], I64), split_item=2, group_type=0, x_dtype=290)
 
 
-def test_gmm_int8_output_and_antiquant_not_emulated():
-    x8, w8 = torch.ones(2, 2, dtype=I8), torch.ones(2, 2, dtype=I8)
-    with pytest.raises(NotImplementedError, match="int8 output"):
-        npu_grouped_matmul([x8], [w8], scale=[torch.ones(2, dtype=I64)], group_type=-1)
+def test_gmm_k_axis_groups():
+    """group_type 2 (K_SPLIT, as Huawei's test_npu_grouped_matmul_6 calls it): x (M, K) split along K by the
+    group_list; group g multiplies its columns by its rows of the one weight -> (G, M, N)."""
+    x = t([[1.0, 2.0, 3.0, 4.0], [0.5, 0.5, 0.5, 0.5]], F16)
+    w = t([[1.0], [10.0], [100.0], [1000.0]], F16)
+    y = npu_grouped_matmul([x], [w], group_list=t([1, 4], I64), split_item=3, group_type=2)[0]
+    # group 0: column 0 x row 0 = [1, 0.5]; group 1: columns 1-3 x rows 1-3 = [4320, 555]
+    assert y.shape == (2, 2, 1) and y[..., 0].tolist() == [[1.0, 0.5], [4320.0, 555.0]]
+    counts = npu_grouped_matmul([x], [w], group_list=t([1, 3], I64), split_item=3, group_type=2, group_list_type=1)
+    assert torch.equal(counts[0], y)
+    raises_code(PARAM_INVALID, lambda: npu_grouped_matmul([x], [w], group_list=t([1, 5], I64), split_item=3,
+                                                          group_type=2), "into non-negative groups")
+
+
+def test_gmm_int8_output_takes_a_packed_int64_scale():
+    """int8 x and weight, output_dtype None: per-channel requant with an int64 scale holding the fp32
+    scale's bits in its low word (Huawei's deq_scale_generate): int8(rint(acc * scale)), saturated."""
+    x8, w8 = torch.full((2, 3), 2, dtype=I8), torch.full((3, 2), 5, dtype=I8)       # acc 30
+    half = struct.unpack("<I", struct.pack("<f", 0.5))[0] | 0x400000000000
+    scale = torch.tensor([half, struct.unpack("<I", struct.pack("<f", 8.0))[0]], dtype=I64)
+    y = npu_grouped_matmul([x8], [w8], scale=[scale], group_type=-1)[0]
+    assert y.dtype == I8 and y.tolist() == [[15, 127]] * 2                          # 30 * 0.5, 30 * 8 -> 127
+    raises_code(PARAM_INVALID, lambda: npu_grouped_matmul([x8], [w8], scale=[torch.ones(2)], group_type=-1),
+                "int64 / uint64 scale")
     with pytest.raises(NotImplementedError, match="antiquant"):
-        npu_grouped_matmul([torch.ones(2, 2, dtype=BF16)], [w8], antiquant_scale=[torch.ones(2, dtype=BF16)],
-                           group_type=-1)
+        npu_grouped_matmul([torch.ones(2, 2, dtype=BF16)], [torch.ones(2, 2, dtype=I8)],
+                           antiquant_scale=[torch.ones(2, dtype=BF16)], group_type=-1)
 
 
 # ============================================================================ fakes against kernels, the wheel's meta

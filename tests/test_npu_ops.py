@@ -5,6 +5,11 @@ Graph capture and the MC2 ops inside a world: tests/test_npu_moe_layer.py; npu t
 tests/npu_tensor_checks.py."""
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
+import types
+import zipfile
 from pathlib import Path
 
 import npu_wheel
@@ -12,8 +17,9 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from emu.core.errors import PARAM_INVALID, AclnnError
+from emu.npu import dtypes, registry, upstream
 from emu.npu import ops as torch_npu_face
-from emu.npu import registry
 from emu.npu.schemas import SCHEMAS, op_name
 
 pytestmark = pytest.mark.timeout(120)
@@ -79,3 +85,79 @@ def test_mc2_fakes_need_no_world():
 def test_the_docs_page_names_every_op():
     text = (Path(__file__).resolve().parent.parent / "docs" / "torch-npu.md").read_text(encoding="utf-8")
     assert [e.base for e in registry.ENTRIES if f"`{e.base}" not in text] == []
+
+
+# ============================================================================ torch_npu's dtype names
+
+def test_torch_npu_dtype_names_are_int_codes_on_the_module():
+    """torch_npu 2.14 copies torch_npu._C._cd.DType's names onto torch_npu (_exports.py,
+    _export_dtype_symbols): plain ints, aclDataType + 256, passed where a schema takes ``int?``.
+    install() attaches them (checked in a fresh interpreter: install changes this process's torch)."""
+    probe = "import emu.npu; t = emu.npu.install(); print(type(t.hifloat8).__name__, t.hifloat8, t.float4_e2m1fn_x2)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=100,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.split() == ["int", "290", "296"]
+    tnpu = types.ModuleType("torch_npu")
+    dtypes.attach(tnpu)
+    assert dtypes.NPU_DTYPES["hifloat8"] == tnpu.hifloat8 == 290 and type(tnpu.hifloat8) is int
+    assert (tnpu.int4, tnpu.float8_e8m0fnu, tnpu.float4_e2m1fn_x2, tnpu.float4_e1m2fn_x2) == (285, 293, 296, 297)
+    assert (tnpu.float32, tnpu.float16, tnpu.int8, tnpu.bfloat16, tnpu.float8_e5m2) == (256, 257, 258, 283, 291)
+    assert all(getattr(tnpu, name) == code for name, code in dtypes.NPU_DTYPES.items())
+    assert dtypes.torch_dtype(tnpu.bfloat16) is dtypes.torch_dtype(15) is torch.bfloat16
+    assert dtypes.torch_dtype(tnpu.hifloat8) is None and dtypes.dtype_name(tnpu.hifloat8) == "torch_npu.hifloat8"
+
+
+@needs_wheel
+def test_dtype_codes_agree_with_the_wheels_meta_tables():
+    """The meta functions' TORCH_NPU_DTYPE_TO_STRING_MAP (codes of torch_npu's own dtypes) and the fp8
+    entries of TORCH_DTYPE_ENUM_VALUE_TO_SCALAR_TYPE_MAP name the same codes."""
+    with zipfile.ZipFile(WHEEL) as z:
+        tree = ast.parse(z.read(npu_wheel.META).decode())
+    tables = {t.id: node.value for node in tree.body if isinstance(node, ast.Assign)
+              for t in node.targets if isinstance(t, ast.Name)}
+    names = {k.value: v.value for k, v in zip(tables["TORCH_NPU_DTYPE_TO_STRING_MAP"].keys,
+                                              tables["TORCH_NPU_DTYPE_TO_STRING_MAP"].values)}
+    assert names and all(dtypes.NAME_OF_CODE[code] == name for code, name in names.items())
+    scalar = {k.value: ast.unparse(v) for k, v in zip(tables["TORCH_DTYPE_ENUM_VALUE_TO_SCALAR_TYPE_MAP"].keys,
+                                                       tables["TORCH_DTYPE_ENUM_VALUE_TO_SCALAR_TYPE_MAP"].values)}
+    assert scalar[291] == "torch.float8_e5m2" and scalar[292] == "torch.float8_e4m3fn"
+    assert dtypes.torch_dtype(291) is torch.float8_e5m2 and dtypes.torch_dtype(292) is torch.float8_e4m3fn
+
+
+def test_ops_honour_or_refuse_torch_npu_dtype_codes():
+    """A2 / A3 kernels: init_routing_v2's x_dtype relabels x (bfloat16 as bfloat16: the same call) and
+    refuses hifloat8 (161002); dynamic_quant's dst_type torch_npu.int8 is its default int8."""
+    x, ids = torch.randn(3, 4).bfloat16(), torch.tensor([[0], [1], [0]], dtype=torch.int32)
+    kw = {"expert_num": 2, "expert_tokens_num_type": 1, "expert_tokens_num_flag": True}
+    plain = torch.ops.npu.npu_moe_init_routing_v2(x, ids, **kw)
+    named = torch.ops.npu.npu_moe_init_routing_v2(x, ids, x_dtype=dtypes.NPU_DTYPES["bfloat16"], **kw)
+    assert all(torch.equal(a, b) for a, b in zip(plain, named))
+    with pytest.raises(AclnnError, match="torch_npu.hifloat8") as e:
+        torch.ops.npu.npu_moe_init_routing_v2(x, ids, x_dtype=dtypes.NPU_DTYPES["hifloat8"], **kw)
+    assert e.value.code == PARAM_INVALID
+    y, _ = torch.ops.npu.npu_dynamic_quant(x, dst_type=dtypes.NPU_DTYPES["int8"])
+    assert torch.equal(y, torch.ops.npu.npu_dynamic_quant(x)[0])
+
+
+# ============================================================================ Ascend's own tests, the runner's parts
+
+def test_upstream_runner_reads_methods_and_chips(tmp_path):
+    """scripts/ascend_op_tests.py: SupportedDevices names the chips (A3 Ascend910_93, A2 Ascend910B),
+    a method naming neither is not run; the first line of a failure is the exception's."""
+    src = tmp_path / "test_x.py"
+    src.write_text("from torch_npu.testing.testcase import TestCase\n"
+                   "from torch_npu.testing.common_utils import SupportedDevices\n"
+                   "class T(TestCase):\n"
+                   "    @SupportedDevices(['Ascend910B', 'Ascend910_93'])\n    def test_both(self): pass\n"
+                   "    @SupportedDevices(['Ascend950'])\n    def test_950(self): pass\n"
+                   "    def test_any(self): pass\n    def helper(self): pass\n"
+                   "    @parametrize('n', [1, 2])\n    def test_p(self, n): pass\n")
+    got = {m.method: m.chips for m in upstream.test_methods(str(src))}
+    assert got == {"test_both": ("A3", "A2"), "test_950": (), "test_any": ("A3", "A2"), "test_p": ("A3", "A2")}
+    selectors = {m.method: m.selector() for m in upstream.test_methods(str(src))}
+    assert selectors["test_both"] == ["T.test_both"] and selectors["test_p"] == ["-k", "*.T.test_p_*"]
+    out = ("test_both (__main__.T.test_both) ... ERROR\n\n" + "=" * 70 + "\nERROR: test_both (__main__.T)\n"
+           + "-" * 70 + "\nTraceback (most recent call last):\n  File \"x\", line 1\nValueError: inner\n\n"
+           "During handling...\nemu.core.errors.AclnnError: [561002] outer\n\n" + "-" * 70 + "\nRan 1 test\n\n"
+           "FAILED (errors=1)\n")
+    assert upstream.failure_reason(out) == "emu.core.errors.AclnnError: [561002] outer"

@@ -1,18 +1,30 @@
 """torch_npu's MoE routing operators on the CPU (emu/npu/routing.py): hand-worked cases with
 their values written out, properties against simple Python-loop references on random inputs,
-the init_routing -> experts -> finalize_routing roundtrip, argument errors, and (when the
-torch_npu 2.14.0 wheel is at hand) the signatures and output shapes / dtypes of the wheel's
-schema and meta functions."""
+the init_routing -> experts -> finalize_routing roundtrip, argument errors (the A2 / A3 kernels'
+codes), out-of-contract input (a ContractWarning once per call site, EMU_STRICT=1 an error), and
+(when the torch_npu 2.14.0 wheel is at hand) the signatures and output shapes / dtypes of the
+wheel's schema and meta functions.
+
+init_routing_v2 follows the A2 / A3 kernel (hicann/ops-transformer moe/moe_init_routing_v3 at
+c29bc10) and Huawei's golden (Ascend/op-plugin test/test_custom_ops/test_npu_moe_init_routing_v2.py
+at 517f2e7d): the tiling (op_host/moe_init_routing_v3_tiling.cpp:233-352) takes dropless calls
+only, active_num -1 or N * K, expert counts or key-value with expert_tokens_num_flag True and
+quant_mode -1 / 1; the scatter index is the kernel's whole sort (op_kernel/moe_v3_sort_one_core.h:
+experts below the range sort last, the rest by expert).  Earlier versions of these tests encoded
+the API page's wider reading (drop/pad, static quant, cumsum counts, active_num < N * K, a scatter
+index of -1 past the routed pairs)."""
 from __future__ import annotations
 
 import inspect
 import math
 import re
+import warnings
 
 import npu_wheel
 import pytest
 import torch
 
+from emu.core.errors import PARAM_INVALID, TILING_ERROR, AclnnError, ContractWarning
 from emu.npu.routing import (
     npu_moe_compute_expert_tokens,
     npu_moe_finalize_routing,
@@ -64,6 +76,9 @@ def test_gating_3d_numbers_rows_flat_and_keeps_dtype():
     assert expert.tolist() == [[[3, 2], [0, 1]], [[0, 2], [3, 2]]]
 
 
+# The calls the A2 / A3 tiling of init_routing_v2 takes need expert counts (type 1 or 2) and the flag.
+COUNTS = {"expert_tokens_num_type": 1, "expert_tokens_num_flag": True}
+
 # The doc's example: 3 tokens (H 4), k 2, row_idx from gating, experts [[1, 2], [0, 1], [0, 2]].
 X3 = torch.tensor([[0.1] * 4, [0.2] * 4, [0.3] * 4])
 ROW3 = t32([[0, 3], [1, 4], [2, 5]])
@@ -105,28 +120,41 @@ def test_init_routing_v2_hand_case_gather_and_scatter():
     assert gather.tolist() == [4, 0, 2, 5, 1, 3] and gather.dtype == I32
     assert count.tolist() == [2, 2, 2] and count.dtype == torch.int64
     assert scale.shape == (6,) and scale.dtype == torch.float32
-    _, scatter, cumsum, _ = npu_moe_init_routing_v2(X3B, E3B, expert_num=3, row_idx_type=1,
-                                                    expert_tokens_num_flag=True)
-    assert scatter.tolist() == [1, 4, 2, 5, 0, 3] and cumsum.tolist() == [2, 4, 6]
+    # scatter: the sort order itself.  (cumsum counts, expert_tokens_num_type 0, are refused by the A2 / A3
+    # tiling: moe_init_routing_v3_tiling.cpp:268-271 "expert_tokens_num_type currently not support 0")
+    _, scatter, count, _ = npu_moe_init_routing_v2(X3B, E3B, expert_num=3, row_idx_type=1,
+                                                   expert_tokens_num_flag=True, expert_tokens_num_type=1)
+    assert scatter.tolist() == [1, 4, 2, 5, 0, 3] and count.tolist() == [2, 2, 2]
 
 
 def test_init_routing_v2_active_expert_range_and_active_num():
-    # range [1, 3): pairs p1, p4 (expert 0) drop out.  Sorted: e1: p2, p5; e2: p0, p3 -> order [2, 5, 0, 3],
+    # range [1, 3): pairs p1, p4 (expert 0) are outside.  Sorted: e1: p2, p5; e2: p0, p3 -> [2, 5, 0, 3],
     # tokens [1, 2, 0, 1], then 2 zero rows.  gather: p2 -> 0, p5 -> 1, p0 -> 2, p3 -> 3, others -1.
     ex, gather, kv, _ = npu_moe_init_routing_v2(X3B, E3B, expert_num=4, active_expert_range=[1, 3],
                                                 expert_tokens_num_flag=True, expert_tokens_num_type=2)
     assert ex[:, 0].tolist() == [2.0, 3.0, 1.0, 2.0, 0.0, 0.0]
     assert gather.tolist() == [2, -1, 0, 3, -1, 1]
     assert kv.tolist() == [[1, 2], [2, 2], [0, 0], [0, 0]]            # (expert_num, 2): [expert, count], zeros
+    # scatter: the kernel's whole sort, experts below the range last (p1, p4 of expert 0, in order); Huawei's
+    # golden compares all N * K entries (earlier: -1 past the 4 routed pairs, the API page's reading)
     _, scatter, count, _ = npu_moe_init_routing_v2(X3B, E3B, expert_num=4, active_expert_range=[1, 3],
                                                    row_idx_type=1, expert_tokens_num_flag=True,
-                                                   expert_tokens_num_type=1)
-    assert scatter.tolist() == [2, 5, 0, 3, -1, -1] and count.tolist() == [2, 2]
-    # active_num 3: 3 rows (the first 3 of the order); the index still covers every routed pair
-    ex3, gather3, none, _ = npu_moe_init_routing_v2(X3B, E3B, expert_num=4, active_expert_range=[1, 3],
-                                                    active_num=3)
-    assert ex3[:, 0].tolist() == [2.0, 3.0, 1.0] and gather3.tolist() == [2, -1, 0, 3, -1, 1]
-    assert none.shape == ()                                           # expert_tokens_num_flag False
+                                                   expert_tokens_num_type=1, active_num=6)
+    assert scatter.tolist() == [2, 5, 0, 3, 1, 4] and count.tolist() == [2, 2]
+    # experts past the range sort after it by expert, before those below it: experts [3, 0, 1, 3, 0, 1]
+    # with range [1, 2): p2, p5 (e1), then p0, p3 (e3), then p1, p4 (e0)
+    _, scatter, _, _ = npu_moe_init_routing_v2(X3B, t32([[3, 0], [1, 3], [0, 1]]), expert_num=4,
+                                               active_expert_range=[1, 2], row_idx_type=1,
+                                               expert_tokens_num_flag=True, expert_tokens_num_type=1)
+    assert scatter.tolist() == [2, 5, 0, 3, 1, 4]
+    # active_num other than -1 and N * K, and expert_tokens_num_flag False: the A2 / A3 tiling refuses them
+    # (moe_init_routing_v3_tiling.cpp:324-327 and :273-275)
+    for bad, message in (({"active_num": 3}, "active_num currently should equal to 6(bs*k)"),
+                         ({"expert_tokens_num_flag": False}, "expert_tokens_num_flag currently support True")):
+        kwargs = {"expert_num": 4, "expert_tokens_num_type": 1, "expert_tokens_num_flag": True, **bad}
+        with pytest.raises(AclnnError, match=re.escape(message)) as e:
+            npu_moe_init_routing_v2(X3B, E3B, **kwargs)
+        assert e.value.code == TILING_ERROR
 
 
 def test_init_routing_v2_dynamic_quant_hand_case():
@@ -134,34 +162,40 @@ def test_init_routing_v2_dynamic_quant_hand_case():
     # token 1 is all zero -> y 0, scale 0.  token 0: max|x| = 254 -> scale 2,
     # y = round([254, -127, 63.5, 0] / 2) = round([127, -63.5, 31.75, 0]) = [127, -64, 32, 0] (half to even)
     x = torch.tensor([[254.0, -127.0, 63.5, 0.0], [0.0] * 4])
-    ex, _, _, scale = npu_moe_init_routing_v2(x, t32([[1], [0]]), expert_num=2, quant_mode=1)
+    ex, _, _, scale = npu_moe_init_routing_v2(x, t32([[1], [0]]), expert_num=2, quant_mode=1, **COUNTS)
     assert ex.dtype == torch.int8 and ex.tolist() == [[0] * 4, [127, -64, 32, 0]]
     assert scale.tolist() == [0.0, 2.0]
     # smooth scale per expert (E 2, H 4); token 0 (expert 1) * [0.5, 2, 1, 1] = [127, -254, 63.5, 0]
     # -> scale 2, y = round([63.5, -127, 31.75, 0]) = [64, -127, 32, 0]
     smooth = torch.tensor([[1.0] * 4, [0.5, 2.0, 1.0, 1.0]])
-    ex, _, _, scale = npu_moe_init_routing_v2(x, t32([[1], [0]]), scale=smooth, expert_num=2, quant_mode=1)
+    ex, _, _, scale = npu_moe_init_routing_v2(x, t32([[1], [0]]), scale=smooth, expert_num=2, quant_mode=1,
+                                              **COUNTS)
     assert ex.tolist() == [[0] * 4, [64, -127, 32, 0]] and scale.tolist() == [0.0, 2.0]
 
 
-def test_init_routing_v2_static_quant_hand_case():
-    # round(x * 2 + 0.5): [2.5, 5.5] -> [2, 6]; [-5.5, 600.5] -> [-6, 600 -> clamp 127]
-    x = torch.tensor([[1.0, 2.5], [-3.0, 300.0]])
-    ex, _, _, scale = npu_moe_init_routing_v2(x, t32([[0], [0]]), scale=torch.tensor([2.0]),
-                                              offset=torch.tensor([0.5]), expert_num=1, quant_mode=0)
-    assert ex.dtype == torch.int8 and ex.tolist() == [[2, 6], [-6, 127]] and scale.shape == ()
+def test_init_routing_v2_static_quant_and_drop_pad_are_refused_on_a2_a3():
+    """The API page lists static quant (quant_mode 0) and drop/pad (drop_pad_mode 1); the A2 / A3 tiling
+    refuses both (moe_init_routing_v3_tiling.cpp:263-265 "drop_pad_mode currently support 0", :293-295
+    "quant_mode currently support -1 or 1"; the 2.14 API page itself says "当前仅支持" 0 and -1 / 1, and
+    Huawei's static-quant test is skipped).  Earlier versions emulated both from the API page."""
+    for kwargs, message in (({"quant_mode": 0, "scale": torch.tensor([2.0]), "offset": torch.tensor([0.5])},
+                             "quant_mode currently support -1 or 1"),
+                            ({"drop_pad_mode": 1, "expert_capacity": 2}, "drop_pad_mode currently support 0")):
+        with pytest.raises(AclnnError, match=re.escape(message)) as e:
+            npu_moe_init_routing_v2(X3B, E3B, expert_num=3, **COUNTS, **kwargs)
+        assert e.value.code == TILING_ERROR
 
 
-def test_init_routing_v2_drop_pad_hand_case():
-    # experts [[0, 1], [0, 2], [0, 1]], E 3, capacity 2.  Pairs: e0: p0, p2, p4; e1: p1, p5; e2: p3.
-    # e0 keeps p0, p2 (p4 dropped); slots [p0, p2 | p1, p5 | p3, pad] -> tokens [0, 1 | 0, 2 | 1, -]
-    # gather [p] -> slot: p0 0, p1 2, p2 1, p3 4, p4 -1, p5 3.  counts before the drop: [3, 2, 1]
-    ex, gather, count, scale = npu_moe_init_routing_v2(
-        X3B, t32([[0, 1], [0, 2], [0, 1]]), scale=torch.tensor([10.0, 20.0, 30.0]), expert_num=3,
-        expert_capacity=2, drop_pad_mode=1, expert_tokens_num_type=1, expert_tokens_num_flag=True)
-    assert ex.shape == (3, 2, 2) and ex[..., 0].tolist() == [[1.0, 2.0], [1.0, 3.0], [2.0, 0.0]]
-    assert gather.tolist() == [0, 2, 1, 4, -1, 3] and count.tolist() == [3, 2, 1]
-    assert scale.tolist() == [10.0, 20.0, 10.0, 30.0, 20.0, 0.0]        # scale[token] per slot, 0 for the pad
+def test_init_routing_v2_empty_x_returns_before_any_scale_check():
+    """torch_npu's adapter returns empty outputs and zero counts when x has no rows, before aclnn
+    (MoeInitRoutingV2KernelNpuOpApi.cpp "return when using empty tensor"): Huawei's empty-tensor test
+    passes a (0,) scale with quant_mode 1, which the aclnn check (2-D scale) would refuse."""
+    x, ids = torch.zeros(0, 8, dtype=torch.bfloat16), torch.zeros(0, 12, dtype=I32)
+    ex, idx, counts, scale = npu_moe_init_routing_v2(x, ids, scale=torch.zeros(0), expert_num=32, quant_mode=1,
+                                                     active_expert_range=[0, 16], expert_tokens_num_type=2,
+                                                     expert_tokens_num_flag=True, row_idx_type=1)
+    assert ex.shape == (0, 8) and ex.dtype == torch.int8 and idx.numel() == 0 and scale.numel() == 0
+    assert counts.shape == (32, 2) and not counts.any()
 
 
 # finalize: N 2, K 2, H 2.  rows r0..r3 = 1, 2, 3, 4; token 0 -> rows 3, 1; token 1 -> rows 0, 2.
@@ -189,10 +223,12 @@ def test_finalize_routing_drop_pad_reads_dropped_as_zero_rows():
     rows = ROWS.reshape(2, 2, 2)
     out = npu_moe_finalize_routing(rows, None, None, None, None, t32([3, -1, 1, 2]), None, 1, 2)
     assert out.tolist() == [[6.0] * 2, [3.0] * 2]
-    # with bias, a dropped slot still adds its expert's bias: token 0: (4 + 10) + (2 + 30) = 46; token 1: 20 + 23 = 43
-    out = npu_moe_finalize_routing(rows, None, None, FIN["bias"], None, t32([3, -1, 1, 2]),
-                                   FIN["export_for_source_row"], 1, 2)
-    assert out.tolist() == [[46.0] * 2, [43.0] * 2]
+    # with bias, a dropped slot still adds its expert's bias.  The bias has the rows' E = 2 experts (the tiling:
+    # moe_finalize_routing_v2_tiling_membase.cpp:284-290 "the dim 0 of bias should be E when drop_pad_mode is
+    # 1 or 3"); experts [[0, 1], [1, 1]]: token 0: (4 + 10) + (2 + 20) = 36; token 1: 20 + (3 + 20) = 43
+    out = npu_moe_finalize_routing(rows, None, None, FIN["bias"][:2], None, t32([3, -1, 1, 2]),
+                                   t32([[0, 1], [1, 1]]), 1, 2)
+    assert out.tolist() == [[36.0] * 2, [43.0] * 2]
 
 
 def test_compute_expert_tokens_hand_case():
@@ -240,35 +276,30 @@ def ref_route(expert_idx: torch.Tensor, start: int, end: int) -> list[int]:
     return sorted((p for p in range(len(e)) if start <= e[p] < end), key=lambda p: e[p])
 
 
-def ref_init_routing_v2(x, expert_idx, start, end, active_num, row_idx_type):
+def ref_init_routing_v2(x, expert_idx, start, row_idx_type):
+    """Huawei's golden (cpu_op_exec): a stable sort of every pair, experts below the range moved to
+    the end; the rows and the gather index cover the pairs in [start, end) only."""
+    n, k = expert_idx.shape
+    e = expert_idx.reshape(-1).tolist()
+    order = sorted(range(n * k), key=lambda p: e[p] if e[p] >= start else 2 ** 40)
+    return order
+
+
+def ref_init_routing_v2_rows(x, expert_idx, start, end, row_idx_type):
     n, k = expert_idx.shape
     pairs = ref_route(expert_idx, start, end)
-    rows = n * k if active_num <= 0 else min(active_num, n * k)
-    ex = torch.zeros(rows, x.shape[1], dtype=x.dtype)
-    for i, p in enumerate(pairs[:rows]):
-        ex[i] = x[p // k]
-    idx = [-1] * (n * k)
+    ex = torch.zeros(n * k, x.shape[1], dtype=x.dtype)
     for i, p in enumerate(pairs):
-        if row_idx_type == 1:
-            idx[i] = p
-        else:
+        ex[i] = x[p // k]
+    if row_idx_type == 1:
+        idx = ref_init_routing_v2(x, expert_idx, start, row_idx_type)
+    else:
+        idx = [-1] * (n * k)
+        for i, p in enumerate(pairs):
             idx[p] = i
     e = expert_idx.reshape(-1).tolist()
     counts = [sum(1 for p in pairs if e[p] == j) for j in range(start, end)]
     return ex, idx, counts
-
-
-def ref_drop_pad(x, expert_idx, E, C):
-    n, k = expert_idx.shape
-    e = expert_idx.reshape(-1).tolist()
-    ex = torch.zeros(E * C, x.shape[1], dtype=x.dtype)
-    gather, fill = [-1] * (n * k), [0] * E
-    for p in ref_route(expert_idx, 0, E):
-        if fill[e[p]] < C:
-            slot = e[p] * C + fill[e[p]]
-            ex[slot], gather[p] = x[p // k], slot
-            fill[e[p]] += 1
-    return ex.reshape(E, C, -1), gather
 
 
 def ref_quant_row(row: torch.Tensor) -> tuple[list[int], float]:
@@ -345,23 +376,12 @@ def test_init_routing_v2_dropless_matches_reference(seed):
     N, K, H, E = 9, 3, 4, 6
     x, experts = torch.randn(N, H, generator=g).bfloat16(), torch.randint(0, E, (N, K), generator=g, dtype=I32)
     start, end = [(0, 6), (2, 5), (1, 3), (0, 6)][seed]
-    for active_num, row_idx_type in ((-1, 0), (0, 1), (10, 0), (40, 1)):
+    for active_num, row_idx_type in ((-1, 0), (N * K, 1), (-1, 1), (N * K, 0)):
         ex, idx, count, _ = npu_moe_init_routing_v2(x, experts, active_num=active_num, expert_num=E,
                                                     active_expert_range=[start, end], row_idx_type=row_idx_type,
                                                     expert_tokens_num_flag=True, expert_tokens_num_type=1)
-        want_x, want_idx, want_count = ref_init_routing_v2(x, experts, start, end, active_num, row_idx_type)
+        want_x, want_idx, want_count = ref_init_routing_v2_rows(x, experts, start, end, row_idx_type)
         assert torch.equal(ex, want_x) and idx.tolist() == want_idx and count.tolist() == want_count
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_init_routing_v2_drop_pad_matches_reference(seed):
-    g = torch.Generator().manual_seed(seed)
-    N, K, H, E, C = 8, 2, 3, 4, 1 + seed
-    x, experts = torch.randn(N, H, generator=g).half(), torch.randint(0, E, (N, K), generator=g, dtype=I32)
-    ex, gather, _, _ = npu_moe_init_routing_v2(x, experts, expert_num=E, expert_capacity=C, drop_pad_mode=1,
-                                               expert_tokens_num_type=1)
-    want_x, want_gather = ref_drop_pad(x, experts, E, C)
-    assert torch.equal(ex, want_x) and gather.tolist() == want_gather
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -372,7 +392,7 @@ def test_init_routing_v2_dynamic_quant_matches_reference(seed):
     x[seed % N] = 0                                                        # an all-zero row
     experts = torch.randint(0, E, (N, K), generator=g, dtype=I32)
     smooth = torch.rand(E, H, generator=g) + 0.5 if seed % 2 else None
-    ex, _, _, scale = npu_moe_init_routing_v2(x, experts, scale=smooth, expert_num=E, quant_mode=1)
+    ex, _, _, scale = npu_moe_init_routing_v2(x, experts, scale=smooth, expert_num=E, quant_mode=1, **COUNTS)
     e = experts.reshape(-1).tolist()
     for i, p in enumerate(ref_route(experts, 0, E)):
         row = x[p // K] * (smooth[e[p]] if smooth is not None else 1)
@@ -387,7 +407,8 @@ def test_dynamic_quant_scales_of_routing_and_of_npu_dynamic_quant():
     from emu.npu.compute import npu_dynamic_quant
     x = torch.randn(12, 32, generator=torch.Generator().manual_seed(7)).bfloat16()
     x[3] = 0
-    ex, _, _, scale = npu_moe_init_routing_v2(x, torch.zeros(12, 1, dtype=I32), expert_num=1, quant_mode=1)
+    ex, _, _, scale = npu_moe_init_routing_v2(x, torch.zeros(12, 1, dtype=I32), expert_num=1, quant_mode=1,
+                                              **COUNTS)
     y, s = npu_dynamic_quant(x)
     amax = x.float().abs().amax(-1)
     assert torch.equal(scale, amax / torch.tensor(127.0)) and torch.equal(s, amax * torch.tensor(1 / 127.0))
@@ -436,6 +457,21 @@ def test_re_routing_matches_reference(seed):
 
 # ============================================================================ roundtrip
 
+def drop_pad_layout(x, expert_idx, E, C):
+    """Rows in an (E, C, H) drop/pad layout (each expert's first C pairs) and the gather index
+    [pair] -> slot (-1 dropped): what finalize_routing's modes 1 / 3 read."""
+    n, k = expert_idx.shape
+    e = expert_idx.reshape(-1).tolist()
+    ex = torch.zeros(E * C, x.shape[1], dtype=x.dtype)
+    gather, fill = [-1] * (n * k), [0] * E
+    for p in ref_route(expert_idx, 0, E):
+        if fill[e[p]] < C:
+            slot = e[p] * C + fill[e[p]]
+            ex[slot], gather[p] = x[p // k], slot
+            fill[e[p]] += 1
+    return ex.reshape(E, C, -1), t32(gather)
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_roundtrip_v1_identity_experts(seed):
     """gating -> init_routing -> identity experts -> finalize (mode 0, scales = y): x * sum_k y."""
@@ -451,17 +487,17 @@ def test_roundtrip_v1_identity_experts(seed):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_roundtrip_v2_identity_experts(seed):
     """init_routing_v2 (gather index) -> identity experts + bias -> finalize (mode 2): per token
-    sum_k w * (x + bias[expert]); drop/pad (mode 3) loses the dropped pairs' rows, not their bias."""
+    sum_k w * (x + bias[expert]); drop/pad rows (mode 3, an (E, C, H) layout made here) lose the
+    dropped pairs' rows, not their bias."""
     g = torch.Generator().manual_seed(seed)
     N, E, K, H, C = 6, 4, 2, 8, 2
     x, w = torch.randn(N, H, generator=g), torch.rand(N, K, generator=g)
     experts = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)]).to(I32)
     bias = torch.randn(E, H, generator=g)
-    ex, gather, _, _ = npu_moe_init_routing_v2(x, experts, expert_num=E)
+    ex, gather, _, _ = npu_moe_init_routing_v2(x, experts, expert_num=E, **COUNTS)
     out = npu_moe_finalize_routing(ex, None, None, bias, w, gather, experts, 2)
     torch.testing.assert_close(out, (w[..., None] * (x[:, None] + bias[experts.long()])).sum(1))
-    ex, gather, _, _ = npu_moe_init_routing_v2(x, experts, expert_num=E, expert_capacity=C, drop_pad_mode=1,
-                                               expert_tokens_num_type=1)
+    ex, gather = drop_pad_layout(x, experts, E, C)
     out = npu_moe_finalize_routing(ex, None, None, bias, w, gather, experts, 3)
     kept = (gather >= 0).reshape(N, K, 1).float()
     torch.testing.assert_close(out, (w[..., None] * (kept * x[:, None] + bias[experts.long()])).sum(1))
@@ -470,66 +506,139 @@ def test_roundtrip_v2_identity_experts(seed):
 # ============================================================================ errors
 
 def v2(**kw):
-    return npu_moe_init_routing_v2(X3B, E3B, **{"expert_num": 3, **kw})
+    return npu_moe_init_routing_v2(X3B, E3B, **{"expert_num": 3, **COUNTS, **kw})
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda: v2(quant_mode=2), NotImplementedError, "quant_mode=2"),
-    (lambda: v2(quant_mode=13), NotImplementedError, "quant_mode=13"),
-    (lambda: v2(quant_mode=10), ValueError, "quant_mode must be one of"),
-    (lambda: v2(x_dtype=290), NotImplementedError, "x_dtype=290"),
-    (lambda: v2(drop_pad_mode=1, expert_capacity=2, expert_tokens_num_type=0), NotImplementedError,
-     "expert_tokens_num_type=0"),
-    (lambda: v2(drop_pad_mode=2), ValueError, "drop_pad_mode"),
-    (lambda: v2(drop_pad_mode=1, expert_tokens_num_type=1), ValueError, "expert_capacity > 0"),
-    (lambda: v2(drop_pad_mode=1, expert_capacity=2, expert_tokens_num_type=1, row_idx_type=1), ValueError,
-     "row_idx_type=0"),
-    (lambda: v2(drop_pad_mode=1, expert_capacity=2, expert_tokens_num_type=1, active_expert_range=[1, 3]),
-     ValueError, "active_expert_range"),
-    (lambda: v2(expert_num=-1), ValueError, "expert_num > 0 or active_expert_range"),
-    (lambda: v2(active_expert_range=[1, 4]), ValueError, "exceeds expert_num"),
-    (lambda: v2(active_expert_range=[2, 2]), ValueError, "start < end"),
-    (lambda: v2(active_num=-2), ValueError, "active_num"),
-    (lambda: v2(quant_mode=0, scale=torch.ones(1)), ValueError, "needs scale and offset"),
-    (lambda: v2(quant_mode=1, offset=torch.ones(1)), ValueError, "offset is only taken"),
-    (lambda: v2(quant_mode=1, scale=torch.ones(3, 5)), ValueError, "scale must be"),
-    (lambda: v2(scale=torch.ones(2)), ValueError, "scale must be"),
-    (lambda: npu_moe_init_routing_v2(X3B, E3B.long(), expert_num=3), ValueError, "expert_idx dtype"),
-    (lambda: npu_moe_init_routing_v2(X3B[:2], E3B, expert_num=3), ValueError, "rows"),
-    (lambda: npu_moe_init_routing(X3, ROW3[:, :1], E3B, 3), ValueError, "row_idx shape"),
-    (lambda: npu_moe_init_routing(X3, ROW3 + 1, E3B, 3), ValueError, "row_idx values"),
-    (lambda: npu_moe_init_routing(X3, ROW3, E3B, -1), ValueError, "active_num"),
-    (lambda: npu_moe_gating_top_k_softmax(GATE_X, None, 0), ValueError, "k must"),
-    (lambda: npu_moe_gating_top_k_softmax(GATE_X, None, 5), ValueError, "k must"),
-    (lambda: npu_moe_gating_top_k_softmax(GATE_X, torch.zeros(2, dtype=torch.bool), 1), ValueError, "finished"),
-    (lambda: npu_moe_gating_top_k_softmax(GATE_X.long(), None, 1), ValueError, "dtype"),
+P, T = PARAM_INVALID, TILING_ERROR
+
+
+@pytest.mark.parametrize("call, code, match", [
+    # init_routing_v2: torch_npu's adapter, aclnn_moe_init_routing_v3.cpp (161002), the A2 / A3 tiling (561002)
+    (lambda: v2(quant_mode=2), P, "quant_mode=2 gives an expanded_x dtype"),          # fp8 out: aclnn dtype list
+    (lambda: v2(quant_mode=13), P, "quant_mode=13"),
+    (lambda: v2(quant_mode=10), T, "quant_mode currently support -1 or 1"),
+    (lambda: v2(quant_mode=1, x_dtype=285), P, "INT4 dynamic quantization uses quant_mode=13"),
+    (lambda: v2(x_dtype=290), P, "x dtype torch_npu.hifloat8 (x_dtype) is not supported"),
+    (lambda: v2(x_dtype=283), P, "relabels x (torch.float32) as a dtype of another element size"),
+    (lambda: v2(drop_pad_mode=1, expert_capacity=2), T, "drop_pad_mode currently support 0"),
+    (lambda: v2(expert_tokens_num_type=0), T, "expert_tokens_num_type currently not support 0"),
+    (lambda: v2(expert_num=-1, active_expert_range=[0, 3]), T, "expert_num should be greater than 0"),
+    (lambda: v2(active_expert_range=[1, 4]), T, "expert_end should be less than or equal to 3"),
+    (lambda: v2(active_expert_range=[2, 2]), T, "expert_start should be less than expert_end"),
+    (lambda: v2(active_expert_range=[1, 2, 3]), P, "The length of list active_expert_range should be 2"),
+    (lambda: v2(active_num=-2), T, "active_num should be greater than or equal to -1"),
+    (lambda: v2(active_num=0), T, "active_num currently should equal to 6(bs*k)"),
+    (lambda: v2(row_idx_type=2), T, "row_idx_type currently support"),
+    (lambda: v2(quant_mode=1, scale=torch.ones(3, 5)), P, "scale shape error"),
+    (lambda: v2(quant_mode=1, scale=torch.ones(1, 2)), P, "scale shape error"),        # (1, H): the meta's, not aclnn's
+    (lambda: v2(scale=torch.ones(2)), P, "scale shape error"),
+    (lambda: v2(scale=torch.ones(3, dtype=torch.float16)), P, "scale dtype must be float32"),
+    (lambda: npu_moe_init_routing_v2(X3B, E3B.long(), expert_num=3, **COUNTS), P, "expert_idx dtype"),
+    (lambda: npu_moe_init_routing_v2(X3B[:2], E3B, expert_num=3, **COUNTS), P, "expertIdx shape error"),
+    (lambda: npu_moe_init_routing_v2(X3B[0], E3B, expert_num=3, **COUNTS), P, "The x should be 2-Dimension"),
+    # init_routing (v1): moe_init_routing_tiling.cpp
+    (lambda: npu_moe_init_routing(X3, ROW3[:, :1], E3B, 3), T, "row_idx shape"),
+    (lambda: npu_moe_init_routing(X3, ROW3, E3B, -1), T, "active_num must be a non-negative number"),
+    (lambda: npu_moe_init_routing(X3, ROW3.long(), E3B, 3), P, "row_idx dtype"),
+    # gating: moe_gating_top_k_softmax_tiling_base.cpp
+    (lambda: npu_moe_gating_top_k_softmax(GATE_X, None, 0), T, "attr k(=0) is wrong"),
+    (lambda: npu_moe_gating_top_k_softmax(GATE_X, None, 5), T, "attr k(=5) is wrong"),
+    (lambda: npu_moe_gating_top_k_softmax(GATE_X[:0], None, 1), T, "contains zero"),
+    (lambda: npu_moe_gating_top_k_softmax(GATE_X, torch.zeros(2, dtype=torch.bool), 1), T, "finished"),
+    (lambda: npu_moe_gating_top_k_softmax(GATE_X.long(), None, 1), P, "dtype"),
+    # finalize_routing: moe_finalize_routing_v2_tiling_membase.cpp
     (lambda: npu_moe_finalize_routing(ROWS, None, FIN["skip2"], None, FIN["scales"], t32([0, 1, 2, 3]), None, 0),
-     ValueError, "skip2 must be None"),
+     T, "x2 parameter can't be inputted"),
     (lambda: npu_moe_finalize_routing(ROWS, None, None, None, FIN["scales"], t32([0, 1, 2, 3]), None, 4),
-     ValueError, "drop_pad_mode"),
-    (lambda: npu_moe_finalize_routing(ROWS, None, None, None, FIN["scales"], t32([0, 1, 2, 4]), None, 0),
-     ValueError, "values must lie"),
+     T, "drop_pad_mode should be [0,3]"),
     (lambda: npu_moe_finalize_routing(ROWS, None, None, FIN["bias"], FIN["scales"], t32([0, 1, 2, 3]), None, 0),
-     ValueError, "bias needs"),
-    (lambda: npu_moe_finalize_routing(ROWS, None, None, None, FIN["scales"], t32([0, 1, 2]), None, 0),
-     ValueError, "entries"),
-    (lambda: npu_moe_compute_expert_tokens(t32([1, 0]), 2), ValueError, "non-decreasing"),
-    (lambda: npu_moe_compute_expert_tokens(t32([0]), 0), ValueError, "num_expert"),
-    (lambda: npu_moe_compute_expert_tokens(torch.tensor([0]), 1), ValueError, "dtype"),
-    (lambda: npu_moe_re_routing(torch.zeros(2, 1).half(), t32([[1, 1]]), expert_token_num_type=0),
-     NotImplementedError, "expert_token_num_type=0"),
-    (lambda: npu_moe_re_routing(torch.zeros(2, 1).half(), t32([[1, 1]]), idx_type=1), NotImplementedError,
-     "idx_type=1"),
-    (lambda: npu_moe_re_routing(torch.zeros(2, 1).half(), t32([[1, 1]]), tokens_dtype=290), NotImplementedError,
-     "tokens_dtype=290"),
-    (lambda: npu_moe_re_routing(torch.zeros(3, 1).half(), t32([[1, 1]])), ValueError, "must equal"),
-    (lambda: npu_moe_re_routing(torch.zeros(0, 1).half(), t32([[1, -1]])), ValueError, ">= 0"),
+     T, "the expert_idx must exist when bias exist"),
+    (lambda: npu_moe_finalize_routing(ROWS, None, None, FIN["bias"][:1], FIN["scales"], t32([0, 1, 2, 3]),
+                                      FIN["export_for_source_row"], 0), T, "E should be larger than or equal to K"),
+    # compute_expert_tokens: moe_compute_expert_tokens_tiling.cpp
+    (lambda: npu_moe_compute_expert_tokens(t32([0]), 0), T, "num_expert"),
+    (lambda: npu_moe_compute_expert_tokens(t32([0]), 2049), T, "num_expert"),
+    (lambda: npu_moe_compute_expert_tokens(torch.tensor([0]), 1), P, "dtype"),
+    # re_routing: MoeReRoutingOpApi.cpp (161002), moe_re_routing_membase_tiling.cpp (561002); idx_type 1,
+    # count mode 0 and hifloat8 / fp4 tokens are Ascend 950's (earlier: NotImplementedError)
+    (lambda: npu_moe_re_routing(torch.zeros(2, 1).half(), t32([[1, 1]]), expert_token_num_type=0), T,
+     "expertTokenNumType should == 1."),
+    (lambda: npu_moe_re_routing(torch.zeros(2, 1).half(), t32([[1, 1]]), idx_type=1), T, "idxType should == 0."),
+    (lambda: npu_moe_re_routing(torch.zeros(2, 1, dtype=torch.uint8), t32([[1, 1]]), tokens_dtype=290), T,
+     "Failed to find tilingkey"),
+    (lambda: npu_moe_re_routing(torch.zeros(2, 1).half(), t32([[1, 1]]), tokens_dtype=15), P,
+     "tokens_dtype only supports hifloat8, float4_e2m1fn_x2, float4_e1m2fn_x2 or None, but now is torch.bfloat16"),
+    (lambda: npu_moe_re_routing(torch.zeros(2, 1).float(), t32([[1, 1]])), T, "Failed to find tilingkey"),
+    (lambda: npu_moe_re_routing(torch.zeros(2, 16385).half(), t32([[1, 1]])), T, "tokenSize should <= 16384."),
+    (lambda: npu_moe_re_routing(torch.zeros(2).half(), t32([[1, 1]])), P, "tokens dim should larger than 1"),
     (lambda: npu_moe_re_routing(torch.zeros(2, 1).half(), t32([[1, 1]]), per_token_scales=torch.ones(3)),
-     ValueError, "per_token_scales"),
+     P, "per_token_scales"),
 ])
-def test_errors(call, error, match):
-    with pytest.raises(error, match=re.escape(match)):
+def test_errors(call, code, match):
+    """What the A2 / A3 operator refuses raises AclnnError with its code (a RuntimeError, as torch_npu's)."""
+    with pytest.raises(AclnnError, match=re.escape(match)) as e:
         call()
+    assert e.value.code == code and isinstance(e.value, RuntimeError)
+
+
+# ============================================================================ out of contract
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: npu_moe_re_routing(torch.zeros(3, 1).half(), t32([[1, 1]])), "sum to the 3 tokens, its sum is 2"),
+    (lambda: npu_moe_re_routing(torch.zeros(1, 1).half(), t32([[2, -1]])), "must be >= 0"),
+    (lambda: v2(offset=torch.ones(1)), "offset is not taken"),
+    (lambda: npu_moe_init_routing_v2(X3B, t32([[2, 0], [1, 5], [0, 1]]), expert_num=4, **COUNTS),
+     "expert_idx values"),
+    (lambda: npu_moe_init_routing(X3, ROW3 + 1, E3B, 3), "row_idx values"),
+    (lambda: npu_moe_compute_expert_tokens(t32([1, 0]), 2), "non-decreasing"),
+    (lambda: npu_moe_finalize_routing(ROWS, None, None, None, FIN["scales"], t32([0, 1, 2, 4]), None, 0),
+     "values must lie"),
+])
+def test_out_of_contract_warns_and_strict_raises(call, match, monkeypatch):
+    """Input the kernel silently accepts though the docs forbid it: computed as the kernel does, with a
+    ContractWarning; EMU_STRICT=1 makes it AclnnError 161002."""
+    with pytest.warns(ContractWarning, match=re.escape(match)):
+        call()
+    monkeypatch.setenv("EMU_STRICT", "1")
+    with pytest.raises(AclnnError, match=re.escape(match)) as e:
+        call()
+    assert e.value.code == PARAM_INVALID
+
+
+def _re_route(tokens, counts):
+    return npu_moe_re_routing(tokens, counts)
+
+
+def test_contract_warning_once_per_call_site():
+    """One warning per call site (the first frame outside mc2-emu and torch) and check: a loop warns
+    once, another line warns again; the warning points at the caller's line."""
+    tokens = torch.arange(4, dtype=torch.float16)[:, None]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            npu_moe_re_routing(tokens, t32([[1, 1]]))                     # line A: sum 2 != 4 tokens
+        npu_moe_re_routing(tokens, t32([[1, 1]]))                         # line B
+        torch.ops.npu.npu_moe_re_routing(tokens, t32([[1, 1]]))           # line C, through the dispatcher
+    mine = [w for w in seen if issubclass(w.category, ContractWarning)]
+    assert len(mine) == 3 and {w.filename for w in mine} == {__file__}
+    assert len({w.lineno for w in mine}) == 3
+
+
+def test_re_routing_count_sum_different_from_the_tokens_is_what_the_kernel_copies():
+    """Huawei's re_routing test passes counts summing to ~2x the tokens and checks shapes only; the A2 / A3
+    kernel (moe_re_routing.h) copies each (rank, expert) block at the running sums of the counts without a
+    bound check.  Rows placed inside [0, A) are copied, the rest are not (index -1, zero rows)."""
+    tokens = torch.arange(5, dtype=torch.float16)[:, None]
+    counts = t32([[2, 1], [1, 3]])                    # sum 7 > 5: rank 0: e0 0-1, e1 2; rank 1: e0 3, e1 4-6
+    with pytest.warns(ContractWarning):
+        out, _, idx, num = npu_moe_re_routing(tokens, counts)
+    # expert-major: e0 [0, 1, 3] at 0-2, e1 [2, 4, 5, 6] at 3-6; rows 5, 6 (src 4..6 / dst >= 5) not written
+    assert idx.tolist() == [0, 1, 3, 2, 4] and out[:, 0].tolist() == [0, 1, 3, 2, 4]
+    assert num.tolist() == [3, 4]
+    fewer = t32([[1, 1], [0, 1]])                     # sum 3 < 5: rows 3, 4 unwritten
+    with pytest.warns(ContractWarning):
+        out, _, idx, _ = npu_moe_re_routing(tokens, fewer)
+    assert idx.tolist() == [0, 1, 2, -1, -1] and out[3:].abs().sum() == 0
 
 
 # ============================================================================ torch_npu 2.14.0 wheel
@@ -561,14 +670,14 @@ def _meta_args(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 
 def _v2_cases():
+    """Calls the A2 / A3 tiling takes (N * K = 15)."""
     x, e = torch.randn(5, 4), torch.randint(0, 6, (5, 3), dtype=I32)
-    base = {"expert_num": 6, "expert_tokens_num_flag": True}
-    return [((x, e), dict(base)), ((x, e), dict(base, active_num=7, expert_tokens_num_type=2)),
-            ((x, e), dict(base, active_expert_range=[1, 4], row_idx_type=1, expert_tokens_num_type=1)),
-            ((x, e), {"expert_num": 6, "quant_mode": 1, "scale": torch.ones(1, 4), "active_num": 40}),
-            ((x, e), dict(base, quant_mode=0, scale=torch.ones(1), offset=torch.zeros(1))),
-            ((x, e), dict(base, scale=torch.ones(5))),
-            ((x, e), dict(base, drop_pad_mode=1, expert_capacity=2, expert_tokens_num_type=1))]
+    base = {"expert_num": 6, "expert_tokens_num_flag": True, "expert_tokens_num_type": 1}
+    return [((x, e), dict(base)), ((x, e), dict(base, active_num=15, expert_tokens_num_type=2)),
+            ((x, e), dict(base, active_expert_range=[1, 4], row_idx_type=1)),
+            ((x, e), dict(base, quant_mode=1, scale=torch.ones(6, 4), active_num=15)),
+            ((x, e), dict(base, quant_mode=1, row_idx_type=1)),
+            ((x, e), dict(base, scale=torch.ones(5)))]
 
 
 def _cases():

@@ -88,3 +88,9 @@ class CollectiveError(EmuError):
         super().__init__(message, kind, culprits)
         self.states = dict(states or {})
 
+
+class ContractWarning(UserWarning):
+    """An operator got input outside its documented contract that its kernel silently accepts
+    (e.g. re_routing counts that do not sum to the token count): mc2-emu does what the kernel
+    does and warns once per call site; ``EMU_STRICT=1`` makes it an :class:`AclnnError` (161002)
+    instead (:mod:`emu.core.contract`)."""

@@ -18,7 +18,8 @@
   operators (:mod:`emu.npu.routing`) and the compute operators a MoE layer calls around them
   (:mod:`emu.npu.compute`), each with a fake kernel for graph capture; any other ``npu_*`` name
   raises a clear "not emulated" error when called; ``torch_npu.testing`` as operator tests use
-  it (:mod:`emu.npu.optest`).
+  it (:mod:`emu.npu.optest`); torch_npu's own dtype names (``torch_npu.hifloat8``, ``int4``, ...:
+  int codes, :mod:`emu.npu.dtypes`).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import types
 
 import torch
 
-from . import device, hccl, ops, optest
+from . import device, dtypes, hccl, ops, optest
 
 
 class _NotEmulatedClass:
@@ -67,6 +68,7 @@ def install() -> types.ModuleType:
     for name, fn in ops.EXPORTS.items():
         setattr(tnpu, name, fn)
     tnpu.__getattr__ = ops.__getattr__
+    dtypes.attach(tnpu)                     # torch_npu.hifloat8, float4_e2m1fn_x2, ... (int codes)
     tnpu.npu = module
     tnpu.__version__ = "2.14.0+mc2emu"
     tnpu.__mc2_emu__ = True

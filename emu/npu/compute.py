@@ -22,19 +22,22 @@ output dtype; int8 x int8 accumulates in int32.  Where the device leaves memory 
 ``NotImplementedError`` naming the mode; inputs the operator rejects raise
 :class:`~emu.core.errors.AclnnError` (a RuntimeError) with the aclnn code: 161002 for
 parameter checks (aclnn, torch_npu's ``TORCH_CHECK`` s and documented constraints), 161001
-for a missing required tensor, 561002 for checks that live in the operator's tiling.
+for a missing required tensor, 561002 for checks that live in the operator's tiling; input
+outside the documented contract that the kernel accepts is computed as the kernel does, with a
+:class:`~emu.core.errors.ContractWarning` (``EMU_STRICT=1``: an error), :mod:`emu.core.contract`.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
 
 import torch
 
-from ..core.errors import PARAM_INVALID, PARAM_NULLPTR, TILING_ERROR, AclnnError
-from ..core.inputs import NPU_DTYPE_CODES
+from ..core.contract import fail, reject, tolerate
+from ..core.errors import PARAM_NULLPTR, TILING_ERROR
+from .dtypes import dtype_name, torch_dtype
 from .schemas import bound_arguments
 
 __all__ = ["KERNELS", "npu_dequant_swiglu_quant", "npu_dynamic_quant", "npu_grouped_matmul",
@@ -48,17 +51,14 @@ _MAX_INNER_AXIS = 65535         # aclnn grouped matmul: K and N of x / weight
 _SORT_LIMIT = 16777215          # moe_token_permute tiling: T * topK must stay below (fp32-exact sort keys)
 _MAX_TOPK = 512                 # moe_token_permute tiling
 _INV_127 = torch.tensor(1.0 / 127.0, dtype=torch.float32)   # dequant_swiglu_quant's DYNAMIC_QUANT_FACTOR
+_QUINT4X2 = 16                  # torch's ScalarType code of quint4x2: npu_dynamic_quant's int4 output
+_INT4_PER_INT32 = 8
 
 
 # ============================================================================ shared helpers
 
-def _fail(message: str, code: int = PARAM_INVALID) -> NoReturn:
-    raise AclnnError(code, message)
-
-
-def _check(ok: bool, message: str, code: int = PARAM_INVALID) -> None:
-    if not ok:
-        _fail(message, code)
+_fail = fail            # what the operator raises (emu.core.contract): AclnnError with its code
+_check = reject
 
 
 def _emulated(ok: bool, message: str) -> None:
@@ -68,11 +68,13 @@ def _emulated(ok: bool, message: str) -> None:
 
 
 def _dtype_arg(value: int | torch.dtype | None, op: str, name: str) -> torch.dtype | None:
-    """An ``int?`` dtype argument (torch's ScalarType code; a torch.dtype is taken as itself)."""
+    """An ``int?`` dtype argument: torch's ScalarType code or a torch_npu code (``torch_npu.int8``
+    258, ...; a torch.dtype is taken as itself).  A code of a dtype torch lacks (hifloat8, fp4,
+    int4, ...) names no kernel variant of the A2 / A3 operators here: 161002."""
     if value is None or isinstance(value, torch.dtype):
         return value
-    dtype = NPU_DTYPE_CODES.get(int(value))
-    _emulated(dtype is not None, f"{op} {name}={int(value)} (this dtype code)")
+    dtype = torch_dtype(value)
+    _check(dtype is not None, f"{op}: {name}={dtype_name(value)} is not supported on Atlas A2 / A3")
     return dtype
 
 
@@ -129,8 +131,13 @@ def _dynamic_quant_check(x: Tensor, smooth_scales: Tensor | None, group_index: T
     _check(quant_mode in ("pertoken", "pertensor", "perchannel"),
            f"npu_dynamic_quant: quant_mode must be pertoken, pertensor or perchannel, got {quant_mode!r}")
     _emulated(quant_mode == "pertoken", f"npu_dynamic_quant quant_mode={quant_mode!r}")
-    dst = _dtype_arg(dst_type, "npu_dynamic_quant", "dst_type")
-    _emulated(dst in (None, torch.int8), f"npu_dynamic_quant dst_type={dst_type} (int4 / fp8 outputs)")
+    if _dynamic_quant_int4(dst_type):
+        _check(x.shape[-1] % _INT4_PER_INT32 == 0,
+               "npu_dynamic_quant: Input shape last dim must be divded by 8 when int4 quantization")
+    else:
+        dst = _dtype_arg(dst_type, "npu_dynamic_quant", "dst_type")
+        _check(dst in (None, torch.int8), f"npu_dynamic_quant: dst_type {dtype_name(dst_type)} is not supported on "
+                                          f"Atlas A2 / A3: y must be int8, or int4 (torch.quint4x2) packed in int32")
     _emulated(dst_type_max == 0.0, f"npu_dynamic_quant dst_type_max={dst_type_max}")
     _check(x.dtype in (torch.float16, torch.bfloat16),
            f"npu_dynamic_quant: input dtype must be float16 or bfloat16, got {x.dtype}")
@@ -149,40 +156,76 @@ def _dynamic_quant_check(x: Tensor, smooth_scales: Tensor | None, group_index: T
                "npu_dynamic_quant: at most 1024 groups (smooth_scales rows)")
 
 
+def _dynamic_quant_int4(dst_type: int | torch.dtype | None) -> bool:
+    """torch_npu's int4 output: dst_type torch.quint4x2 (its ScalarType code 16)."""
+    return dst_type == torch.quint4x2 or (isinstance(dst_type, int) and dst_type == _QUINT4X2)
+
+
+def _pack_int4(y: Tensor) -> Tensor:
+    """(..., H) int4 values in [-8, 7] -> (..., H / 8) int32, value j of a word in its bits 4j..4j+3
+    (the order the device writes: little-endian, low nibble first)."""
+    nibbles = (y.to(torch.int64) & 0xF).reshape(*y.shape[:-1], -1, _INT4_PER_INT32)
+    shifts = torch.arange(0, 4 * _INT4_PER_INT32, 4, dtype=torch.int64)
+    words = (nibbles << shifts).sum(-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def _smooth_rows(smooth: Tensor, group_index: Tensor, rows: int) -> Tensor:
+    """The smooth scale of each row (rows, H): group g's row ends at group_index[g] (cumulative);
+    out of contract (decreasing ends, or the last one not the row count: the docs call the result
+    meaningless): ends are clamped to [0, rows] and made non-decreasing, rows past the last end
+    are scaled by 1, as Huawei's golden leaves them."""
+    ends = group_index.long().clamp(0, rows)
+    ends = torch.cummax(ends, 0).values
+    counts = torch.diff(ends, prepend=torch.zeros(1, dtype=torch.long))
+    per_row = smooth.repeat_interleave(counts, dim=0)
+    return torch.cat([per_row, smooth.new_ones((rows - per_row.shape[0], smooth.shape[1]))])
+
+
 def npu_dynamic_quant(input: Tensor, *, smooth_scales: Tensor | None = None, group_index: Tensor | None = None,
                       dst_type: int | None = None, quant_mode: str = "pertoken",
                       dst_type_max: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Per-token symmetric int8, in the DynamicQuant kernel's arithmetic (ops-nn
-    ``dynamic_quant``): per row of v = x * s (fp32), m = max|v|, scale = m * fp32(1/127) and
-    y = rint(v * (127 / m)) (an all-zero row gives y 0, scale 0).
+    """Per-token symmetric int8 or int4, in the DynamicQuant kernel's arithmetic (ops-nn
+    ``dynamic_quant``): per row of v = x * s (fp32), m = max|v|, scale = m * fp32(1/Q) and
+    y = rint(v * (Q / m)), Q = 127 (int8) or 7 (int4, clamped to [-8, 7]); an all-zero row gives
+    y 0, scale 0.
 
     input (..., H) fp16 / bf16; smooth_scales (H,) in input's dtype, or (G, H) with group_index
     (G,) int32 cumulative row ends (rows [gi[g-1], gi[g]) use smooth_scales[g]; non-decreasing,
-    the last equal to the row count).  Returns y (..., H) int8 and scale (...) fp32.
-    Only pertoken / int8 is emulated.
+    the last equal to the row count).  dst_type None / int8: y (..., H) int8; torch.quint4x2
+    (int4, H % 8 == 0): y (..., H / 8) int32, eight int4 per word (low nibble first), as
+    torch_npu allocates it.  Returns y and scale (...) fp32.  Only pertoken is emulated.
     """
     _dynamic_quant_check(input, smooth_scales, group_index, dst_type, quant_mode, dst_type_max)
     xf = input.float().reshape(-1, input.shape[-1])
     if smooth_scales is not None:
         smooth = smooth_scales.float()
         if group_index is not None:
-            ends = [int(v) for v in group_index.tolist()]
-            _check(all(0 <= a <= b for a, b in zip([0] + ends, ends)) and ends[-1] == xf.shape[0],
-                   f"npu_dynamic_quant: group_index {ends} must be non-negative, non-decreasing and end at the row "
-                   f"count {xf.shape[0]} (otherwise the result is meaningless)")
-            counts = torch.diff(torch.tensor([0] + ends))
-            smooth = smooth.repeat_interleave(counts, dim=0)
+            ends = group_index.long()
+            tolerate(bool((ends >= 0).all() and (ends[1:] >= ends[:-1]).all()) and int(ends[-1]) == xf.shape[0],
+                     f"npu_dynamic_quant: group_index must be non-negative, non-decreasing and end at the row count "
+                     f"{xf.shape[0]} (the docs: otherwise the result is meaningless)")
+            smooth = _smooth_rows(smooth, ends, xf.shape[0])
         xf = xf * smooth
     amax = xf.abs().amax(-1)
+    shape = input.shape[:-1]
+    if _dynamic_quant_int4(dst_type):
+        q = torch.nan_to_num(xf * (torch.tensor(7.0) / amax)[:, None], nan=0.0).round().clamp(-8, 7)
+        y = _pack_int4(q.reshape(*shape, input.shape[-1]))
+        return y, (amax * torch.tensor(1.0 / 7.0, dtype=torch.float32)).reshape(shape)
     y = _to_int8(xf * (torch.tensor(127.0) / amax)[:, None])          # 0 * inf of a zero row: NaN -> 0
-    return y.reshape(input.shape), (amax * _INV_127).reshape(input.shape[:-1])
+    return y.reshape(input.shape), (amax * _INV_127).reshape(shape)
 
 
 def _dynamic_quant_fake(input: Tensor, *, smooth_scales: Tensor | None = None, group_index: Tensor | None = None,
                         dst_type: int | None = None, quant_mode: str = "pertoken",
                         dst_type_max: float = 0.0) -> tuple[Tensor, Tensor]:
     _dynamic_quant_check(input, smooth_scales, group_index, dst_type, quant_mode, dst_type_max)
-    return input.new_empty(input.shape, dtype=torch.int8), input.new_empty(input.shape[:-1], dtype=torch.float32)
+    if _dynamic_quant_int4(dst_type):
+        y = input.new_empty((*input.shape[:-1], input.shape[-1] // _INT4_PER_INT32), dtype=torch.int32)
+    else:
+        y = input.new_empty(input.shape, dtype=torch.int8)
+    return y, input.new_empty(input.shape[:-1], dtype=torch.float32)
 
 
 # ============================================================================ npu_dequant_swiglu_quant
@@ -221,15 +264,21 @@ def _dsq_check_attrs(c: _Dsq) -> None:
     _check(math.isfinite(c.glu_alpha) and math.isfinite(c.glu_bias),
            "npu_dequant_swiglu_quant: glu_alpha and glu_bias should be finite")
     _check(x.shape[-1] % 2 == 0, "npu_dequant_swiglu_quant: x last dim should be even")
-    # A2 / A3 (torch_npu ignores these three there and always gives int8, rint, last dim)
-    _emulated(c.dst_type in (None, 1), f"npu_dequant_swiglu_quant dst_type={c.dst_type} (Ascend 950 only)")
-    _emulated(c.round_mode in (None, 0), f"npu_dequant_swiglu_quant round_mode={c.round_mode} (Ascend 950 only)")
-    _emulated(c.activate_dim in (None, -1, x.dim() - 1),
-              f"npu_dequant_swiglu_quant activate_dim={c.activate_dim} (Ascend 950 only)")
     _emulated(c.quant_mode == 1, "npu_dequant_swiglu_quant quant_mode=0 (static quant)")
-    _emulated(c.group_index is not None or c.swiglu_mode == 0,
-              f"npu_dequant_swiglu_quant swiglu_mode={c.swiglu_mode} without group_index (the A2 / A3 kernel "
-              f"without groups ignores it)")
+
+
+def _dsq_contract(c: _Dsq) -> None:
+    """What the A2 / A3 path accepts and ignores (DequantSwigluQuantOpApi.cpp below Ascend 950:
+    dst_type, round_mode and activate_dim are not passed on: int8, rint, the last dim; the kernel
+    without group_index computes swiglu_mode 0 whatever the mode)."""
+    op = "npu_dequant_swiglu_quant"
+    tolerate(c.dst_type in (None, 1, 258), f"{op}: dst_type={dtype_name(c.dst_type)} is ignored on Atlas A2 / A3 "
+                                           f"(the output is int8)")
+    tolerate(c.round_mode in (None, 0), f"{op}: round_mode={c.round_mode} is ignored on Atlas A2 / A3 (rint)")
+    tolerate(c.activate_dim in (None, -1, c.x.dim() - 1),
+             f"{op}: activate_dim={c.activate_dim} is ignored on Atlas A2 / A3 (the last dim)")
+    tolerate(c.group_index is not None or c.swiglu_mode == 0,
+             f"{op}: swiglu_mode={c.swiglu_mode} without group_index is ignored by the A2 / A3 kernel (mode 0)")
 
 
 def _dsq_check_tensors(c: _Dsq) -> int:
@@ -311,8 +360,10 @@ def _dsq_grouped(c: _Dsq, groups: int) -> tuple[Tensor, Tensor]:
     rows' own weight_scale[g] / quant_scale[g]; scale = amax * fp32(1/127), y = rint(v / scale)."""
     rows, two_h = c.x.shape
     counts = [max(int(v), 0) for v in c.group_index.reshape(-1).tolist()] or [0]
-    _check(sum(counts) <= rows, f"npu_dequant_swiglu_quant: the sum of group_index ({sum(counts)}) must not exceed "
-                                f"x's rows ({rows}) (the device would read out of bounds)")
+    if tolerate(sum(counts) <= rows, f"npu_dequant_swiglu_quant: the sum of group_index ({sum(counts)}) must not "
+                                     f"exceed x's rows ({rows}) (the device reads past x; here the groups stop there)"):
+        ends = torch.tensor(counts).cumsum(0).clamp_max(rows)
+        counts = torch.diff(ends, prepend=torch.zeros(1, dtype=torch.long)).tolist()
     y = torch.zeros(rows, two_h // 2, dtype=torch.int8)
     scale = torch.zeros(rows, dtype=torch.float32)
     act_scale = None if c.activation_scale is None else c.activation_scale.reshape(-1).float()
@@ -382,7 +433,10 @@ def npu_dequant_swiglu_quant(x: Tensor, *, weight_scale: Tensor | None = None, a
              quant_mode, dst_type, round_mode, activate_dim, swiglu_mode, clamp_limit, glu_alpha, glu_bias)
     _dsq_check_attrs(c)
     groups = _dsq_check_tensors(c)
-    return _dsq_grouped(c, groups) if c.group_index is not None else _dsq_whole(c)
+    _dsq_contract(c)
+    if c.group_index is not None:
+        return _dsq_grouped(c, groups)
+    return _dsq_whole(c if c.swiglu_mode == 0 else dataclasses.replace(c, swiglu_mode=0))
 
 
 def _dequant_swiglu_quant_fake(*args, **kwargs) -> tuple[Tensor, Tensor]:
@@ -637,7 +691,6 @@ def _gmm_dtypes(c: _Gmm) -> tuple[torch.dtype, bool]:
                f"{op}: expect output dtype int8, int32, float16 or bfloat16 in quant case, got {out}")
         _check(c.bias is None or all(b.dtype in (torch.int32, torch.bfloat16) for b in c.bias),
                f"{op}: bias dtype does not match with required dtype int32 or bfloat16")
-        _emulated(out != torch.int8, f"{op} int8 output (per-channel quant with an int64 / uint64 packed scale)")
         _check(not c.antiquant, f"{op}: detected quant, but antiquant inputs are not empty")
         if out == torch.int32:
             _emulated(c.scale is None and c.per_token_scale is None, f"{op} int32 output with scale / per_token_scale")
@@ -654,6 +707,13 @@ def _gmm_dtypes(c: _Gmm) -> tuple[torch.dtype, bool]:
 
 def _gmm_check_quant_dtypes(c: _Gmm, out: torch.dtype) -> None:
     op = "npu_grouped_matmul"
+    if out == torch.int8:       # per-channel requant: the fp32 scale's bits in the low word of an int64 / uint64
+        _check(all(s.dtype in (torch.int64, torch.uint64) for s in c.scale) and c.per_token_scale is None,
+               f"{op}: int8 output needs an int64 / uint64 scale (the fp32 scale's bits in the low 32 bits) and no "
+               f"per_token_scale; got scale {c.scale[0].dtype}")
+        _check(c.bias is None or all(b.dtype == torch.int32 for b in c.bias),
+               f"{op}: int8 output takes an int32 bias only")
+        return
     want = torch.bfloat16 if out == torch.bfloat16 else torch.float32
     kind = "per-token" if c.per_token_scale is not None else "per-channel"
     _check(all(s.dtype == want for s in c.scale),
@@ -718,9 +778,9 @@ def _gmm_rows_checks(c: _Gmm, weights: list[Tensor], weight_dim: int) -> int:
 def _gmm_group_type(c: _Gmm) -> None:
     """torch_npu's first checks of the Tensor overload: group_type given, -1, 0 or 2."""
     op = "npu_grouped_matmul"
-    _check(c.group_type is not None, f"{op}: requires manual passing group_type, current is None")
-    _check(c.group_type in (-1, 0, 2), f"{op}: the group type must be -1, 0 or 2, but now is [{c.group_type}]")
-    _emulated(c.group_type != 2, f"{op} group_type=2 (K-axis groups)")
+    _check(c.group_type is not None, f"{op}: Requires manual passing group_type, current is None.")
+    _check(c.group_type in (-1, 0, 2), f"{op}: Use Tensor input with current cann version, The group type must be -1, "
+                                       f"0 or 2, but now is [{c.group_type}]")
 
 
 def _gmm_layout(c: _Gmm) -> tuple[str, list[tuple[int, ...]], int]:
@@ -730,6 +790,8 @@ def _gmm_layout(c: _Gmm) -> tuple[str, list[tuple[int, ...]], int]:
     if c.group_type == -1:
         _check(gl is None, f"{op}: group_list should be None when group_type is -1")
         return _gmm_separate(c)
+    if c.group_type == 2:
+        return _gmm_k_layout(c)
     _check(c.split_item in (2, 3), f"{op}: with group_type 0 and a Tensor group_list, only split_item 2/3 (one "
                                    f"output) is supported, got {c.split_item}")
     if len(c.x) == 1 and c.single_weight:
@@ -760,6 +822,51 @@ def _gmm_layout(c: _Gmm) -> tuple[str, list[tuple[int, ...]], int]:
                                                          f"to the group count {groups}")
             _emulated(gl.shape[0] == groups, f"{op} with one weight group and a group_list of {gl.shape[0]} entries")
     return "rows", [(sum(x.shape[0] for x in c.x), n)], groups
+
+
+def _gmm_k_layout(c: _Gmm) -> tuple[str, list[tuple[int, ...]], int]:
+    """group_type 2 (K-axis groups, torch_npu's K_SPLIT): one x (M, K) whose K columns the
+    group_list splits (cumulative ends, type 0, or counts, type 1); group g multiplies its columns
+    by its rows of the weight: one (K, N) weight (split_item 2 / 3: one (G, M, N) output) or G
+    weights (K_g, N_g) (split_item 0 / 1: G outputs (M, N_g)).  Float x only."""
+    op = "npu_grouped_matmul"
+    gl = c.group_list
+    _check(len(c.x) == 1 and c.x[0].dim() == 2, f"{op}: K-axis groups (group_type 2) take one 2-D x")
+    _check(gl is not None, f"{op}: group_list (tensor) is required when group_type is 2, but get None", PARAM_NULLPTR)
+    _check(gl.dtype == torch.int64 and gl.dim() == 1 and 0 < gl.shape[0] <= _MAX_GROUP_TENSOR,
+           f"{op}: group_list must be a 1-D int64 tensor of 1 to {_MAX_GROUP_TENSOR} entries, got {gl.dtype} "
+           f"{tuple(gl.shape)}")
+    _check(c.group_list_type in (0, 1), f"{op}: group_list_type must be 0 or 1 with K-axis groups, got "
+                                        f"{c.group_list_type}")
+    _emulated(c.bias is None and c.scale is None, f"{op} K-axis groups with bias / scale")
+    m, k = c.x[0].shape
+    groups = gl.shape[0]
+    if c.split_item in (2, 3):
+        _check(len(c.weight) == 1, f"{op}: When group_list is 2(K_SPLIT) and split_item is 2/3, the length of weight "
+                                   f"must equal x.")
+        w = c.weight[0]
+        _check(w.dim() == 2 and w.shape[0] == k, f"{op}: the weight of K-axis groups must be (K={k}, N), got "
+                                                 f"{tuple(w.shape)}")
+        return "ksplit", [(groups, m, w.shape[1])], groups
+    _check(len(c.weight) == groups and all(w.dim() == 2 for w in c.weight),
+           f"{op}: K-axis groups with split_item 0/1 take one 2-D weight per group_list entry ({groups})")
+    return "ksplit", [(m, w.shape[1]) for w in c.weight], groups
+
+
+def _gmm_k_run(c: _Gmm, plan: _GmmPlan) -> list[Tensor]:
+    """y_g = x[:, K_g] @ w_g for the K-axis groups (a group without columns gives zeros)."""
+    x, values = c.x[0], c.group_list.long()
+    ends = values.cumsum(0) if c.group_list_type == 1 else values
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    _check(bool((ends >= starts).all()) and int(ends[-1]) <= x.shape[1],
+           f"npu_grouped_matmul: group_list {values.tolist()} must split x's K = {x.shape[1]} into non-negative groups")
+    one = len(c.weight) == 1 and len(plan.shapes) == 1
+    out = []
+    for g, (a, b) in enumerate(zip(starts.tolist(), ends.tolist())):
+        w = c.weight[0][a:b] if one else c.weight[g]
+        _check(w.shape[0] == b - a, f"npu_grouped_matmul: weight[{g}] has {w.shape[0]} rows, its K group {b - a}")
+        out.append(_gmm_block(x[:, a:b], w, None, None, None, plan.out))
+    return [torch.stack(out)] if one else out
 
 
 def _gmm_check_int_list(c: _Gmm, groups: int, rows: int | None) -> None:
@@ -860,12 +967,20 @@ def _gmm_block(x: Tensor, w: Tensor, bias: Tensor | None, scale: Tensor | None, 
     acc = acc.to(torch.int32)
     if out == torch.int32:
         return acc
+    if out == torch.int8:
+        return _to_int8(acc.float() * _unpack_deq_scale(scale))
     y = acc.float() * scale.float()
     if pts is not None:
         y = y * pts.float()[:, None]
     if bias is not None and bias.dtype != torch.int32:
         y = y + bias.float()
     return y.to(out)
+
+
+def _unpack_deq_scale(scale: Tensor) -> Tensor:
+    """An int64 / uint64 dequant scale (int8 output): the fp32 whose bits are the low 32 bits."""
+    low = scale.to(torch.int64) & 0xFFFFFFFF
+    return torch.where(low >= 1 << 31, low - (1 << 32), low).to(torch.int32).view(torch.float32)
 
 
 def _gmm_segments(c: _Gmm, groups: int) -> list[tuple[int, int, int]]:
@@ -899,6 +1014,8 @@ def _gmm_segments(c: _Gmm, groups: int) -> list[tuple[int, int, int]]:
 
 def _gmm_run(c: _Gmm, plan: _GmmPlan) -> list[Tensor]:
     pts = c.per_token_scale[0] if c.per_token_scale is not None else None
+    if plan.kind == "ksplit":
+        return _gmm_k_run(c, plan)
     if plan.kind == "each":
         return [_gmm_block(x, c.weight[i], c.per_group(c.bias, i), c.per_group(c.scale, i), pts, plan.out)
                 for i, x in enumerate(c.x)]
@@ -955,9 +1072,13 @@ def npu_grouped_matmul(x: list[Tensor], weight: list[Tensor], *, bias: list[Tens
     int8 x, int8 weight: int32 accumulation (+ int32 bias); output_dtype int32 (code 3) gives
     the accumulator; bf16 (15) needs bf16 scale, fp16 (5) fp32 scale (per output column,
     (E, N) or (N_i,) each), optional per_token_scale [(M,)] fp32 per row:
-    y = fp32(acc) * scale * per_token_scale (+ bf16 bias), one rounding.  output_dtype default:
-    x's dtype (int8 output, antiquant, int4, activations, group_type 2: NotImplementedError).
-    Returns a list: one tensor (split_item 2/3) or one per x (split_item 0/1).
+    y = fp32(acc) * scale * per_token_scale (+ bf16 bias), one rounding; output_dtype None (x's
+    dtype, int8): per-channel requant with an int64 / uint64 scale (the fp32 scale's bits in the
+    low word), int8(rint(fp32(acc) * scale)) saturated.
+    group_type 2 (K-axis groups, float x): one x (M, K), group_list splitting K; one (K, N)
+    weight and split_item 2/3 give (G, M, N), G weights and split_item 0/1 give G outputs.
+    Not emulated (NotImplementedError): antiquant, int4, activations.
+    Returns a list: one tensor (split_item 2/3) or one per x / group (split_item 0/1).
     """
     c = _gmm_call(locals(), list_overload=False)
     return _gmm_run(c, _gmm_plan(c))

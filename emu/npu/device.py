@@ -150,6 +150,14 @@ def _properties(device=None) -> types.SimpleNamespace:
     return types.SimpleNamespace(name=name, total_memory=memory, multi_processor_count=1, index=_checked(device))
 
 
+class NpuConfig:
+    """``torch.npu.config``: the switches operator tests set (``allow_internal_format``: whether
+    the NPU may keep private storage formats such as NZ); taken and remembered, without effect on
+    the CPU's one layout."""
+
+    allow_internal_format: bool = False
+
+
 def make_device_module() -> types.ModuleType:
     """The ``torch.npu`` module: what client code touches, answering as the chosen SoC's
     device does; memory and streams are the CPU's (honest no-ops)."""
@@ -183,6 +191,7 @@ def make_device_module() -> types.ModuleType:
     m.max_memory_reserved = lambda device=None: 0
     m.reset_peak_memory_stats = lambda device=None: None
     m.get_device_capability = lambda device=None: (0, 0)
+    m.config = NpuConfig()
 
     @contextlib.contextmanager
     def stream(s: Stream | None = None):
