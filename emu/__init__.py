@@ -30,6 +30,6 @@ __all__ = ["moe_distribute_dispatch_v2", "moe_distribute_combine_v2", "moe_distr
            "moe_distribute_combine", "moe_distribute_combine_add_rms_norm", "group_name", "AclnnError", "PeerError",
            "CollectiveError", "EmuError", "ErrorKind", "PARAM_NULLPTR", "PARAM_INVALID", "TILING_ERROR",
            "enable_trace", "disable_trace", "watch", "unwatch", "set_jitter", "mark"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 watch_from_env()                 # EMU_WATCH / EMU_JITTER_MS: wrap torch.distributed's collectives now

@@ -233,8 +233,8 @@ def report(directory: str, pictures: bool = True) -> list[str]:
     return out or [f"no trace or watch records in {directory}"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("directory")
     p.add_argument("--no-pictures", action="store_true", help="tables and findings only (no matplotlib needed)")
     a = p.parse_args(argv)

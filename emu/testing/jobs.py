@@ -73,11 +73,11 @@ def run_job(argv: list[str], nproc: int, env: dict | None = None, timeout_s: flo
     return result
 
 
-def under_torchrun(script: str, argv: list[str], nproc: int, show_stderr: bool = False) -> int:
-    """Run ``script argv...`` under torchrun with ``nproc`` ranks: its output streamed as it
-    comes, torchrun's own report of failed ranks (stderr) kept back unless ``show_stderr`` or
-    unless no rank said why it failed; returns torchrun's exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), script, *argv]
+def under_torchrun(target: list[str], argv: list[str], nproc: int, show_stderr: bool = False) -> int:
+    """Run ``target argv...`` (a script path, or ``["-m", module]``) under torchrun with ``nproc``
+    ranks: its output streamed as it comes, torchrun's own report of failed ranks (stderr) kept
+    back unless ``show_stderr`` or unless no rank said why it failed; returns torchrun's exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *target, *argv]
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1,
                                 env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))

@@ -1,7 +1,7 @@
 """A Megatron-style all-to-all token dispatcher, the pattern a user would hand-write.
 
 This is our own implementation of the pattern of megatron-core's MoEAlltoAllTokenDispatcher
-(megatron-core itself needs CUDA for its dispatcher), used as a baseline by bench.py:
+(megatron-core itself needs CUDA for its dispatcher), the benchmark's baseline (:mod:`emu.bench.suite`):
 
 dispatch: permute token copies by expert (stable sort of the routing map) -> all-to-all of
           per-expert counts -> all-to-all-v of the permuted tokens -> (tp 2) all-gather-v over
