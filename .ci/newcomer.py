@@ -3,9 +3,10 @@
 From a fresh clone of this checkout: the README's main-job command verbatim (a fresh venv,
 the install, the job), then with that venv every other command the README shows, the
 launcher's --help, its documented variants on 2, 4, 8 and 16 ranks, and each invalid flag
-(one clear error, exit 2, before any rank starts).  Every command in the README's ```bash
-blocks must be run here (or be the test command .ci/run itself runs): a README example that
-breaks, or one nobody runs, fails CI.  Prints one line per step with its time.
+(one clear error, exit 2, before any rank starts).  Every command in the ```bash blocks of the
+README and of docs/*.md must be run here (or be the test command .ci/run itself runs): a
+documented command that breaks, or one nobody runs, fails CI.  Prints one line per step with
+its time.
 """
 from __future__ import annotations
 
@@ -21,14 +22,18 @@ TEST_COMMAND = "python3 -m venv .venv && . .venv/bin/activate && pip install tor
 NOT_IN_CI = ("scripts/vllm_ascend_demo/",)          # downloads vllm and vllm-ascend: a demo, said so in the README
 
 
-def readme_commands() -> list[str]:
-    text = open(os.path.join(ROOT, "README.md")).read()
-    out = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.splitlines():
-            line = line.split("  #")[0].strip()
-            if line and not line.startswith("#"):
-                out.append(line)
+def documented_commands() -> list[str]:
+    """The commands of the README's ```bash blocks, then those of docs/*.md, each once."""
+    pages = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
+                                   if f.endswith(".md"))
+    out: list[str] = []
+    for page in pages:
+        text = open(os.path.join(ROOT, page)).read()
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+            for line in block.splitlines():
+                line = line.split("  #")[0].strip()
+                if line and not line.startswith("#") and line not in out:
+                    out.append(line)
     return out
 
 
@@ -48,7 +53,7 @@ def run(cmd: str, cwd: str, expect: int = 0, must: tuple[str, ...] = (), limit_s
 
 
 def main() -> int:
-    commands = readme_commands()
+    commands = documented_commands()
     main_job, test_cmd = commands[0], commands[1]
     assert test_cmd == TEST_COMMAND, f"README's test command changed: {test_cmd!r} (.ci/run runs {TEST_COMMAND!r})"
     covered = {main_job, test_cmd}
@@ -58,6 +63,7 @@ def main() -> int:
         run(main_job, clone, must=("warm-up (every rank, no elastic_info): PASS: 8/8",
                                    "elastic (ranks 2,3,4,5 removed, idle): PASS: 4/4"), limit_s=900)
         venv = ". .venv/bin/activate && "
+        run(venv + "pip install -q -e '.[test]'", clone, limit_s=600)     # what the README's test command installs
         run(venv + "python launch/dispatch.py --help", clone, must=("--removed-ranks", "--soc"),
             limit_s=30)
         for n, flags, want in ((2, "", "PASS: 2/2"), (4, "--removed dead", "elastic (ranks 1 removed, dead): PASS: 3/3"),
@@ -79,18 +85,21 @@ def main() -> int:
                 run(venv + f"({half}) & ({half}); wait", clone, must=("PASS: 16/16",), limit_s=600)
                 covered |= {cmd, cmd + " &"}
                 continue
-            musts = {"examples/quickstart.py": ("x_out equals a dense MoE",),
-                     "npu_example_style.py": ("A2 fullmesh: 16 ranks", "A2 hierarchy: 16 ranks"),
-                     "emu.npu.run": ("CLIENT OK",),
-                     "torchfrtrace": (), "trace_report.py": ("collectives from 8 ranks",),
-                     "emu.debug.report": ("every group's ranks agree",)}
-            must = next((m for key, m in musts.items() if key in cmd), ("PASS",))
-            run(venv + cmd, clone, must=must, limit_s=600)
+            musts = {"examples/quickstart.py": (0, ("x_out equals a dense MoE",)),
+                     "npu_example_style.py": (0, ("A2 fullmesh: 16 ranks", "A2 hierarchy: 16 ranks")),
+                     "emu.npu.run": (0, ("CLIENT OK",)),
+                     "find_a_hang.py": (1, ("ranks 0-2 called dispatch at find_a_hang.py",
+                                            "rank 3 called all_reduce([1] float32) at find_a_hang.py")),
+                     "pytest examples/": (0, (" passed",)),
+                     "torchfrtrace": (0, ()), "trace_report.py": (0, ("collectives from 8 ranks",)),
+                     "emu.debug.report": (0, ("every group's ranks agree",))}
+            expect, must = next((m for key, m in musts.items() if key in cmd), (0, ("PASS",)))
+            run(venv + cmd, clone, expect=expect, must=must, limit_s=600)
             covered.add(cmd)
         missed = [c for c in commands if c not in covered and not any(p in c for p in NOT_IN_CI)
                   and c.rstrip(" &") not in covered]
-        assert not missed, f"README commands nobody runs: {missed}"
-    print("newcomer: every README command ran")
+        assert not missed, f"documented commands nobody runs: {missed}"
+    print("newcomer: every documented command ran")
     return 0
 
 
