@@ -49,10 +49,10 @@ def moe_distribute_dispatch_v2(x: torch.Tensor, expert_ids: torch.Tensor, group_
     y_dtype / x_dtype / scales_dtype: torch_npu dtype codes (or torch dtypes) for expand_x, x
     and scales (A2 / A3: expand_x as quant_mode implies; x bf16 or fp16, relabelling x's
     bytes; scales fp32).  Returns torch_npu's eager allocation (docs/dispatch.md), with A the
-    rows this rank may receive: expand_x (A*max(tp,1), H) x.dtype or int8; dynamic_scales
-    (A*max(tp,1),) fp32; assist_info_for_combine (max(Bs*K, 128*A),) int32;
-    expert_token_nums (L_r,) int64; ep_recv_counts (W*L_r*(2 if tp == 2 else 1),) int32, or
-    (W*L_r + 2*G*K*(W//8),) with expert_scales; tp_recv_counts (tp,) int32; expand_scales
+    rows this rank may receive: expand_x ``(A*max(tp,1), H)`` x.dtype or int8; dynamic_scales
+    ``(A*max(tp,1),)`` fp32; assist_info_for_combine ``(max(Bs*K, 128*A),)`` int32;
+    expert_token_nums (L_r,) int64; ep_recv_counts ``(W*L_r*(2 if tp == 2 else 1),)`` int32, or
+    ``(W*L_r + 2*G*K*(W//8),)`` with expert_scales; tp_recv_counts (tp,) int32; expand_scales
     (A,) fp32 (written by A2 hierarchy only).  Unwritten regions are zero.
     """
     cfg = MoeConfig(ep_world_size=ep_world_size, moe_expert_num=moe_expert_num, tp_world_size=tp_world_size,

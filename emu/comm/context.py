@@ -159,6 +159,7 @@ def mark(label: str) -> None:
 
 
 def disable_trace() -> None:
+    """Stop recording this process's collectives: its trace file is closed and EMU_TRACE is not read again."""
     ctx = current()
     if ctx.tracer is not None:
         ctx.tracer.close()

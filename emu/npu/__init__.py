@@ -3,6 +3,7 @@
     import emu.npu; emu.npu.install()        # or: torchrun ... -m emu.npu.run script.py args
 
 ``install()`` (idempotent):
+
 * registers ``npu`` as PyTorch's privateuse1 device with Python hooks, a device guard, a device
   module, and npu tensors whose memory is on the CPU (:mod:`emu.npu.tensor`: ``.npu()``,
   ``.to("npu")``, ``device="npu:i"`` factories, every aten op and collective);
