@@ -251,7 +251,7 @@ def run_job(p: JobPlan, say: Callable[[str], None] = print) -> bool:
         store.set(f"emu_main/traced/{me}", "1")
         if me == 0:
             store.wait([f"emu_main/traced/{g}" for g in callers])
-            say(f"\ntrace: {merge(p.trace)} (python scripts/trace_report.py {p.trace})")
+            say(f"\ntrace: {merge(p.trace)} (mc2-emu report {p.trace})")
     time.sleep(0.05)
     dist.destroy_process_group()
     return ok
