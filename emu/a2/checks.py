@@ -15,10 +15,10 @@ import torch
 from ..core.attrs import Geometry, MoeConfig
 from ..core.checks import Checker, combine_wrapper_checks, dispatch_wrapper_checks, expand_x_dtype_rule, prepare
 from ..core.errors import PARAM_INVALID
+from ..core.fastpath import static
 from ..core.plan import active_set
 from ..core.request import CombineRequest, DispatchRequest, Prepared, R
 from ..core.soc import a2_comm_alg
-
 
 
 def _attrs(c: Checker, cfg: MoeConfig, ep_rank_id: int, ep_name: str) -> None:
@@ -144,14 +144,14 @@ def on_a2(req: R) -> R:
 def check_dispatch(req: DispatchRequest) -> Prepared:
     """Every A2 dispatch check, then the id checks over the slots the path reads (hierarchy
     ignores the mask)."""
-    geom, alg = validate_dispatch_a2(req)
+    geom, alg = static(validate_dispatch_a2, req)
     act = active_set(*req.inputs.expert_ids.shape, req.inputs.x_active_mask if alg == "fullmesh" else None)
     return prepare(req, geom, req.inputs.x.dtype, act, alg)
 
 
 def check_combine(req: CombineRequest) -> Prepared:
     """Every A2 combine check; hierarchy needs expand_scales and (not emulated) comm quant 0."""
-    geom, alg = validate_combine_a2(req)
+    geom, alg = static(validate_combine_a2, req)
     if alg == "hierarchy":
         c = Checker(req.op)
         c.tiling(req.inputs.expand_scales is not None, "expand_scales", None,
