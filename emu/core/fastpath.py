@@ -24,10 +24,13 @@ from typing import Any, TypeVar
 
 import torch
 
+from .attrs import MoeConfig
+
 ENV = ("HCCL_BUFFSIZE", "HCCL_INTRA_PCIE_ENABLE", "HCCL_INTRA_ROCE_ENABLE", "EMU_ALLOCATION", "EMU_STRICT")
 MAX_ENTRIES = 256
 _SCALARS = (int, float, str, bool, bytes, torch.dtype, type(None))
 _FIELDS: dict[type, tuple[str, ...]] = {}
+_VALUES = (MoeConfig,)             # frozen dataclasses of plain values: their own signature
 
 T = TypeVar("T")
 
@@ -36,27 +39,29 @@ class Unhashable(Exception):
     """A request holds a value with no signature (then nothing is memoised)."""
 
 
-def _fields(cls: type) -> tuple[str, ...]:
-    names = _FIELDS.get(cls)
-    if names is None:
-        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
-    return names
-
-
 def signature(obj: Any) -> Hashable:
     """What the static checks can read of ``obj``: a tensor's type, dtype and shape; a scalar's
     value; a dataclass's fields and a sequence's items, recursively.  A process group counts by
     the name the request carries beside it, so it is left out (``group_*`` fields)."""
+    if obj is None or type(obj) in _VALUES:
+        return obj
     if isinstance(obj, torch.Tensor):
         return type(obj), obj.dtype, obj.shape
     if isinstance(obj, _SCALARS):
         return type(obj), obj
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         cls = type(obj)
-        return (cls,) + tuple(signature(getattr(obj, n)) for n in _fields(cls) if not n.startswith("group_"))
+        return (cls,) + tuple(signature(getattr(obj, n)) for n in _fields(cls))
     if isinstance(obj, (tuple, list)):
         return (type(obj),) + tuple(signature(v) for v in obj)
     raise Unhashable(type(obj).__name__)
+
+
+def _fields(cls: type) -> tuple[str, ...]:
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls) if not f.name.startswith("group_"))
+    return names
 
 
 def enabled() -> bool:
@@ -81,7 +86,11 @@ class Memo:
     def run(self, check: Callable[[Any], T], req: Any) -> T:
         """``check(req)``, or what it returned for a request of the same signature before."""
         key = self.key(check, req) if enabled() else None
-        if key is not None and key in self._done:
+        try:
+            hit = key is not None and key in self._done
+        except TypeError:                       # an attribute of no hash (a list where an int belongs)
+            key, hit = None, False
+        if hit:
             self.hits += 1
             self._done.move_to_end(key)
             return self._done[key]
