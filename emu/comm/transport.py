@@ -32,8 +32,8 @@ class Transfer:
     phase: e.g. "EP header", "EP rows"; out / inp: buffers already in group-rank order;
     send_rows / recv_rows: (P,) rows per logical peer (splits and trace); row_bytes: bytes per
     row; equal: equal splits (header exchanges); before: called just before the collective
-    starts (after any injected fault: the header's send clock); after: called with (t0, t1) on
-    success, returns extra trace fields (the header's waits).
+    starts (after any injected fault: the header's send clock); after: called with (t0, t1,
+    traced) on success, returns extra trace fields when ``traced`` (the header's waits).
     """
 
     phase: str
@@ -44,7 +44,7 @@ class Transfer:
     row_bytes: int
     equal: bool = False
     before: Callable[[], None] | None = None
-    after: Callable[[int, int], dict] | None = None
+    after: Callable[[int, int, bool], dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,8 @@ def issue(ctx: CommContext, tag: CallTag, dom: Domain, xfer: Transfer) -> tuple[
     if error is not None:
         abandon_group(dom.ranks, dom.prefix)        # the collective may still be in flight there
     t1 = time.monotonic_ns()
-    more = xfer.after(t0, t1) if xfer.after is not None and error is None else {}
     tracer = ctx.trace_sink()
+    more = xfer.after(t0, t1, tracer is not None) if xfer.after is not None and error is None else {}
     if tracer is not None:
         tracer.record(TraceEvent(
             rank=dist.get_rank(), pid=os.getpid(), op=tag.op, call=tag.call_no, phase=xfer.phase, group=dom.name,
