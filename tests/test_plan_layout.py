@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from emu.comm.wire import Segments
 from emu.core.attrs import Geometry
 from emu.core.layout import dispatch_shapes, expert_token_nums, recv_layout
 from emu.core.plan import active_set, send_plan
@@ -83,3 +84,24 @@ def test_allocation_with_expert_scales_elastic_v1_and_graph():
     wide = Geometry(W=4, S=1, Ns=1, E=9, K=4, H=8, G=8, tp=0)      # L = 3: MoE A = 8*3 = 24, shared 8
     e = dispatch_shapes(wide, 0, 2, elastic=True)
     assert (e.capacity, e.token_nums, e.ep_recv, e.assist) == (24, 3, 12, 128 * 24)
+
+
+@pytest.mark.parametrize("width", [2048, 1028, 1027, 6, 3])
+@pytest.mark.parametrize("packed", [False, True], ids=["back-to-back", "slots"])
+def test_segment_metadata_round_trips_at_any_width(width, packed):
+    """Each peer's metadata words land in its segment's tail rows, whatever the row width (int32
+    words when the rows are a multiple of 4 bytes, bytes otherwise), and nothing else changes."""
+    counts = np.array([3, 0, 5, 1])
+    seg = Segments(counts, width, start=np.arange(4) * 20 + 1, total=80) if packed else Segments(counts, width)
+    buf = torch.full((seg.total, width), 0xAB, dtype=torch.uint8)
+    meta = np.arange(9, dtype=np.int32) * 1000003 - 7
+    seg.write_meta(buf, meta)
+    assert np.array_equal(seg.read_meta(buf), meta)
+    flat = buf.view(-1).numpy()
+    changed = np.flatnonzero(flat != 0xAB)
+    for p in np.flatnonzero(counts):                # by hand: the 4*n bytes after the peer's payload rows
+        lo = (seg.start[p] + counts[p]) * width
+        words = meta[counts[:p].sum():counts[:p + 1].sum()]
+        assert bytes(flat[lo:lo + 4 * counts[p]]) == words.tobytes()
+    assert set(changed) <= {i for p in np.flatnonzero(counts)
+                            for i in range((seg.start[p] + counts[p]) * width, (seg.start[p] + counts[p]) * width + 4 * counts[p])}

@@ -13,12 +13,13 @@ from dataclasses import replace
 import torch
 
 from ..core.attrs import Geometry, MoeConfig
-from ..core.checks import Checker, combine_wrapper_checks, dispatch_wrapper_checks, expand_x_dtype_rule, prepare
+from ..core.checks import (Checker, Static, combine_wrapper_checks, dispatch_wrapper_checks, expand_x_dtype_rule,
+                           prepare, sized)
 from ..core.errors import PARAM_INVALID
+from ..core.fastpath import static
 from ..core.plan import active_set
 from ..core.request import CombineRequest, DispatchRequest, Prepared, R
 from ..core.soc import a2_comm_alg
-
 
 
 def _attrs(c: Checker, cfg: MoeConfig, ep_rank_id: int, ep_name: str) -> None:
@@ -141,16 +142,15 @@ def on_a2(req: R) -> R:
     return replace(req, op=f"{req.op} (A2)", cfg=cfg)
 
 
-def check_dispatch(req: DispatchRequest) -> Prepared:
-    """Every A2 dispatch check, then the id checks over the slots the path reads (hierarchy
-    ignores the mask)."""
+def static_dispatch(req: DispatchRequest) -> Static:
+    """Every static check of A2 dispatch, in order."""
     geom, alg = validate_dispatch_a2(req)
-    act = active_set(*req.inputs.expert_ids.shape, req.inputs.x_active_mask if alg == "fullmesh" else None)
-    return prepare(req, geom, req.inputs.x.dtype, act, alg)
+    return sized(req, geom, alg)
 
 
-def check_combine(req: CombineRequest) -> Prepared:
-    """Every A2 combine check; hierarchy needs expand_scales and (not emulated) comm quant 0."""
+def static_combine(req: CombineRequest) -> Static:
+    """Every static check of A2 combine; hierarchy needs expand_scales and (not emulated) comm
+    quant 0."""
     geom, alg = validate_combine_a2(req)
     if alg == "hierarchy":
         c = Checker(req.op)
@@ -158,5 +158,19 @@ def check_combine(req: CombineRequest) -> Prepared:
                  "required with hierarchy (the hardware reads it; null faults the device)")
         c.tiling(req.cfg.comm_quant_mode == 0, "comm_quant_mode", req.cfg.comm_quant_mode,
                  "mc2-emu does not emulate hierarchy int8 partials yet (their layout is not known)")
-    act = active_set(*req.inputs.expert_ids.shape, req.inputs.x_active_mask if alg == "fullmesh" else None)
-    return prepare(req, geom, req.inputs.expand_x.dtype, act, alg)
+    return sized(req, geom, alg)
+
+
+def check_dispatch(req: DispatchRequest) -> Prepared:
+    """Every A2 dispatch check (the static ones once per signature), then the id checks over the
+    slots the path reads (hierarchy ignores the mask)."""
+    st = static(static_dispatch, req)
+    act = active_set(*req.inputs.expert_ids.shape, req.inputs.x_active_mask if st.algorithm == "fullmesh" else None)
+    return prepare(req, st, req.inputs.x.dtype, act)
+
+
+def check_combine(req: CombineRequest) -> Prepared:
+    """Every A2 combine check (the static ones once per signature), then the data checks."""
+    st = static(static_combine, req)
+    act = active_set(*req.inputs.expert_ids.shape, req.inputs.x_active_mask if st.algorithm == "fullmesh" else None)
+    return prepare(req, st, req.inputs.expand_x.dtype, act)

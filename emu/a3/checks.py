@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from ..core.attrs import Geometry, MoeConfig
-from ..core.checks import (XT_DTYPES, Checker, combine_wrapper_checks, dispatch_wrapper_checks,
-                           expand_x_dtype_rule, prepare)
+from ..core.checks import (XT_DTYPES, Checker, Static, combine_wrapper_checks, dispatch_wrapper_checks,
+                           expand_x_dtype_rule, prepare, sized)
 from ..core.errors import TILING_ERROR, AclnnError
+from ..core.fastpath import static
 from ..core.inputs import AddRmsNorm
 from ..core.plan import active_set, warn_non_prefix_mask
 from ..core.request import CombineRequest, DispatchRequest, Prepared
@@ -291,19 +292,31 @@ def _add_rms_norm_inputs(c: Checker, norm: AddRmsNorm, bs: int, h: int) -> None:
     c.tiling(norm.gamma.shape[0] == h, "gamma.shape[0]", norm.gamma.shape[0], f"must equal H={h}")
 
 
+def static_dispatch(req: DispatchRequest) -> Static:
+    """Every static check of A3 dispatch (docs/errors.md), in order."""
+    return sized(req, validate_dispatch(req))
+
+
+def static_combine(req: CombineRequest) -> Static:
+    """Every static check of A3 combine (docs/errors.md), in order."""
+    return sized(req, validate_combine(req))
+
+
 def check_dispatch(req: DispatchRequest) -> Prepared:
-    """Every check of A3 dispatch, then the data checks: the validated call."""
-    geom = validate_dispatch(req)
+    """Every check of A3 dispatch (the static ones once per signature), then the data checks:
+    the validated call."""
+    st = static(static_dispatch, req)
     warn_non_prefix_mask(req.inputs.x_active_mask)
     act = active_set(*req.inputs.expert_ids.shape, req.inputs.x_active_mask)
-    return prepare(req, geom, req.inputs.x.dtype, act)
+    return prepare(req, st, req.inputs.x.dtype, act)
 
 
 def check_combine(req: CombineRequest) -> Prepared:
-    """Every check of A3 combine, then the data checks on the rows this rank returns."""
-    geom = validate_combine(req)
+    """Every check of A3 combine (the static ones once per signature), then the data checks on
+    the rows this rank returns."""
+    st = static(static_combine, req)
     act = active_set(*req.inputs.expert_ids.shape, req.inputs.x_active_mask)
-    prep = prepare(req, geom, req.inputs.expand_x.dtype, act)
+    prep = prepare(req, st, req.inputs.expand_x.dtype, act)
     check_own_rows(prep, req.inputs)
     return prep
 

@@ -96,7 +96,7 @@ class Call:
     clock_ns: int = 0
     pending: list[str] = field(default_factory=list)     # domains whose header is still due
     extra: dict = field(default_factory=dict)            # further domains by kind
-    wait_us: np.ndarray | None = None                     # (W,) per-source wait of the EP header
+    _ep_clocks: tuple | None = None                       # what the EP header's waits are made of
 
     @property
     def tag(self) -> CallTag:
@@ -225,19 +225,20 @@ class Call:
                     got[second.start[p]:second.start[p] + second.rows[p]]
         return hdr, rows, received
 
-    def _waits(self, kind: str, head: np.ndarray, t0: int, t1: int) -> dict:
-        """Microseconds this rank waited for each source's data, within [0, duration]: how late
-        the source sent it (its clock, carried in the header, against entering the exchange),
-        plus the transfer once the last source had sent (every source's data crosses it, so a
-        rank that arrives last still waits for data, as on the device); 0 for itself."""
+    def _waits(self, kind: str, head: np.ndarray, t0: int, t1: int, traced: bool) -> dict:
+        """Keep what the waits of this exchange are made of (the sources' clocks, t0, t1); the
+        waits themselves are worked out only when read (:meth:`waits_us`, the trace)."""
         dom = self.domain(kind)
-        clocks = dom.from_group(clock_of(head))
-        transfer = max(t1 - max(t0, int(clocks.max())), 0)
-        w = np.minimum(np.maximum(clocks - t0, 0) + transfer, t1 - t0) // 1000
-        w[dom.rank] = 0
+        clocks = dom.from_group(clock_of(head)).copy()       # the buffer is reused
         if kind == "EP":
-            self.wait_us = w
-        return {"wait_us": w.tolist()}
+            self._ep_clocks = (clocks, t0, t1, dom.rank)
+        return {"wait_us": _waits_us(clocks, t0, t1, dom.rank).tolist()} if traced else {}
+
+    @property
+    def wait_us(self) -> np.ndarray | None:
+        """(W,) microseconds this rank waited for each EP source's data in the call's first
+        exchange (:func:`_waits_us`), or None before it."""
+        return None if self._ep_clocks is None else _waits_us(*self._ep_clocks)
 
     def _peer_message(self, origin: int, order: int) -> str | None:
         return self.ctx.recorder.message(f"emu_err/{origin}/{order}")
@@ -312,11 +313,22 @@ class Call:
     def add_waits(self, performance_info: torch.Tensor | None) -> None:
         """Accumulate the microseconds this rank waited for each EP source into
         ``performance_info`` (never cleared), indexed by the source's original EP rank."""
-        if performance_info is not None and self.wait_us is not None:
+        waits = self.wait_us if performance_info is not None else None
+        if waits is not None:
             idx = torch.from_numpy(self.ep.ep_index)
             keep = idx < performance_info.numel()
-            performance_info.view(-1).index_add_(0, idx[keep], torch.from_numpy(self.wait_us)[keep]
-                                                 .to(performance_info.dtype))
+            performance_info.view(-1).index_add_(0, idx[keep], torch.from_numpy(waits)[keep].to(performance_info.dtype))
+
+
+def _waits_us(clocks: np.ndarray, t0: int, t1: int, me: int) -> np.ndarray:
+    """Microseconds this rank waited for each source's data, within [0, duration]: how late the
+    source sent it (its clock, carried in the header, against entering the exchange), plus the
+    transfer once the last source had sent (every source's data crosses it, so a rank that
+    arrives last still waits for data, as on the device); 0 for itself."""
+    transfer = max(t1 - max(t0, int(clocks.max())), 0)
+    w = np.minimum(np.maximum(clocks - t0, 0) + transfer, t1 - t0) // 1000
+    w[me] = 0
+    return w
 
 
 def _group_error(req: Request, ep: Domain | None, tp: Domain | None) -> AclnnError | None:

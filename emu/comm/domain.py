@@ -7,7 +7,8 @@ the emulator's own gloo group of the same members (never on the user's group).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from .groups import group_label, group_ranks, own_generation, own_group, own_group_name
+
+
+_OF_GROUP: "weakref.WeakKeyDictionary[ProcessGroup, dict[str, Domain]]" = weakref.WeakKeyDictionary()
 
 
 def timeout_s() -> float:
@@ -58,9 +62,15 @@ class Domain:
 
     @classmethod
     def of(cls, kind: str, pg: ProcessGroup) -> "Domain":
-        """The domain of the user's group ``pg`` (its own group is made on first use)."""
-        size = dist.get_world_size(pg)
-        return cls.of_members(kind, group_ranks(pg), dist.get_rank(pg), np.arange(size), name=group_label(pg))
+        """The domain of the user's group ``pg`` (its own group is made on first use); a group's
+        members never change, so it is read once per group object (held weakly)."""
+        known = _OF_GROUP.get(pg)
+        if known is None or kind not in known:
+            size = dist.get_world_size(pg)
+            dom = cls.of_members(kind, group_ranks(pg), dist.get_rank(pg), np.arange(size), name=group_label(pg))
+            _OF_GROUP.setdefault(pg, {})[kind] = dom
+            known = _OF_GROUP[pg]
+        return replace(known[kind])            # a call's own copy: binding renames it
 
     @classmethod
     def subset(cls, kind: str, full: "Domain", members: list[int]) -> "Domain":

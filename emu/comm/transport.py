@@ -32,8 +32,8 @@ class Transfer:
     phase: e.g. "EP header", "EP rows"; out / inp: buffers already in group-rank order;
     send_rows / recv_rows: (P,) rows per logical peer (splits and trace); row_bytes: bytes per
     row; equal: equal splits (header exchanges); before: called just before the collective
-    starts (after any injected fault: the header's send clock); after: called with (t0, t1) on
-    success, returns extra trace fields (the header's waits).
+    starts (after any injected fault: the header's send clock); after: called with (t0, t1,
+    traced) on success, returns extra trace fields when ``traced`` (the header's waits).
     """
 
     phase: str
@@ -44,7 +44,7 @@ class Transfer:
     row_bytes: int
     equal: bool = False
     before: Callable[[], None] | None = None
-    after: Callable[[int, int], dict] | None = None
+    after: Callable[[int, int, bool], dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ def _wait(ctx: CommContext, work, dom: Domain, deadline_ns: int) -> dict[int, di
                 return {}
             if left <= POLL_S:
                 raise
+        ctx.recorder.flush()                    # a peer may soon read where this rank is
         gone = ctx.recorder.departures(dom.ranks)
         if gone:
             return gone
@@ -115,7 +116,7 @@ def issue(ctx: CommContext, tag: CallTag, dom: Domain, xfer: Transfer) -> tuple[
     Returns (t0, t1) in CLOCK_MONOTONIC ns.
     """
     seq = ctx.next_seq(dom.name)
-    maybe_fail(tag.op, xfer.phase)
+    maybe_fail(tag.op, xfer.phase, ctx.recorder.flush)
     jitter_ms = ctx.jitter.sleep() if ctx.jitter is not None else None
     ctx.recorder.entered(dom.name, seq, tag.op, tag.call_no, xfer.phase)
     splits_out = None if xfer.equal else [int(c) for c in dom.to_group(xfer.recv_rows)]
@@ -144,8 +145,8 @@ def issue(ctx: CommContext, tag: CallTag, dom: Domain, xfer: Transfer) -> tuple[
     if error is not None:
         abandon_group(dom.ranks, dom.prefix)        # the collective may still be in flight there
     t1 = time.monotonic_ns()
-    more = xfer.after(t0, t1) if xfer.after is not None and error is None else {}
     tracer = ctx.trace_sink()
+    more = xfer.after(t0, t1, tracer is not None) if xfer.after is not None and error is None else {}
     if tracer is not None:
         tracer.record(TraceEvent(
             rank=dist.get_rank(), pid=os.getpid(), op=tag.op, call=tag.call_no, phase=xfer.phase, group=dom.name,

@@ -95,25 +95,44 @@ class Segments:
         first = np.concatenate([[0], np.cumsum(self.n)[:-1]])
         return self.start[seg] + np.arange(int(self.n.sum())) - first[seg]
 
+    def _meta_words(self) -> np.ndarray:
+        """Flat offset of every metadata word, in units of 4 bytes (``width`` a multiple of 4),
+        payload rows in peer order."""
+        total = int(self.n.sum())
+        seg = np.repeat(np.arange(self.n.size), self.n)
+        first = np.cumsum(self.n) - self.n
+        return (self.start + self.n)[seg] * (self.width // META_BYTES) + np.arange(total) - first[seg]
+
     def _meta_bytes(self) -> np.ndarray:
         """Flat byte offset of every metadata byte, payload rows in peer order (4 per row)."""
         total = int(self.n.sum())
-        if not total:
-            return np.zeros(0, np.int64)
         seg = np.repeat(np.arange(self.n.size), self.n)
         first = np.cumsum(self.n) - self.n
         word = (self.start + self.n)[seg] * self.width + META_BYTES * (np.arange(total) - first[seg])
         return (word[:, None] + np.arange(META_BYTES)).reshape(-1)
 
+    def _words(self, buf: torch.Tensor) -> torch.Tensor | None:
+        """``buf`` as int32 words when every metadata word is aligned to one (else None)."""
+        if self.width % META_BYTES or buf.storage_offset() % META_BYTES or buf.numel() % META_BYTES:
+            return None
+        return buf.reshape(-1).view(torch.int32)
+
     def write_meta(self, buf: torch.Tensor, meta: np.ndarray) -> None:
         """Store ``meta`` (int32, payload rows in peer order) into each segment's tail rows."""
-        at = self._meta_bytes()
-        if at.size:
-            buf.view(-1)[torch.from_numpy(at)] = torch.from_numpy(np.ascontiguousarray(meta, np.int32)).view(torch.uint8)
+        if not self.n.sum():
+            return
+        words = self._words(buf)
+        if words is not None:
+            words[torch.from_numpy(self._meta_words())] = torch.from_numpy(np.ascontiguousarray(meta, np.int32))
+            return
+        buf.view(-1)[torch.from_numpy(self._meta_bytes())] = \
+            torch.from_numpy(np.ascontiguousarray(meta, np.int32)).view(torch.uint8)
 
     def read_meta(self, buf: torch.Tensor) -> np.ndarray:
         """The int32 metadata of every payload row, peers in order."""
-        at = self._meta_bytes()
-        if not at.size:
+        if not self.n.sum():
             return np.zeros(0, np.int32)
-        return buf.reshape(-1).numpy()[at].view(np.int32)
+        words = self._words(buf)
+        if words is not None:
+            return words.numpy()[self._meta_words()]
+        return buf.reshape(-1).numpy()[self._meta_bytes()].view(np.int32)

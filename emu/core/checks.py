@@ -4,6 +4,8 @@ checked request into :class:`~emu.core.request.Prepared`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -177,26 +179,43 @@ def usable_remap(elastic: torch.Tensor | None, world: int, ep_rank_id: int) -> R
     return remap if 0 <= int(remap.to_new[ep_rank_id]) < remap.new_world else None
 
 
-def prepare(req: Request, geom: Geometry, xt: torch.dtype, act: ActiveSet, algorithm: str = "") -> Prepared:
-    """The checks after tiling (dispatch's output sizes, elastic table when active, then the ids;
-    docs/elastic.md, docs/errors.md) and the validated call they give."""
+@dataclass(frozen=True)
+class Static:
+    """What a call's static checks derive from its signature (:mod:`emu.core.fastpath`): the
+    geometry, torch_npu's output sizes and the chip's algorithm."""
+
+    geom: Geometry
+    shapes: DispatchShapes
+    algorithm: str = ""
+
+
+def sized(req: Request, geom: Geometry, algorithm: str = "") -> Static:
+    """The last static checks, after the chip's: torch_npu's output sizes and (dispatch) tiling's
+    rules on them (docs/errors.md)."""
+    elastic, ep_rank_id = req.inputs.elastic_info is not None, req.place.ep_rank_id
+    dispatch = req.kind == "dispatch"
+    shapes = dispatch_shapes(geom, ep_rank_id, req.inputs.expert_ids.shape[0], elastic=elastic,
+                             expert_scales=dispatch and req.inputs.expert_scales is not None, v1=dispatch and req.v1,
+                             graph=allocation_mode() == "graph")
+    if dispatch:
+        check_allocation(Checker(req.op), geom, ep_rank_id, shapes, elastic)
+    return Static(geom, shapes, algorithm)
+
+
+def prepare(req: Request, st: Static, xt: torch.dtype, act: ActiveSet) -> Prepared:
+    """The data checks after the static ones (the elastic table's values when active, then the
+    ids; docs/elastic.md, docs/errors.md) and the validated call they give."""
     cfg, inp, ep_rank_id = req.cfg, req.inputs, req.place.ep_rank_id
     elastic = inp.elastic_info
     c = Checker(req.op)
-    dispatch = req.kind == "dispatch"
-    shapes = dispatch_shapes(geom, ep_rank_id, inp.expert_ids.shape[0], elastic=elastic is not None,
-                             expert_scales=dispatch and inp.expert_scales is not None, v1=dispatch and req.v1,
-                             graph=allocation_mode() == "graph")
-    if dispatch:
-        check_allocation(c, geom, ep_rank_id, shapes, elastic is not None)
     remap = Remap.parse(elastic, cfg.ep_world_size) if elastic is not None else identity_remap(cfg.ep_world_size)
     if remap.active:
         check_remap(c, remap, cfg, ep_rank_id)
     me = int(remap.to_new[ep_rank_id]) if remap.active else ep_rank_id
     check_ids(c, me, inp.expert_ids, act.slots, remap.new_moe if remap.active else cfg.moe_expert_num,
               cfg.moe_expert_num, cfg.special_num)
-    return Prepared(cfg=cfg, geom=geom, xt=xt, remap=remap, shapes=shapes, act=act, me=me,
-                    agreed=agreed_attributes(req.kind, cfg, geom, xt, elastic), algorithm=algorithm)
+    return Prepared(cfg=cfg, geom=st.geom, xt=xt, remap=remap, shapes=st.shapes, act=act, me=me,
+                    agreed=agreed_attributes(req.kind, cfg, st.geom, xt, elastic), algorithm=st.algorithm)
 
 
 def check_allocation(c: Checker, geom: Geometry, rank: int, shapes: DispatchShapes, elastic: bool) -> None:
