@@ -10,7 +10,6 @@ import copy
 import io
 import json
 import sys
-import traceback
 from collections.abc import Callable
 from multiprocessing.reduction import ForkingPickler
 
@@ -18,25 +17,14 @@ import torch
 import torch.multiprocessing as mp
 
 import emu.npu
+from script_checks import raises, registry, run_all
 
 CHECKS: dict[str, Callable[[], None]] = {}
 CTX = mp.get_context("spawn")
 _POOL: list = []
 
 
-def check(fn: Callable[[], None]) -> Callable[[], None]:
-    CHECKS[fn.__name__] = fn
-    return fn
-
-
-def raises(kind: type[Exception], words: str, fn: Callable[[], object]) -> None:
-    """``fn()`` raises ``kind`` with ``words`` in its message."""
-    try:
-        fn()
-    except kind as exc:
-        assert words in str(exc), exc
-        return
-    raise AssertionError(f"{fn} did not raise {kind.__name__}")
+check = registry(CHECKS)
 
 
 def pool():
@@ -284,14 +272,8 @@ def graph_capture_after_storage_use():
 
 def main() -> None:
     emu.npu.install()
-    results = {}
     try:
-        for name, fn in CHECKS.items():
-            try:
-                fn()
-                results[name] = "ok"
-            except Exception:  # noqa: BLE001 - reported to the test
-                results[name] = traceback.format_exc()
+        results = run_all(CHECKS)
     finally:
         if _POOL:
             _POOL[0].terminate()

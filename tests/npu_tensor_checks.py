@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -14,24 +13,13 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import emu
 import emu.npu
+from script_checks import raises, registry, run_all
 
 torch_npu = None                      # main() installs (not on import: the test only reads the names)
 CHECKS = {}
 
 
-def check(fn):
-    CHECKS[fn.__name__] = fn
-    return fn
-
-
-def raises(kind: type[Exception], words: str, fn) -> None:
-    """``fn()`` raises ``kind`` with ``words`` in its message."""
-    try:
-        fn()
-    except kind as exc:
-        assert words in str(exc), exc
-        return
-    raise AssertionError(f"{fn} did not raise {kind.__name__}")
+check = registry(CHECKS)
 
 
 @check
@@ -318,14 +306,7 @@ def operator_test_module():
 def main() -> None:
     global torch_npu
     torch_npu = emu.npu.install()
-    results = {}
-    for name, fn in CHECKS.items():
-        try:
-            fn()
-            results[name] = "ok"
-        except Exception:  # noqa: BLE001 - reported to the test
-            results[name] = traceback.format_exc()
-    print(json.dumps(results))
+    print(json.dumps(run_all(CHECKS)))
 
 
 if __name__ == "__main__":
