@@ -5,10 +5,8 @@ Records, under the job's rendezvous store (each a few microseconds):
 * ``emu_pid/<rank>`` = host:pid, once per process;
 * ``emu_fr/<group>/<rank>`` and ``emu_last/<rank>``: the last collective it entered: the
   sequence number it reached in that group, the call and phase, and the process's collective
-  count (published by a background thread at most ``PUBLISH_S`` after entering, so the op's
-  path never waits for the store, and a job that runs well writes a batch per ``PUBLISH_S``
-  at most, whatever its call rate; the rank publishes at once when one of its collectives
-  waits longer than its first poll, before an injected fault, a diagnosis or a farewell);
+  count (published by a background thread within ``PUBLISH_S`` of entering, so the op's path
+  never waits for the store; before a diagnosis or a farewell the rank publishes at once);
 * ``emu_bye/<rank>``: a *farewell* when an op raises: what it raised, blaming whom, at which
   collective count (stale once the rank issues another collective);
 * ``emu_stack/<rank>`` = host:pid:path of the file its Python stacks are written to when it
@@ -38,7 +36,6 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import IO
@@ -64,9 +61,8 @@ def _fault_specs() -> list[tuple[int, str, str, str]]:
     return out
 
 
-def maybe_fail(op: str, phase: str, publish: Callable[[], None] | None = None) -> None:
-    """Exit with code 1, hang, or wait here if EMU_FAULT names this rank, op and phase
-    (``publish``: writes this rank's records first, as they stand when the fault strikes)."""
+def maybe_fail(op: str, phase: str) -> None:
+    """Exit with code 1, hang, or wait here if EMU_FAULT names this rank, op and phase."""
     if not os.environ.get("EMU_FAULT"):
         return
     for rank, f_op, f_phase, action in _fault_specs():
@@ -75,8 +71,6 @@ def maybe_fail(op: str, phase: str, publish: Callable[[], None] | None = None) -
         if action.startswith("delay="):
             time.sleep(float(action.split("=", 1)[1]))
             continue
-        if publish is not None:
-            publish()
         if action == "hang":
             while True:
                 time.sleep(3600)
@@ -151,7 +145,7 @@ def innermost_user_frame(dump: str) -> str | None:
     return None
 
 
-PUBLISH_S = 0.1                  # the publisher writes at most one batch per 100 ms
+PUBLISH_S = 0.01                 # the publisher writes at most one batch per 10 ms
 FAREWELLS = "emu_bye_count"      # farewells left in the job so far
 
 
@@ -247,6 +241,7 @@ class FlightRecorder:
                 self._pending[f"emu_last/{me}"] = rec
             if self._publisher is None:
                 self._start_publisher()
+            self._wake.set()
 
     def flush(self) -> None:
         """Write the records not yet in the store (the publisher's work, done now)."""
@@ -262,9 +257,11 @@ class FlightRecorder:
 
     def _publish(self) -> None:
         while not self._stopping:
-            self._wake.wait(PUBLISH_S)
+            self._wake.wait()
+            self._wake.clear()
             if not self._stopping:
                 self.flush()
+                time.sleep(PUBLISH_S)
 
     def _stop_publisher(self) -> None:
         """At exit, before the interpreter tears threads down: no store call may be in flight."""
@@ -272,7 +269,6 @@ class FlightRecorder:
         self._wake.set()
         if self._publisher is not None:
             self._publisher.join(timeout=2)
-            self.flush()                        # what this rank did last, for peers that outlive it
 
     def farewell(self, type_name: str, kind: ErrorKind | None, culprits: tuple[int, ...], message: str,
                  code: int | None = None) -> None:
