@@ -64,12 +64,10 @@ class Domain:
     def of(cls, kind: str, pg: ProcessGroup) -> "Domain":
         """The domain of the user's group ``pg`` (its own group is made on first use); a group's
         members never change, so it is read once per group object (held weakly)."""
-        known = _OF_GROUP.get(pg)
-        if known is None or kind not in known:
-            size = dist.get_world_size(pg)
-            dom = cls.of_members(kind, group_ranks(pg), dist.get_rank(pg), np.arange(size), name=group_label(pg))
-            _OF_GROUP.setdefault(pg, {})[kind] = dom
-            known = _OF_GROUP[pg]
+        known = _OF_GROUP.setdefault(pg, {})
+        if kind not in known:
+            known[kind] = cls.of_members(kind, group_ranks(pg), dist.get_rank(pg), np.arange(dist.get_world_size(pg)),
+                                         name=group_label(pg))
         return replace(known[kind])            # a call's own copy: binding renames it
 
     @classmethod

@@ -95,21 +95,20 @@ class Segments:
         first = np.concatenate([[0], np.cumsum(self.n)[:-1]])
         return self.start[seg] + np.arange(int(self.n.sum())) - first[seg]
 
-    def _meta_words(self) -> np.ndarray:
-        """Flat offset of every metadata word, in units of 4 bytes (``width`` a multiple of 4),
-        payload rows in peer order."""
+    def _meta_offsets(self) -> np.ndarray:
+        """Flat byte offset of every metadata word, payload rows in peer order."""
         total = int(self.n.sum())
         seg = np.repeat(np.arange(self.n.size), self.n)
         first = np.cumsum(self.n) - self.n
-        return (self.start + self.n)[seg] * (self.width // META_BYTES) + np.arange(total) - first[seg]
+        return (self.start + self.n)[seg] * self.width + META_BYTES * (np.arange(total) - first[seg])
+
+    def _meta_words(self) -> np.ndarray:
+        """Flat offset of every metadata word in units of 4 bytes (``width`` a multiple of 4)."""
+        return self._meta_offsets() // META_BYTES
 
     def _meta_bytes(self) -> np.ndarray:
         """Flat byte offset of every metadata byte, payload rows in peer order (4 per row)."""
-        total = int(self.n.sum())
-        seg = np.repeat(np.arange(self.n.size), self.n)
-        first = np.cumsum(self.n) - self.n
-        word = (self.start + self.n)[seg] * self.width + META_BYTES * (np.arange(total) - first[seg])
-        return (word[:, None] + np.arange(META_BYTES)).reshape(-1)
+        return (self._meta_offsets()[:, None] + np.arange(META_BYTES)).reshape(-1)
 
     def _words(self, buf: torch.Tensor) -> torch.Tensor | None:
         """``buf`` as int32 words when every metadata word is aligned to one (else None)."""
