@@ -80,6 +80,7 @@ def _wait(ctx: CommContext, work, dom: Domain, deadline_ns: int) -> dict[int, di
                 return {}
             if left <= POLL_S:
                 raise
+        ctx.recorder.flush()                    # a peer may soon read where this rank is
         gone = ctx.recorder.departures(dom.ranks)
         if gone:
             return gone
@@ -115,7 +116,7 @@ def issue(ctx: CommContext, tag: CallTag, dom: Domain, xfer: Transfer) -> tuple[
     Returns (t0, t1) in CLOCK_MONOTONIC ns.
     """
     seq = ctx.next_seq(dom.name)
-    maybe_fail(tag.op, xfer.phase)
+    maybe_fail(tag.op, xfer.phase, ctx.recorder.flush)
     jitter_ms = ctx.jitter.sleep() if ctx.jitter is not None else None
     ctx.recorder.entered(dom.name, seq, tag.op, tag.call_no, xfer.phase)
     splits_out = None if xfer.equal else [int(c) for c in dom.to_group(xfer.recv_rows)]

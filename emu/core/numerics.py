@@ -207,13 +207,14 @@ def combine_output(acc: torch.Tensor, inp: CombineInputs,
     """What combine writes from its fp32 sums ``acc`` (Bs, H): x_out = XT(acc), or with
     ``inp.norm`` the (y, rstd, x) of :func:`add_rms_norm`; rows of inactive tokens (``tokens``
     (Bs,) bool False) are zero (the kernel leaves them unwritten)."""
-    off = torch.from_numpy(~tokens)
+    off = None if tokens.all() else torch.from_numpy(~tokens)
     if inp.norm is None:
         x_out = acc.to(inp.expand_x.dtype)
-        x_out[off] = 0
+        if off is not None:
+            x_out[off] = 0
         return x_out
     outs = add_rms_norm(acc, inp.norm.residual_x, inp.norm.gamma, inp.norm.eps, inp.expand_x.dtype)
-    for o in outs:
+    for o in outs if off is not None else ():
         o[off] = 0
     return outs
 

@@ -5,10 +5,14 @@ Records, under the job's rendezvous store (each a few microseconds):
 * ``emu_pid/<rank>`` = host:pid, once per process;
 * ``emu_fr/<group>/<rank>`` and ``emu_last/<rank>``: the last collective it entered: the
   sequence number it reached in that group, the call and phase, and the process's collective
-  count (published by a background thread within ``PUBLISH_S`` of entering, so the op's path
-  never waits for the store; before a diagnosis or a farewell the rank publishes at once);
+  count (published by a background thread at most ``PUBLISH_S`` after entering, so the op's
+  path never waits for the store, and a job that runs well writes a batch per ``PUBLISH_S``
+  at most, whatever its call rate; the rank publishes at once when one of its collectives
+  waits longer than its first poll, before an injected fault, a diagnosis or a farewell, and
+  at the first collective after a farewell);
 * ``emu_bye/<rank>``: a *farewell* when an op raises: what it raised, blaming whom, at which
-  collective count (stale once the rank issues another collective);
+  collective count (stale once the rank issues another collective: that collective's record
+  is written at once, so a peer never takes an old farewell for news);
 * ``emu_stack/<rank>`` = host:pid:path of the file its Python stacks are written to when it
   receives SIGUSR2 (faulthandler), so a peer on the same host can ask where it is stuck.
 
@@ -36,6 +40,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import IO
@@ -61,8 +66,9 @@ def _fault_specs() -> list[tuple[int, str, str, str]]:
     return out
 
 
-def maybe_fail(op: str, phase: str) -> None:
-    """Exit with code 1, hang, or wait here if EMU_FAULT names this rank, op and phase."""
+def maybe_fail(op: str, phase: str, publish: Callable[[], None] | None = None) -> None:
+    """Exit with code 1, hang, or wait here if EMU_FAULT names this rank, op and phase
+    (``publish``: writes this rank's records first, as they stand when the fault strikes)."""
     if not os.environ.get("EMU_FAULT"):
         return
     for rank, f_op, f_phase, action in _fault_specs():
@@ -71,6 +77,8 @@ def maybe_fail(op: str, phase: str) -> None:
         if action.startswith("delay="):
             time.sleep(float(action.split("=", 1)[1]))
             continue
+        if publish is not None:
+            publish()
         if action == "hang":
             while True:
                 time.sleep(3600)
@@ -145,7 +153,7 @@ def innermost_user_frame(dump: str) -> str | None:
     return None
 
 
-PUBLISH_S = 0.01                 # the publisher writes at most one batch per 10 ms
+PUBLISH_S = 0.1                  # the publisher writes at most one batch per 100 ms
 FAREWELLS = "emu_bye_count"      # farewells left in the job so far
 
 
@@ -170,6 +178,7 @@ class FlightRecorder:
         self.current = Waiting()
         self._consumed: dict[int, str | None] = {}        # rank -> the serial of its farewell this rank acted on
         self._stack_file: IO[str] | None = None
+        self._said_farewell = False                       # a farewell is out; the next record retires it
 
     @property
     def store(self):
@@ -241,7 +250,9 @@ class FlightRecorder:
                 self._pending[f"emu_last/{me}"] = rec
             if self._publisher is None:
                 self._start_publisher()
-            self._wake.set()
+            if self._said_farewell:             # the store must show at once that the farewell is old
+                self._said_farewell = False
+                self.flush()
 
     def flush(self) -> None:
         """Write the records not yet in the store (the publisher's work, done now)."""
@@ -257,11 +268,9 @@ class FlightRecorder:
 
     def _publish(self) -> None:
         while not self._stopping:
-            self._wake.wait()
-            self._wake.clear()
+            self._wake.wait(PUBLISH_S)
             if not self._stopping:
                 self.flush()
-                time.sleep(PUBLISH_S)
 
     def _stop_publisher(self) -> None:
         """At exit, before the interpreter tears threads down: no store call may be in flight."""
@@ -269,6 +278,7 @@ class FlightRecorder:
         self._wake.set()
         if self._publisher is not None:
             self._publisher.join(timeout=2)
+            self.flush()                        # what this rank did last, for peers that outlive it
 
     def farewell(self, type_name: str, kind: ErrorKind | None, culprits: tuple[int, ...], message: str,
                  code: int | None = None) -> None:
@@ -282,6 +292,7 @@ class FlightRecorder:
             "code": code, "message": message.splitlines()[0][:400] if message else "", "n": self.count,
             "attempt": self.attempt, "at": _where(last), "serial": f"{os.getpid()}:{time.monotonic_ns()}",
             "groups": sorted(self._call_groups)}))
+        self._said_farewell = True
         try:
             self.store.add(FAREWELLS, 1)                  # after the record: a reader that sees the count sees it
         except (RuntimeError, AttributeError):
