@@ -145,15 +145,12 @@ class Call:
         recv = self.ctx.scratch("slot_recv", dom.size, nbytes)
         if fill is not None:
             fill(send)
-        block = out.encode()
-        if dom.order is not None:
-            block = block[torch.from_numpy(np.argsort(dom.order))]
-        head_out = send[:, :HEADER_BYTES].view(torch.int64)
-        head_out.copy_(block)
+        head_out = send[:, :HEADER_BYTES].view(torch.int64).numpy()
+        out.encode_into(head_out, None if dom.order is None else np.argsort(dom.order))
         head_in = recv[:, :HEADER_BYTES].view(torch.int64).numpy()
         ones = np.ones(dom.size, dtype=np.int64)
         issue(self.ctx, self.tag, dom, Transfer(f"{kind} header", recv, send, ones, ones, nbytes, equal=True,
-                                                before=lambda: stamp_clock(head_out.numpy(), time.monotonic_ns()),
+                                                before=lambda: stamp_clock(head_out, time.monotonic_ns()),
                                                 after=partial(self._waits, kind, head_in)))
         hdr = Header.decode(dom.from_group(head_in.copy()))      # the buffer is reused
         if out.error == 0:

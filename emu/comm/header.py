@@ -45,15 +45,21 @@ class Outgoing:
     later: bool = False             # it sends rows in a second exchange (to some destination)
     kind: int = 0                   # with an error: the relayed verdict's kind (0: an input was rejected)
 
+    def encode_into(self, block: np.ndarray, order: np.ndarray | None = None) -> None:
+        """Write the (P, HEADER_LEN) int64 block in place (any row stride): row i for logical
+        destination i, or with ``order`` for logical destination ``order[i]`` (group order)."""
+        block[:, :_ATTRS] = (MAGIC, OP_CODE[self.op], self.order, self.error, 0, self.row_bytes, self.clock_ns, 0,
+                             self.origin, len(self.attrs), self.call_no, int(self.inline), int(self.later), self.kind)
+        block[:, _ATTRS:] = 0
+        block[:, _ROWS] = self.rows if order is None else self.rows[order]
+        block[:, _EXPECT] = self.expect if order is None else self.expect[order]
+        if self.attrs:
+            block[:, _ATTRS:_ATTRS + len(self.attrs)] = self.attrs
+
     def encode(self) -> torch.Tensor:
         """The (P, HEADER_LEN) int64 block, row i for logical destination i."""
-        h = np.zeros((len(self.rows), HEADER_LEN), dtype=np.int64)
-        h[:, :_ATTRS] = (MAGIC, OP_CODE[self.op], self.order, self.error, 0, self.row_bytes, self.clock_ns, 0,
-                         self.origin, len(self.attrs), self.call_no, int(self.inline), int(self.later), self.kind)
-        h[:, _ROWS] = self.rows
-        h[:, _EXPECT] = self.expect
-        if self.attrs:
-            h[:, _ATTRS:_ATTRS + len(self.attrs)] = self.attrs
+        h = np.empty((len(self.rows), HEADER_LEN), dtype=np.int64)
+        self.encode_into(h)
         return torch.from_numpy(h)
 
 

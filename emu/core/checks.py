@@ -187,6 +187,7 @@ class Static:
     geom: Geometry
     shapes: DispatchShapes
     algorithm: str = ""
+    agreed: tuple[tuple[str, int], ...] | None = None     # without an elastic table: they follow from the rest
 
 
 def sized(req: Request, geom: Geometry, algorithm: str = "") -> Static:
@@ -199,7 +200,12 @@ def sized(req: Request, geom: Geometry, algorithm: str = "") -> Static:
                              graph=allocation_mode() == "graph")
     if dispatch:
         check_allocation(Checker(req.op), geom, ep_rank_id, shapes, elastic)
-    return Static(geom, shapes, algorithm)
+    agreed = None if elastic else agreed_attributes(req.kind, req.cfg, geom, _activation(req).dtype, None)
+    return Static(geom, shapes, algorithm, agreed)
+
+
+def _activation(req: Request) -> torch.Tensor:
+    return req.inputs.x if req.kind == "dispatch" else req.inputs.expand_x
 
 
 def prepare(req: Request, st: Static, xt: torch.dtype, act: ActiveSet) -> Prepared:
@@ -215,7 +221,8 @@ def prepare(req: Request, st: Static, xt: torch.dtype, act: ActiveSet) -> Prepar
     check_ids(c, me, inp.expert_ids, act.slots, remap.new_moe if remap.active else cfg.moe_expert_num,
               cfg.moe_expert_num, cfg.special_num)
     return Prepared(cfg=cfg, geom=st.geom, xt=xt, remap=remap, shapes=st.shapes, act=act, me=me,
-                    agreed=agreed_attributes(req.kind, cfg, st.geom, xt, elastic), algorithm=st.algorithm)
+                    agreed=st.agreed if st.agreed is not None and xt == _activation(req).dtype
+                    else agreed_attributes(req.kind, cfg, st.geom, xt, elastic), algorithm=st.algorithm)
 
 
 def check_allocation(c: Checker, geom: Geometry, rank: int, shapes: DispatchShapes, elastic: bool) -> None:

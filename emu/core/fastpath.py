@@ -29,6 +29,7 @@ from .attrs import MoeConfig
 ENV = ("HCCL_BUFFSIZE", "HCCL_INTRA_PCIE_ENABLE", "HCCL_INTRA_ROCE_ENABLE", "EMU_ALLOCATION", "EMU_STRICT")
 MAX_ENTRIES = 256
 _SCALARS = (int, float, str, bool, bytes, torch.dtype, type(None))
+_PLAIN = frozenset(_SCALARS)         # exactly these types (not subclasses): the common case, one set lookup
 _FIELDS: dict[type, tuple[str, ...]] = {}
 _VALUES = (MoeConfig,)             # frozen dataclasses of plain values: their own signature
 
@@ -43,18 +44,20 @@ def signature(obj: Any) -> Hashable:
     """What the static checks can read of ``obj``: a tensor's type, dtype and shape; a scalar's
     value; a dataclass's fields and a sequence's items, recursively.  A process group counts by
     the name the request carries beside it, so it is left out (``group_*`` fields)."""
-    if obj is None or type(obj) in _VALUES:
+    cls = type(obj)
+    if obj is None or cls in _VALUES:
         return obj
+    if cls in _PLAIN:
+        return cls, obj
     if isinstance(obj, torch.Tensor):
-        return type(obj), obj.dtype, obj.shape
+        return cls, obj.dtype, obj.shape
     if isinstance(obj, _SCALARS):
-        return type(obj), obj
+        return cls, obj
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        cls = type(obj)
-        return (cls,) + tuple(signature(getattr(obj, n)) for n in _fields(cls))
+        return (cls,) + tuple([signature(getattr(obj, n)) for n in _fields(cls)])
     if isinstance(obj, (tuple, list)):
-        return (type(obj),) + tuple(signature(v) for v in obj)
-    raise Unhashable(type(obj).__name__)
+        return (cls,) + tuple([signature(v) for v in obj])
+    raise Unhashable(cls.__name__)
 
 
 def _fields(cls: type) -> tuple[str, ...]:
