@@ -85,19 +85,19 @@ def inline_rows(geom: Geometry) -> tuple[int, int]:
 
 
 def _quantise_copies(x: torch.Tensor, scales: torch.Tensor | None, token: np.ndarray,
-                     smooth_row: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic int8 copies for the rows to send (docs/quantisation.md): (n, H) int8 and (n,) fp32.
+                     smooth_row: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dynamic int8 copies for the rows to send (docs/quantisation.md): (u, H) int8 and (u,)
+    fp32 for the u distinct copies, and (n,) the distinct copy of every row to send.
 
     A copy depends only on (token, smooth row) (only on the token without smooth scales), so
-    each distinct pair is quantised once and the results gathered: bit-identical, K times less work."""
+    each distinct pair is quantised once and gathered per row: bit-identical, K times less work."""
     per = scales.shape[0] if scales is not None else 1
     key = token * per + (smooth_row if scales is not None else 0)
     uniq, inverse = np.unique(key, return_inverse=True)
     u_tok = torch.from_numpy(uniq // per)
     smooth = scales[torch.from_numpy(uniq % per)] if scales is not None else None
     q, scale = dynamic_quant(x.index_select(0, u_tok), smooth)
-    inv = torch.from_numpy(inverse.reshape(-1))
-    return q.index_select(0, inv), scale.index_select(0, inv)
+    return q, scale, torch.from_numpy(inverse.reshape(-1))
 
 
 def pack_rows(inp: DispatchInputs, rows: WireRows, sent: Segments, quant: bool, send: torch.Tensor) -> None:
@@ -107,10 +107,11 @@ def pack_rows(inp: DispatchInputs, rows: WireRows, sent: Segments, quant: bool, 
     segments = [(int(sent.start[p]), int(sent.n[p])) for p in np.flatnonzero(sent.n)]
     done = 0
     if quant:
-        q, scale = _quantise_copies(x, inp.scales, rows.token, rows.smooth_row)
-        for s, n in segments:                 # contiguous segment slices, no scattered writes
-            send[s:s + n, :h].copy_(q[done:done + n].view(torch.uint8))
-            send[s:s + n, h:].copy_(scale[done:done + n].view(torch.uint8).view(n, 4))
+        q, scale, inv = _quantise_copies(x, inp.scales, rows.token, rows.smooth_row)
+        q, scale = q.view(torch.uint8), scale.view(torch.uint8).view(-1, 4)
+        for s, n in segments:                 # each copy gathered straight into its segment
+            torch.index_select(q, 0, inv[done:done + n], out=send[s:s + n, :h])
+            torch.index_select(scale, 0, inv[done:done + n], out=send[s:s + n, h:])
             done += n
     else:
         tok = torch.from_numpy(rows.token)
@@ -134,10 +135,9 @@ def lay_out(dom: Domain, prep: Prepared, recv: torch.Tensor, received: Segments,
     own = int(lay.order.size)
     rows_idx = torch.from_numpy(received.payload_index()[lay.order])
     out = DispatchOutputs.allocate(prep.shapes, h, torch.int8 if quant else prep.xt)
-    if quant:
-        got = recv.index_select(0, rows_idx)
-        out.expand_x[:own] = got[:, :h].view(torch.int8)
-        out.dynamic_scales[:own] = got[:, h:].contiguous().view(torch.float32).view(-1)
+    if quant:                                 # int8 rows and their scales gathered straight into the outputs
+        torch.index_select(recv[:, :h], 0, rows_idx, out=out.expand_x[:own].view(torch.uint8))
+        torch.index_select(recv[:, h:], 0, rows_idx, out=out.dynamic_scales[:own].view(torch.uint8).view(own, 4))
     else:
         torch.index_select(recv.view(prep.xt), 0, rows_idx, out=out.expand_x[:own])
     tri = np.stack([src, t, k], axis=1)[lay.order]
