@@ -129,17 +129,41 @@ def test_add_rms_norm_matches_numpy(seed, h, eps):
     assert torch.equal(y.view(3, h), (norm * gamma.float()).bfloat16())
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_combine_rows_equals_the_token_sum(seed):
+def test_index_add_adds_repeated_indices_in_index_order():
+    """combine_rows relies on this: torch's CPU index_add_ adds the rows of one index one after
+    another in index order (each add rounded on its own), so a slot-major batch of terms gives
+    the k-order sum.  Magnitudes where any other order rounds differently."""
+    g = torch.Generator().manual_seed(0)
+    bs, k, h = 6, 8, 32
+    mags = torch.tensor([1e8, 1.0, -1e8, 1e-3, 3.0, -1.0, 1e4, -1e4])
+    terms = torch.randn(k, bs, h, generator=g) * mags[:, None, None]
+    token = torch.stack([torch.randperm(bs, generator=g) for _ in range(k)])
+    terms = terms.reshape(k * bs, h)
+    one = torch.zeros(bs, h).index_add_(0, token.reshape(-1), terms)
+    by_hand = torch.zeros(bs, h)
+    for i, t in enumerate(token.reshape(-1).tolist()):
+        by_hand[t] = by_hand[t] + terms[i]
+    assert torch.equal(one.view(torch.int32), by_hand.view(torch.int32))
+    other = torch.zeros(bs, h).index_add_(0, token.flip(0).reshape(-1), terms.view(k, bs, h).flip(0).reshape(-1, h))
+    assert not torch.equal(one, other)                 # the order shows: the check can fail
+
+
+@pytest.mark.parametrize("seed,special,chunk", [(s, s % 3 != 2, None if s % 2 else 3) for s in range(6)])
+def test_combine_rows_equals_the_token_sum(seed, special, chunk, monkeypatch):
     """combine_rows (rows as they arrive) against combine_tokens (the reference's sum), bit for bit,
-    with shared experts, zero / copy / const experts, a 2-D mask and shared_expert_x."""
+    with shared experts, zero / copy / const experts (or none), a 2-D mask and shared_expert_x;
+    terms in one chunk or in chunks of a few rows."""
+    from emu.core import numerics
     from emu.core.attrs import MoeConfig
     from emu.core.inputs import CombineInputs, SpecialExperts
     from emu.core.numerics import ReceivedRows, combine_rows, combine_tokens
+    if chunk is not None:
+        monkeypatch.setattr(numerics, "TERMS_BYTES", chunk * 16 * 4)
     g = torch.Generator().manual_seed(seed)
     bs, k, h, E, ns = 5, 4, 16, 6, 1
-    cfg = MoeConfig(ep_world_size=2, moe_expert_num=E, zero_expert_num=1, copy_expert_num=1, const_expert_num=2)
-    ids = torch.stack([torch.randperm(E + 4, generator=g)[:k] for _ in range(bs)]).int()
+    cfg = MoeConfig(ep_world_size=2, moe_expert_num=E, zero_expert_num=1, copy_expert_num=1,
+                    const_expert_num=2) if special else MoeConfig(ep_world_size=2, moe_expert_num=E)
+    ids = torch.stack([torch.randperm(E + 4 if special else E, generator=g)[:k] for _ in range(bs)]).int()
     mask = torch.rand(bs, k, generator=g) > 0.25
     bf = torch.bfloat16
     sp = SpecialExperts.of(cfg, torch.randn(bs, h, generator=g).to(bf), torch.randn(2, generator=g).to(bf),

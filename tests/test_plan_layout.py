@@ -105,3 +105,19 @@ def test_segment_metadata_round_trips_at_any_width(width, packed):
         assert bytes(flat[lo:lo + 4 * counts[p]]) == words.tobytes()
     assert set(changed) <= {i for p in np.flatnonzero(counts)
                             for i in range((seg.start[p] + counts[p]) * width, (seg.start[p] + counts[p]) * width + 4 * counts[p])}
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_send_counts_equal_the_plans_counts(seed):
+    """combine's cross-check counts (send_counts) equal the dispatch plan's, with shared ranks,
+    special experts and 1-D / 2-D masks."""
+    from emu.core.plan import send_counts
+    g = np.random.default_rng(seed)
+    special = seed % 2
+    geom = Geometry(W=6, S=2, Ns=2, E=8, K=3, H=8, G=30, tp=0, zero=special, copy=special, const=special)
+    bs = 5
+    ids = torch.from_numpy(np.stack([g.permutation(geom.E + 3 * special)[:geom.K] for _ in range(bs)]).astype(np.int32))
+    mask = [None, torch.from_numpy(g.random(bs) > 0.3), torch.from_numpy(g.random((bs, geom.K)) > 0.3)][seed % 3]
+    for src in range(geom.W):
+        act = active_set(bs, geom.K, mask)
+        assert send_counts(geom, src, ids, act).tolist() == send_plan(geom, src, ids, act).counts.tolist()

@@ -29,8 +29,8 @@ from ..core.errors import TILING_ERROR, ErrorKind, PeerError
 from ..core.inputs import CombineInputs
 from ..core.numerics import (COMM_QUANT_GROUP, ReceivedRows, comm_dequant, comm_quant, combine_output, combine_rows,
                              tp_add)
-from ..core.plan import SendPlan, send_plan
-from .dispatch import inline_rows
+from ..core.plan import SendPlan, send_plan, send_counts as plan_counts
+from .dispatch import gather_rows, inline_rows
 from ..core.request import Prepared
 from .checks import own_rows
 
@@ -47,13 +47,14 @@ def combine(call: Call, prep: Prepared, inp: CombineInputs) -> torch.Tensor | tu
     own = own_rows(geom, prep.me, inp.ep_send_counts)
     y = tp_reduce_scatter(call, geom, inp, own) if geom.tp_active else inp.expand_x[:own]
     tri = route_back(geom, prep.me, inp, own)
-    plan = send_plan(geom, prep.me, inp.expert_ids, prep.act)
+    plan = send_plan(geom, prep.me, inp.expert_ids, prep.act) if inp.positional else None
+    expected = plan.counts if plan is not None else plan_counts(geom, prep.me, inp.expert_ids, prep.act)
     quant = prep.cfg.comm_quant_mode == 2
     send_counts = np.bincount(tri[:, 0], minlength=geom.W).astype(np.int64)
-    hdr, recv, received = call.exchange("EP", send_counts, _width(inp.expand_x, geom.H, quant), plan.counts,
+    hdr, recv, received = call.exchange("EP", send_counts, _width(inp.expand_x, geom.H, quant), expected,
                                         lambda seg, buf: pack_rows(call.ep, y, tri, seg, quant, buf),
                                         inline_rows(geom))
-    _cross_check(call, hdr, send_counts, plan.counts)
+    _cross_check(call, hdr, send_counts, expected)
     got = unpack_rows(call, prep, inp, plan, recv, received)
     acc = combine_rows(got, inp, None if prep.act.slot_mask is None else torch.from_numpy(prep.act.slot_mask),
                        geom.Ns)
@@ -91,19 +92,14 @@ def pack_rows(dom: Domain, y: torch.Tensor, tri: np.ndarray, sent: Segments, qua
         send[pos, :h] = q.view(torch.uint8)
         send[pos, h:] = scale.contiguous().view(torch.uint8)
     else:
-        payload = send.view(y.dtype)
-        done = 0
-        for p in np.flatnonzero(sent.n):
-            n, s = int(sent.n[p]), int(sent.start[p])
-            torch.index_select(y, 0, order_t[done:done + n], out=payload[s:s + n])
-            done += n
+        gather_rows((y,), order, (send.view(y.dtype),), sent)
     sent.write_meta(send, pack_meta(tri[order, 1], tri[order, 2], np.zeros(len(order), np.int64)))
 
 
-def unpack_rows(call: Call, prep: Prepared, inp: CombineInputs, plan: SendPlan, recv: torch.Tensor,
+def unpack_rows(call: Call, prep: Prepared, inp: CombineInputs, plan: SendPlan | None, recv: torch.Tensor,
                 received: Segments) -> ReceivedRows:
     """The received rows with their (token, slot): from the metadata tails, or for V1 from
-    this rank's own plan (peers in group order); int8 rows dequantised."""
+    this rank's own ``plan`` (peers in group order; None for V2); int8 rows dequantised."""
     dom, geom = call.ep, prep.route
     if inp.positional:
         by_group = np.argsort(plan.dest if dom.order is None else dom.order[plan.dest], kind="stable")

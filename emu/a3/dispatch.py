@@ -104,22 +104,33 @@ def pack_rows(inp: DispatchInputs, rows: WireRows, sent: Segments, quant: bool, 
     """Fill the (sent.total, width) uint8 ``send`` buffer: each peer's payload rows gathered
     straight into its segment (quantised with quant mode 2), then the segment's metadata tail."""
     x, h = inp.x, inp.x.shape[1]
-    segments = [(int(sent.start[p]), int(sent.n[p])) for p in np.flatnonzero(sent.n)]
-    done = 0
     if quant:
         q, scale, inv = _quantise_copies(x, inp.scales, rows.token, rows.smooth_row)
-        q, scale = q.view(torch.uint8), scale.view(torch.uint8).view(-1, 4)
-        for s, n in segments:                 # each copy gathered straight into its segment
-            torch.index_select(q, 0, inv[done:done + n], out=send[s:s + n, :h])
-            torch.index_select(scale, 0, inv[done:done + n], out=send[s:s + n, h:])
-            done += n
+        src, index = (q.view(torch.uint8), scale.view(torch.uint8).view(-1, 4)), inv.numpy()
+        dst = (send[:, :h], send[:, h:])
     else:
-        tok = torch.from_numpy(rows.token)
-        payload = send.view(x.dtype)          # (total, H): gather x rows straight into each segment
-        for s, n in segments:
-            torch.index_select(x, 0, tok[done:done + n], out=payload[s:s + n])
-            done += n
+        src, index, dst = (x,), rows.token, (send.view(x.dtype),)       # (total, H)
+    gather_rows(src, index, dst, sent)
     sent.write_meta(send, pack_meta(rows.token, rows.slot, rows.local))
+
+
+def gather_rows(src: tuple[torch.Tensor, ...], index: np.ndarray, dst: tuple[torch.Tensor, ...],
+                sent: Segments) -> None:
+    """dst[j][payload row i] = src[j][index[i]] for every j, straight into each peer's segment of
+    the buffer (``dst[j]``: views of it with a row per buffer row): one gather over the whole
+    buffer when it holds little else (:meth:`Segments.row_map`), else one per segment."""
+    whole = sent.row_map(index)
+    if whole is not None:
+        whole_t = torch.from_numpy(whole)
+        for s, d in zip(src, dst):
+            torch.index_select(s, 0, whole_t, out=d)
+        return
+    index_t, done = torch.from_numpy(np.ascontiguousarray(index, np.int64)), 0
+    for p in np.flatnonzero(sent.n):
+        a, n = int(sent.start[p]), int(sent.n[p])
+        for s, d in zip(src, dst):
+            torch.index_select(s, 0, index_t[done:done + n], out=d[a:a + n])
+        done += n
 
 
 def lay_out(dom: Domain, prep: Prepared, recv: torch.Tensor, received: Segments,

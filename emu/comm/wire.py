@@ -95,6 +95,18 @@ class Segments:
         first = np.concatenate([[0], np.cumsum(self.n)[:-1]])
         return self.start[seg] + np.arange(int(self.n.sum())) - first[seg]
 
+    def row_map(self, source_rows: np.ndarray) -> np.ndarray | None:
+        """For a gather that fills the whole buffer in one op: the source row of every buffer
+        row (``source_rows[i]`` for payload row i, peers in order; 0 for header, metadata and
+        unused rows, which are written afterwards or never read).  None when the buffer has
+        many more rows than payload (then a gather per segment moves less)."""
+        n = int(self.n.sum())
+        if not n or self.total - n > n // 4 + 2 * self.n.size:
+            return None
+        out = np.zeros(self.total, np.int64)
+        out[self.payload_index()] = source_rows
+        return out
+
     def _meta_offsets(self) -> np.ndarray:
         """Flat byte offset of every metadata word, payload rows in peer order."""
         total = int(self.n.sum())

@@ -133,15 +133,20 @@ class ReceivedRows:
     index: torch.Tensor | None = None
 
 
+TERMS_BYTES = 256 << 10       # combine's fp32 terms are made and added in chunks of about this size
+
+
 def combine_rows(got: ReceivedRows, inp: CombineInputs, slot_mask: torch.Tensor | None,
                  shared_num: int) -> torch.Tensor:
     """The same sum as :func:`combine_tokens`, computed from the received rows directly.
 
     MoE slots are weighted by expert_scales[t, k], shared slots unweighted: every term is one
-    rounded fp32 multiply (XT * fp32 widens exactly).  Slot by slot in order, each slot's
-    terms (received rows, or copy / const expert terms) are added to their tokens' fp32 sums
-    with ``index_add_``: a token gets at most one term per slot, so every element gets exactly
-    one rounded add per contributing slot, in slot order, as in docs/combine.md.
+    rounded fp32 multiply (XT * fp32 widens exactly).  The terms, slot-major (copy / const
+    expert terms after their slot's received rows), are added to their tokens' fp32 sums with
+    ``index_add_``, which on the CPU adds its rows one after another in index order: every
+    element gets exactly one rounded add per contributing slot, in slot order, as in
+    docs/combine.md (tests/test_numerics.py holds torch to that order).  Terms are made in
+    chunks of about ``TERMS_BYTES`` (few ops at small H, a cache-sized working set at large H).
     Returns acc (Bs, H) fp32.
     """
     bs, k_num = inp.expert_ids.shape
@@ -153,18 +158,26 @@ def combine_rows(got: ReceivedRows, inp: CombineInputs, slot_mask: torch.Tensor 
     token = got.token.index_select(0, order)
     where = order if got.index is None else got.index.index_select(0, order)
     scale = torch.where(slot < k_num, w[token, slot.clamp(max=k_num - 1)], torch.ones((), dtype=F32))[:, None]
-    bounds = torch.searchsorted(slot, torch.arange(k_num + shared_num + 1)).tolist()
-    special = {int(k): (t, term) for t, k, term in _special_terms(inp, slot_mask, w)}
-    most = max((b - a for a, b in zip(bounds, bounds[1:])), default=0)
-    work = torch.empty(most * h, dtype=F32)           # one scratch for every slot's terms
-    for k in range(k_num + shared_num):
-        a, b = bounds[k], bounds[k + 1]
-        if b > a:
+    n = slot.numel()
+    chunk = max(TERMS_BYTES // max(4 * h, 1), 1)
+    work = torch.empty(min(chunk, n) * h, dtype=F32)
+
+    def add_rows(lo: int, hi: int) -> None:
+        for a in range(lo, hi, chunk):
+            b = min(a + chunk, hi)
             term = work[:(b - a) * h].view(-1, h)
             torch.mul(got.rows.index_select(0, where[a:b]), scale[a:b], out=term)
             acc.index_add_(0, token[a:b], term)
-        if k in special:
-            acc.index_add_(0, *special[k])
+
+    done = 0
+    special = _special_terms(inp, slot_mask, w)
+    if special:                               # each slot's rows, then its copy / const terms
+        bounds = torch.searchsorted(slot, torch.arange(k_num + shared_num + 1)).tolist()
+        for t, k, term in special:
+            add_rows(done, bounds[k + 1])
+            done = bounds[k + 1]
+            acc.index_add_(0, t, term)
+    add_rows(done, n)
     if inp.shared_expert_x is not None:
         acc.add_(inp.shared_expert_x.reshape(bs, h).to(F32))
     return acc

@@ -105,6 +105,18 @@ def send_plan(geom: Geometry, src: int, expert_ids: torch.Tensor, act: ActiveSet
                     n_active=int(tokens.size))
 
 
+def send_counts(geom: Geometry, src: int, expert_ids: torch.Tensor, act: ActiveSet) -> np.ndarray:
+    """``send_plan(...).counts`` alone: (W,) int64 rows EP rank ``src`` sends each rank."""
+    ids = expert_ids.detach().cpu().numpy()
+    moe = act.slots & (ids < geom.E) if geom.special else act.slots
+    e = ids[moe] if not moe.all() else ids.reshape(-1)
+    counts = np.bincount(moe_rank_of(geom, e.astype(np.int64)), minlength=geom.W)
+    if geom.Ns:
+        n_tok = int(np.count_nonzero(act.tokens))
+        np.add.at(counts, shared_replica(geom, src, np.arange(geom.Ns)), n_tok)
+    return counts.astype(np.int64)
+
+
 def expand_idx(expert_ids: torch.Tensor, mask: torch.Tensor | None, moe_expert_num: int) -> torch.Tensor:
     """V1's expand_idx, A2's third output: for each slot (t, k), how many earlier active MoE
     slots of this rank chose the same expert (0 for inactive and special slots); (Bs*K,) int32."""
