@@ -24,7 +24,7 @@ from ..core.request import Checked, Request
 from .context import CommContext, current
 from .domain import Domain
 from .groups import resolve_group
-from .header import HEADER_LEN, MAX_ATTRS, Header, Outgoing, clock_of, stamp_clock
+from .header import HEADER_LEN, MAX_ATTRS, Header, Outgoing, all_alike, clock_of, stamp_clock
 from .transport import CallTag, Transfer, issue
 from .verdict import judge, relay_kind
 from .wire import Segments, rows_for_meta
@@ -153,7 +153,7 @@ class Call:
                                                 before=lambda: stamp_clock(head_out, time.monotonic_ns()),
                                                 after=partial(self._waits, kind, head_in)))
         hdr = Header.decode(dom.from_group(head_in.copy()))      # the buffer is reused
-        if out.error == 0:
+        if out.error == 0 and not all_alike(head_in, head_out[0]):
             sites = self._watched_site if self.ctx.watcher is not None else (lambda r: None)
             problem = judge(hdr, dom, dist.get_rank(), (self.op, self.call_no, self.order), self.attrs,
                             self._peer_message, sites, self._peer_verdict)
@@ -201,10 +201,9 @@ class Call:
         hdr, recv = self._first_exchange(kind, out, into)
         self.ctx.set_slot(dom.name, self.op, slot_plan(P, width, *next_rows))
         from_g = dom.to_group(hdr.rows)
-        inline_g = dom.to_group(hdr.inline.astype(np.int64)).astype(bool)
         if per and not hdr.later.any():                  # every row arrived in place: no copy
-            return hdr, recv.view(P * per, width), Segments(from_g, width, start=np.arange(P) * per + head,
-                                                             total=P * per)
+            return hdr, recv.view(P * per, width), Segments(from_g, width, start=sent.start, total=P * per)
+        inline_g = dom.to_group(hdr.inline.astype(np.int64)).astype(bool)
         received = Segments(from_g, width)
         rows = self.ctx.scratch("rows", received.total, width)
         _from_slots(recv, rows, received, inline_g, per, head)

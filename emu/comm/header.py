@@ -63,6 +63,17 @@ class Outgoing:
         return torch.from_numpy(h)
 
 
+#: The columns every source of a healthy call sends alike: magic, op, the call's place, no error
+#: (nor relayed kind), the number of attributes and the attributes themselves.
+SAME_COLUMNS = np.array([_MAGIC, _OP, _ORDER, _ERR, _NATTR, _KIND] + list(range(_ATTRS, HEADER_LEN)))
+
+
+def all_alike(received: np.ndarray, sent_row: np.ndarray) -> bool:
+    """Every source sent what this rank sent in :data:`SAME_COLUMNS` (``sent_row``: one row of
+    this rank's own block, sent without error): the common case, in which no verdict is due."""
+    return bool((received[:, SAME_COLUMNS] == sent_row[SAME_COLUMNS]).all())
+
+
 def stamp_clock(block: np.ndarray, clock_ns: int) -> None:
     """Write the send time into an encoded block (numpy view, any row stride), just before it
     leaves (so that a source that is slow between opening the call and sending counts as late)."""

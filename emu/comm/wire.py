@@ -87,13 +87,18 @@ class Segments:
                       else np.asarray(start, dtype=np.int64))
         self.total = int(self.rows.sum()) if total is None else total
 
+    def _payload_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(peer, place within the peer's payload) of every payload row, peers in order (made once)."""
+        parts = getattr(self, "_parts", None)
+        if parts is None:
+            seg = np.repeat(np.arange(self.n.size), self.n)
+            parts = self._parts = seg, np.arange(seg.size) - (np.cumsum(self.n) - self.n)[seg]
+        return parts
+
     def payload_index(self) -> np.ndarray:
         """Buffer row of every payload row, peers in order, each peer's rows in order."""
-        if not self.n.sum():
-            return np.zeros(0, np.int64)
-        seg = np.repeat(np.arange(self.n.size), self.n)
-        first = np.concatenate([[0], np.cumsum(self.n)[:-1]])
-        return self.start[seg] + np.arange(int(self.n.sum())) - first[seg]
+        seg, within = self._payload_rows()
+        return self.start[seg] + within
 
     def row_map(self, source_rows: np.ndarray) -> np.ndarray | None:
         """For a gather that fills the whole buffer in one op: the source row of every buffer
@@ -109,10 +114,8 @@ class Segments:
 
     def _meta_offsets(self) -> np.ndarray:
         """Flat byte offset of every metadata word, payload rows in peer order."""
-        total = int(self.n.sum())
-        seg = np.repeat(np.arange(self.n.size), self.n)
-        first = np.cumsum(self.n) - self.n
-        return (self.start + self.n)[seg] * self.width + META_BYTES * (np.arange(total) - first[seg])
+        seg, within = self._payload_rows()
+        return (self.start + self.n)[seg] * self.width + META_BYTES * within
 
     def _meta_words(self) -> np.ndarray:
         """Flat offset of every metadata word in units of 4 bytes (``width`` a multiple of 4)."""
