@@ -97,6 +97,7 @@ class Call:
     pending: list[str] = field(default_factory=list)     # domains whose header is still due
     extra: dict = field(default_factory=dict)            # further domains by kind
     _ep_clocks: tuple | None = None                       # what the EP header's waits are made of
+    _values: tuple[int, ...] | None = None                # the attributes' values, as headers carry them
 
     @property
     def tag(self) -> CallTag:
@@ -128,7 +129,13 @@ class Call:
                   inline: bool = False, later: bool = False, relayed: int = 0) -> Outgoing:
         return Outgoing(op=self.op, order=self.order, call_no=self.call_no, error=error, rows=rows,
                         row_bytes=row_bytes, clock_ns=self.clock_ns, expect=expect, origin=origin,
-                        attrs=tuple(v for _, v in self.attrs), inline=inline, later=later, kind=relayed)
+                        attrs=self.attr_values, inline=inline, later=later, kind=relayed)
+
+    @property
+    def attr_values(self) -> tuple[int, ...]:
+        if self._values is None:
+            self._values = tuple([v for _, v in self.attrs])
+        return self._values
 
     def _first_exchange(self, kind: str, out: Outgoing,
                         fill: Callable[[torch.Tensor], None] | None) -> tuple[Header, torch.Tensor]:

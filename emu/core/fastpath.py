@@ -54,10 +54,23 @@ def signature(obj: Any) -> Hashable:
     if isinstance(obj, _SCALARS):
         return cls, obj
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return (cls,) + tuple([signature(getattr(obj, n)) for n in _fields(cls)])
-    if isinstance(obj, (tuple, list)):
-        return (cls,) + tuple([signature(v) for v in obj])
-    raise Unhashable(cls.__name__)
+        items = (getattr(obj, n) for n in _fields(cls))
+    elif isinstance(obj, (tuple, list)):
+        items = obj
+    else:
+        raise Unhashable(cls.__name__)
+    out: list = [cls]
+    for v in items:                          # the common leaves here, the rest recursively
+        t = type(v)
+        if v is None or t in _VALUES:
+            out.append(v)
+        elif t in _PLAIN:
+            out.append((t, v))
+        elif t is torch.Tensor:
+            out.append((t, v.dtype, v.shape))
+        else:
+            out.append(signature(v))
+    return tuple(out)
 
 
 def _fields(cls: type) -> tuple[str, ...]:
