@@ -86,14 +86,14 @@ class Segments:
         self.start = (np.concatenate([[0], np.cumsum(self.rows)[:-1]]).astype(np.int64) if start is None
                       else np.asarray(start, dtype=np.int64))
         self.total = int(self.rows.sum()) if total is None else total
+        self._parts: tuple[np.ndarray, np.ndarray] | None = None
 
     def _payload_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """(peer, place within the peer's payload) of every payload row, peers in order (made once)."""
-        parts = getattr(self, "_parts", None)
-        if parts is None:
+        if self._parts is None:
             seg = np.repeat(np.arange(self.n.size), self.n)
-            parts = self._parts = seg, np.arange(seg.size) - (np.cumsum(self.n) - self.n)[seg]
-        return parts
+            self._parts = seg, np.arange(seg.size) - (np.cumsum(self.n) - self.n)[seg]
+        return self._parts
 
     def payload_index(self) -> np.ndarray:
         """Buffer row of every payload row, peers in order, each peer's rows in order."""
