@@ -104,8 +104,7 @@ def _watch(watcher: Watcher, req: Request) -> dict | None:
     where = watched_group(req)
     if where is None:
         return None
-    main = req.inputs.x if req.kind == "dispatch" else req.inputs.expand_x
-    return watcher.before(*where, Fingerprint.of(req.kind, main, call_site()))
+    return watcher.before(*where, Fingerprint.of(req.kind, req.activation, call_site()))
 
 
 def run_dispatch(req: DispatchRequest, on: Chip | None = None) -> DispatchOutputs:

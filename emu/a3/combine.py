@@ -30,7 +30,7 @@ from ..core.inputs import CombineInputs
 from ..core.numerics import (COMM_QUANT_GROUP, ReceivedRows, comm_dequant, comm_quant, combine_output, combine_rows,
                              tp_add)
 from ..core.plan import SendPlan, send_plan, send_counts as plan_counts
-from .dispatch import gather_rows, inline_rows
+from .dispatch import inline_rows
 from ..core.request import Prepared
 from .checks import own_rows
 
@@ -92,7 +92,7 @@ def pack_rows(dom: Domain, y: torch.Tensor, tri: np.ndarray, sent: Segments, qua
         send[pos, :h] = q.view(torch.uint8)
         send[pos, h:] = scale.contiguous().view(torch.uint8)
     else:
-        gather_rows((y,), order, (send.view(y.dtype),), sent)
+        sent.gather((y,), order, (send.view(y.dtype),))
     sent.write_meta(send, pack_meta(tri[order, 1], tri[order, 2], np.zeros(len(order), np.int64)))
 
 

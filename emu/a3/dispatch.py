@@ -110,27 +110,8 @@ def pack_rows(inp: DispatchInputs, rows: WireRows, sent: Segments, quant: bool, 
         dst = (send[:, :h], send[:, h:])
     else:
         src, index, dst = (x,), rows.token, (send.view(x.dtype),)       # (total, H)
-    gather_rows(src, index, dst, sent)
+    sent.gather(src, index, dst)
     sent.write_meta(send, pack_meta(rows.token, rows.slot, rows.local))
-
-
-def gather_rows(src: tuple[torch.Tensor, ...], index: np.ndarray, dst: tuple[torch.Tensor, ...],
-                sent: Segments) -> None:
-    """dst[j][payload row i] = src[j][index[i]] for every j, straight into each peer's segment of
-    the buffer (``dst[j]``: views of it with a row per buffer row): one gather over the whole
-    buffer when it holds little else (:meth:`Segments.row_map`), else one per segment."""
-    whole = sent.row_map(index)
-    if whole is not None:
-        whole_t = torch.from_numpy(whole)
-        for s, d in zip(src, dst):
-            torch.index_select(s, 0, whole_t, out=d)
-        return
-    index_t, done = torch.from_numpy(np.ascontiguousarray(index, np.int64)), 0
-    for p in np.flatnonzero(sent.n):
-        a, n = int(sent.start[p]), int(sent.n[p])
-        for s, d in zip(src, dst):
-            torch.index_select(s, 0, index_t[done:done + n], out=d[a:a + n])
-        done += n
 
 
 def lay_out(dom: Domain, prep: Prepared, recv: torch.Tensor, received: Segments,

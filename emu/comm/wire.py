@@ -112,6 +112,23 @@ class Segments:
         out[self.payload_index()] = source_rows
         return out
 
+    def gather(self, src: tuple[torch.Tensor, ...], index: np.ndarray, dst: tuple[torch.Tensor, ...]) -> None:
+        """dst[j][payload row i] = src[j][index[i]] for every j, straight into each peer's segment
+        (``dst[j]``: views of the buffer with a row per buffer row): one gather over the whole
+        buffer when it holds little else (:meth:`row_map`), else one per segment."""
+        whole = self.row_map(index)
+        if whole is not None:
+            whole_t = torch.from_numpy(whole)
+            for s, d in zip(src, dst):
+                torch.index_select(s, 0, whole_t, out=d)
+            return
+        index_t, done = torch.from_numpy(np.ascontiguousarray(index, np.int64)), 0
+        for p in np.flatnonzero(self.n):
+            a, n = int(self.start[p]), int(self.n[p])
+            for s, d in zip(src, dst):
+                torch.index_select(s, 0, index_t[done:done + n], out=d[a:a + n])
+            done += n
+
     def _meta_offsets(self) -> np.ndarray:
         """Flat byte offset of every metadata word, payload rows in peer order."""
         seg, within = self._payload_rows()

@@ -106,45 +106,39 @@ def check_ids(c: Checker, rank: int, expert_ids: torch.Tensor, slots: np.ndarray
     ``[moe_orig, moe_orig + special)`` (the ORIGINAL E, docs/elastic.md).  ``slots``: (Bs, K) bool, the
     active slots; inactive slots are never read by the kernel.
     """
-    if not special and _plain_ids_ok(expert_ids.detach().cpu().numpy(), slots, moe_now):
-        return                                       # the common case in a few numpy ops
-    ids = expert_ids.detach().cpu().numpy().astype(np.int64)
-    ok = (ids >= 0) & (ids < moe_now)
-    if special:
-        ok |= (ids >= moe_orig) & (ids < moe_orig + special)
-    bad = slots & ~ok
-    if bad.any():
-        t, k = map(int, np.argwhere(bad)[0])
-        v = int(ids[t, k])
-        if moe_now < moe_orig and moe_now <= v < moe_orig:
-            rule = (f"ids in [E'={moe_now}, E={moe_orig}) are dropped by dispatch but awaited by combine "
-                    f"under elastic scaling")
-        elif special:
-            rule = (f"ids must be in [0, {moe_now}) or in the special range [{moe_orig}, {moe_orig + special})")
-        else:
-            rule = f"ids must be in [0, {moe_now})"
-        c.tiling(False, f"expert_ids[{t}, {k}] on EP rank {rank}", v, rule)
-    moe = np.where(slots & (ids >= 0) & (ids < moe_now), ids, -1 - np.arange(ids.shape[1])[None, :])
+    ids = expert_ids.detach().cpu().numpy()
+    every = bool(slots.all())
+    if not special and ids.size:             # the common case: min and max of the active ids
+        act = ids if every else np.where(slots, ids, 0)
+        in_range = int(act.min()) >= 0 and int(act.max()) < moe_now
+    else:
+        in_range = not ids.size
+    if not in_range:
+        ok = (ids >= 0) & (ids < moe_now)
+        if special:
+            ok |= (ids >= moe_orig) & (ids < moe_orig + special)
+        bad = slots & ~ok
+        if bad.any():
+            t, k = map(int, np.argwhere(bad)[0])
+            v = int(ids[t, k])
+            if moe_now < moe_orig and moe_now <= v < moe_orig:
+                rule = (f"ids in [E'={moe_now}, E={moe_orig}) are dropped by dispatch but awaited by combine "
+                        f"under elastic scaling")
+            elif special:
+                rule = (f"ids must be in [0, {moe_now}) or in the special range [{moe_orig}, {moe_orig + special})")
+            else:
+                rule = f"ids must be in [0, {moe_now})"
+            c.tiling(False, f"expert_ids[{t}, {k}] on EP rank {rank}", v, rule)
+    if ids.shape[1] < 2:
+        return
+    valid = slots if in_range else slots & (ids >= 0) & (ids < moe_now)
+    moe = ids if in_range and every else np.where(valid, ids, -1 - np.arange(ids.shape[1])[None, :])
     srt = np.sort(moe, axis=1)
     dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
     if dup.any():
         t = int(np.argwhere(dup)[0][0])
         c.tiling(False, f"expert_ids[{t}] on EP rank {rank}", ids[t].tolist(),
                  "a token may not choose the same MoE expert twice")
-
-
-def _plain_ids_ok(ids: np.ndarray, slots: np.ndarray, moe_now: int) -> bool:
-    """Every active id in [0, moe_now) and no MoE id twice in a row (False: look closer)."""
-    if not ids.size:
-        return True
-    every = bool(slots.all())
-    act = ids if every else np.where(slots, ids, 0)
-    if int(act.min()) < 0 or int(act.max()) >= moe_now:
-        return False
-    if ids.shape[1] < 2:
-        return True
-    srt = np.sort(ids if every else np.where(slots, ids, -1 - np.arange(ids.shape[1])), axis=1)
-    return not bool((srt[:, 1:] == srt[:, :-1]).any())
 
 
 def check_remap(c: Checker, remap: Remap, cfg: MoeConfig, ep_rank_id: int) -> None:
@@ -216,12 +210,8 @@ def sized(req: Request, geom: Geometry, algorithm: str = "") -> Static:
                              graph=allocation_mode() == "graph")
     if dispatch:
         check_allocation(Checker(req.op), geom, ep_rank_id, shapes, elastic)
-    agreed = None if elastic else agreed_attributes(req.kind, req.cfg, geom, _activation(req).dtype, None)
+    agreed = None if elastic else agreed_attributes(req.kind, req.cfg, geom, req.activation.dtype, None)
     return Static(geom, shapes, algorithm, agreed)
-
-
-def _activation(req: Request) -> torch.Tensor:
-    return req.inputs.x if req.kind == "dispatch" else req.inputs.expand_x
 
 
 def prepare(req: Request, st: Static, xt: torch.dtype, act: ActiveSet) -> Prepared:
@@ -237,7 +227,7 @@ def prepare(req: Request, st: Static, xt: torch.dtype, act: ActiveSet) -> Prepar
     check_ids(c, me, inp.expert_ids, act.slots, remap.new_moe if remap.active else cfg.moe_expert_num,
               cfg.moe_expert_num, cfg.special_num)
     return Prepared(cfg=cfg, geom=st.geom, xt=xt, remap=remap, shapes=st.shapes, act=act, me=me,
-                    agreed=st.agreed if st.agreed is not None and xt == _activation(req).dtype
+                    agreed=st.agreed if st.agreed is not None and xt == req.activation.dtype
                     else agreed_attributes(req.kind, cfg, st.geom, xt, elastic), algorithm=st.algorithm)
 
 

@@ -47,6 +47,11 @@ class DispatchRequest:
     v1: bool = False                                  # torch_npu's V1 op (its allocation, expand_idx)
     kind = "dispatch"
 
+    @property
+    def activation(self) -> torch.Tensor:
+        """The tensor whose dtype is the call's activation type (XT): x."""
+        return self.inputs.x
+
 
 @dataclass(frozen=True)
 class CombineRequest:
@@ -55,6 +60,11 @@ class CombineRequest:
     place: Placement
     op: str = "aclnnMoeDistributeCombineV3"
     kind = "combine"
+
+    @property
+    def activation(self) -> torch.Tensor:
+        """The tensor whose dtype is the call's activation type (XT): expand_x."""
+        return self.inputs.expand_x
 
 
 Request = DispatchRequest | CombineRequest
