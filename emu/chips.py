@@ -19,8 +19,9 @@ from .a2 import fullmesh, hierarchy
 from .a3 import checks as a3_checks
 from .a3 import combine as a3_combine
 from .a3 import dispatch as a3_dispatch
+from .a3 import steady as a3_steady
 from .comm.call import Call, open_call
-from .comm.context import current
+from .comm.context import CommContext, current
 from .comm.watching import watched_group
 from .core.errors import AclnnError, ErrorKind
 from .core.inputs import CombineInputs, DispatchInputs
@@ -43,6 +44,17 @@ def _as_given(req: R) -> R:
 
 
 @dataclass(frozen=True)
+class Steady:
+    """A chip's steady state (:mod:`emu.a3.steady`): ``learn`` keeps what a successful general
+    call validated; ``dispatch`` / ``combine`` run a later call of the same signature on it,
+    returning (result, call), or None for the general path."""
+
+    learn: Callable[[Request, Prepared, Call], None]
+    dispatch: Callable[[DispatchRequest, CommContext], tuple[DispatchOutputs, Call] | None]
+    combine: Callable[[CombineRequest, CommContext], tuple[torch.Tensor, Call] | None]
+
+
+@dataclass(frozen=True)
 class Chip:
     """A chip's checks (request -> validated call, whose ``algorithm`` names the path), its
     paths, whether it supports elastic scaling (the survivors' own EP domain), and how it
@@ -53,10 +65,12 @@ class Chip:
     paths: Mapping[str, Path]
     elastic: bool = True
     adapt: Callable[[R], R] = _as_given
+    steady: Steady | None = None
 
 
 CHIPS: dict[str, Chip] = {
-    "A3": Chip(a3_checks.check_dispatch, a3_checks.check_combine, {"": Path(a3_dispatch.dispatch, a3_combine.combine)}),
+    "A3": Chip(a3_checks.check_dispatch, a3_checks.check_combine, {"": Path(a3_dispatch.dispatch, a3_combine.combine)},
+               steady=Steady(a3_steady.learn, a3_steady.dispatch, a3_steady.combine)),
     "A2": Chip(a2_checks.check_dispatch, a2_checks.check_combine,
                {"fullmesh": Path(fullmesh.dispatch, fullmesh.combine),
                 "hierarchy": Path(hierarchy.dispatch, hierarchy.combine)}, elastic=False, adapt=a2_checks.on_a2),
@@ -71,6 +85,8 @@ def chip(soc: str | None = None) -> Chip:
 def run(req: Request, on: Chip | None = None) -> DispatchOutputs | torch.Tensor:
     """One op call on this rank: the chip reads the request, checks it, opens the call (every
     rank learns of any error), runs its path's phases, and adds the waits to performance_info.
+    A call like one that succeeded before takes the chip's steady path when it has one (the
+    same phases, the checks that depend on the signature skipped; :mod:`emu.a3.steady`).
     An error leaves a farewell in the flight recorder first (what this rank raised, blaming
     whom), so that peers never take this rank for dead."""
     on = on or chip()
@@ -80,9 +96,15 @@ def run(req: Request, on: Chip | None = None) -> DispatchOutputs | torch.Tensor:
     recorder.begin_op()
     watched = _watch(ctx.watcher, req) if ctx.watcher is not None else None
     try:
-        checked = attempt(getattr(on, f"check_{req.kind}"), req)
-        call = open_call(req, checked, on.elastic)
-        result = getattr(on.paths[checked.prep.algorithm], req.kind)(call, checked.prep, req.inputs)
+        steady = getattr(on.steady, req.kind)(req, ctx) if on.steady is not None and ctx.steady else None
+        if steady is not None:
+            result, call = steady
+        else:
+            checked = attempt(getattr(on, f"check_{req.kind}"), req)
+            call = open_call(req, checked, on.elastic)
+            result = getattr(on.paths[checked.prep.algorithm], req.kind)(call, checked.prep, req.inputs)
+            if on.steady is not None:
+                on.steady.learn(req, checked.prep, call)
     except Exception as exc:
         if isinstance(exc, AclnnError) and exc.kind == ErrorKind.BAD_INPUT and not exc.culprits:
             exc.culprits = (dist.get_rank(),)           # it blames its own input

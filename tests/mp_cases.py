@@ -300,3 +300,31 @@ def allocation_report(v1: bool = False, expert_scales: bool = False, norm: bool 
         combined = _call(emu.moe_distribute_combine_v2, dict(ck))
     return {"dispatch": args, "dispatch_out": _outputs(outs), "combine_out": _outputs(combined),
             "bs": kw["expert_ids"].shape[0], "h": kw["x"].shape[1]}
+
+
+_MARK = {"steady": 0}
+
+
+def steady(fast_ranks: list[int], **fields) -> tuple:
+    """:func:`scenario` with the steady path allowed on ``fast_ranks`` only (``EMU_FASTPATH``);
+    returns its outputs and how many of this rank's op calls took the steady path."""
+    with mock.patch.dict(os.environ, {"EMU_FASTPATH": "1" if this_rank().rank in fast_ranks else "0"}):
+        n0 = current().steady_calls
+        out = scenario(**fields)
+        return out, current().steady_calls - n0
+
+
+def warmed(target: str, fields: dict, fast: bool = True, **kw):
+    """Two good dispatch + combine calls of the scenario ``fields`` as :func:`bad_call` makes them
+    (later calls of their signatures take the steady path unless ``fast`` is False), then
+    ``target(**kw, **fields)``; :func:`steady_since_warm` tells how many of target's calls were
+    steady."""
+    with mock.patch.dict(os.environ, {"EMU_FASTPATH": "1" if fast else "0"}):
+        for _ in range(2):
+            bad_call("combine", {}, **fields)
+        _MARK["steady"] = current().steady_calls
+        return globals()[target](**kw, **fields)
+
+
+def steady_since_warm() -> int:
+    return current().steady_calls - _MARK["steady"]

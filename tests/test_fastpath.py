@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from emu import chips
+from emu.a3 import steady
 from emu.core import fastpath
 from emu.core.attrs import MoeConfig
 from emu.core.inputs import CombineInputs, DispatchInputs, SpecialExperts
@@ -84,6 +85,22 @@ def test_signature_changes_with_everything_the_checks_read(make, monkeypatch):
         assert _key(req) != base, f"the signature ignores {env}"
         monkeypatch.delenv(env)
     assert _key(req) == base
+
+
+@pytest.mark.parametrize("make", [_dispatch, _combine], ids=["dispatch", "combine"])
+def test_steady_state_is_kept_per_signature_and_environment(make, monkeypatch):
+    """What a steady call reuses (emu.a3.steady) is found by the same signature, and by every
+    environment variable the checks or the transport read: any change is another entry."""
+    req = make()
+    base = steady._key(req)
+    assert base is not None and steady._key(make()) == base
+    for what, other in _mutations(req):
+        assert steady._key(other) != base, f"the steady state ignores {what}"
+    for env in steady.KEY_ENV:
+        monkeypatch.setenv(env, "7")
+        assert steady._key(req) != base, f"the steady state ignores {env}"
+        monkeypatch.delenv(env)
+    assert steady._key(req) == base
 
 
 def test_signature_ignores_values():

@@ -49,6 +49,14 @@ def combine(call: Call, prep: Prepared, inp: CombineInputs) -> torch.Tensor | tu
     tri = route_back(geom, prep.me, inp, own)
     plan = send_plan(geom, prep.me, inp.expert_ids, prep.act) if inp.positional else None
     expected = plan.counts if plan is not None else plan_counts(geom, prep.me, inp.expert_ids, prep.act)
+    return return_rows(call, prep, inp, y, tri, plan, expected)
+
+
+def return_rows(call: Call, prep: Prepared, inp: CombineInputs, y: torch.Tensor, tri: np.ndarray,
+                plan: SendPlan | None, expected: np.ndarray) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Every phase after routing back: exchange the rows ``y`` (routed by ``tri``; ``expected``:
+    the rows each holder must return, from ``plan`` for V1), then the weighted sum."""
+    geom = prep.route
     quant = prep.cfg.comm_quant_mode == 2
     send_counts = np.bincount(tri[:, 0], minlength=geom.W).astype(np.int64)
     hdr, recv, received = call.exchange("EP", send_counts, _width(inp.expand_x, geom.H, quant), expected,

@@ -50,10 +50,14 @@ class WireRows:
 
 def dispatch(call: Call, prep: Prepared, inp: DispatchInputs) -> DispatchOutputs:
     """Run dispatch for this rank: the 7 outputs at the eager shapes of ``prep``."""
+    return send_rows(call, prep, inp, plan_rows(call.ep, prep.route, prep, inp))
+
+
+def send_rows(call: Call, prep: Prepared, inp: DispatchInputs, rows: WireRows) -> DispatchOutputs:
+    """Every phase after the plan: exchange ``rows``, lay out, TP all-gather, count outputs."""
     geom = prep.route
     quant = prep.cfg.quant_mode == 2
     width = geom.H + 4 if quant else geom.H * inp.x.element_size()
-    rows = plan_rows(call.ep, geom, prep, inp)
     _, recv, received = call.exchange("EP", rows.counts, width, np.zeros(call.ep.size, np.int64),
                                       lambda seg, buf: pack_rows(inp, rows, seg, quant, buf), inline_rows(geom))
     out, own, counts = lay_out(call.ep, prep, recv, received, quant)

@@ -82,6 +82,33 @@ def _from_slots(recv: torch.Tensor, rows: torch.Tensor, received: Segments, inli
             flat[a * width:(a + n) * width] = recv[p, HEADER_BYTES:HEADER_BYTES + n * width]
 
 
+@dataclass(frozen=True)
+class SlotBuffers:
+    """The (P, slot) uint8 send and receive buffers of a first exchange, their header blocks
+    as (P, HEADER_LEN) int64 numpy views, and P ones (the equal splits)."""
+
+    send: torch.Tensor
+    recv: torch.Tensor
+    head_out: np.ndarray
+    head_in: np.ndarray
+    ones: np.ndarray
+
+    @classmethod
+    def of(cls, ctx: CommContext, peers: int, nbytes: int) -> "SlotBuffers":
+        """The context's reusable buffers for ``peers`` slots of ``nbytes``, with their views made
+        once per shape (made again when the context takes fresh buffers)."""
+        key = ("slots", peers, nbytes)
+        bufs = ctx.wire_buffers.get("slot_send"), ctx.wire_buffers.get("slot_recv")
+        got = ctx.views.get(key)
+        if got is not None and got[0] is bufs[0] and got[1] is bufs[1]:
+            return got[2]
+        send, recv = ctx.scratch("slot_send", peers, nbytes), ctx.scratch("slot_recv", peers, nbytes)
+        made = cls(send, recv, send[:, :HEADER_BYTES].view(torch.int64).numpy(),
+                   recv[:, :HEADER_BYTES].view(torch.int64).numpy(), np.ones(peers, dtype=np.int64))
+        ctx.views[key] = (ctx.wire_buffers["slot_send"], ctx.wire_buffers["slot_recv"], made)
+        return made
+
+
 @dataclass
 class Call:
     """State of one dispatch or combine call on this rank."""
@@ -148,14 +175,11 @@ class Call:
         if kind in self.pending:
             self.pending.remove(kind)
         nbytes = max(self.ctx.slot(dom.name), HEADER_BYTES)
-        send = self.ctx.scratch("slot_send", dom.size, nbytes)
-        recv = self.ctx.scratch("slot_recv", dom.size, nbytes)
+        bufs = SlotBuffers.of(self.ctx, dom.size, nbytes)
+        send, recv, head_out, head_in, ones = bufs.send, bufs.recv, bufs.head_out, bufs.head_in, bufs.ones
         if fill is not None:
             fill(send)
-        head_out = send[:, :HEADER_BYTES].view(torch.int64).numpy()
         out.encode_into(head_out, None if dom.order is None else np.argsort(dom.order))
-        head_in = recv[:, :HEADER_BYTES].view(torch.int64).numpy()
-        ones = np.ones(dom.size, dtype=np.int64)
         issue(self.ctx, self.tag, dom, Transfer(f"{kind} header", recv, send, ones, ones, nbytes, equal=True,
                                                 before=lambda: stamp_clock(head_out, time.monotonic_ns()),
                                                 after=partial(self._waits, kind, head_in)))

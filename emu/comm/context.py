@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ..core.env import getenv
 from ..debug.events import TraceEvent
 from ..debug.flight import FlightRecorder
 from ..debug.trace import Tracer
@@ -28,7 +29,7 @@ def transport_mode() -> str:
     """``EMU_TRANSPORT``: "auto" (default: a call's rows travel with its header when they fit the
     slot the group's previous call of that op sized) or "split" (always a header exchange,
     then a rows exchange)."""
-    mode = os.environ.get("EMU_TRANSPORT", "auto").strip().lower() or "auto"
+    mode = getenv("EMU_TRANSPORT", "auto").strip().lower() or "auto"
     if mode not in TRANSPORTS:
         raise ValueError(f"EMU_TRANSPORT={mode!r} must be one of {TRANSPORTS}")
     return mode
@@ -65,6 +66,9 @@ class CommContext:
     watcher: Watcher | None = None                                  # emu.watch() / EMU_WATCH
     jitter: Jitter | None = field(default_factory=Jitter.from_env)  # EMU_JITTER_MS
     slots: dict[str, dict[str, int]] = field(default_factory=dict)  # group -> op -> bytes its rows need
+    steady: dict = field(default_factory=dict)                      # what steady calls reuse (emu.a3.steady)
+    steady_calls: int = 0                                           # op calls that took the steady path (opened there)
+    views: dict = field(default_factory=dict)                       # views of wire buffers, by shape
 
     def slot(self, group: str) -> int:
         """Bytes per peer of a call's first exchange on ``group``: 0 (just the header) until a
@@ -121,6 +125,7 @@ class CommContext:
         abandoned it meanwhile (its generation moved on)."""
         self.suspect = True
         self.validated.clear()
+        self.steady.clear()
 
     def op_returned(self) -> None:
         self.suspect = False

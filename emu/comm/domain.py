@@ -6,7 +6,6 @@ the emulator's own gloo group of the same members (never on the user's group).
 """
 from __future__ import annotations
 
-import os
 import weakref
 from dataclasses import dataclass, replace
 
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from ..core.env import getenv
 from .groups import group_label, group_ranks, own_generation, own_group, own_group_name
 
 
@@ -24,7 +24,7 @@ _OF_GROUP: "weakref.WeakKeyDictionary[ProcessGroup, dict[str, Domain]]" = weakre
 def timeout_s() -> float:
     """Per-collective timeout in seconds (env ``EMU_TIMEOUT_S``, default 60)."""
     try:
-        return float(os.environ.get("EMU_TIMEOUT_S", "60"))
+        return float(getenv("EMU_TIMEOUT_S", "60"))
     except ValueError:
         return 60.0
 

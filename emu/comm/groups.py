@@ -17,6 +17,7 @@ from torch.distributed import distributed_c10d as c10d
 from .context import OwnGroup, current
 
 _PREFIX = "emu_hccl_"
+_NAMED: dict[str, str] = {}           # torch's group name -> ours (a pure function of it)
 
 
 class Departed(RuntimeError):
@@ -34,10 +35,16 @@ def group_name(pg: ProcessGroup | None = None) -> str:
     outlives destroy_process_group() aborts the interpreter at exit."""
     pg = pg if pg is not None else dist.group.WORLD
     torch_name = pg.group_name
-    if len(_PREFIX) + len(torch_name) >= 100:
-        torch_name = hashlib.sha1(torch_name.encode()).hexdigest()[:32]
-    name = _PREFIX + torch_name
-    current().group_names[name] = pg.group_name
+    names = current().group_names
+    known = _NAMED.get(torch_name)
+    if known is not None and names.get(known) == torch_name:
+        return known
+    short = torch_name
+    if len(_PREFIX) + len(short) >= 100:
+        short = hashlib.sha1(short.encode()).hexdigest()[:32]
+    name = _PREFIX + short
+    names[name] = torch_name
+    _NAMED[torch_name] = name
     return name
 
 

@@ -17,7 +17,7 @@ memo off (every call runs every check).
 from __future__ import annotations
 
 import dataclasses
-import os
+import operator
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
@@ -25,12 +25,13 @@ from typing import Any, TypeVar
 import torch
 
 from .attrs import MoeConfig
+from .env import env_values, getenv
 
 ENV = ("HCCL_BUFFSIZE", "HCCL_INTRA_PCIE_ENABLE", "HCCL_INTRA_ROCE_ENABLE", "EMU_ALLOCATION", "EMU_STRICT")
 MAX_ENTRIES = 256
 _SCALARS = (int, float, str, bool, bytes, torch.dtype, type(None))
 _PLAIN = frozenset(_SCALARS)         # exactly these types (not subclasses): the common case, one set lookup
-_FIELDS: dict[type, tuple[str, ...]] = {}
+_READERS: dict[type, Callable[[Any], tuple]] = {}
 _VALUES = (MoeConfig,)             # frozen dataclasses of plain values: their own signature
 
 T = TypeVar("T")
@@ -53,8 +54,11 @@ def signature(obj: Any) -> Hashable:
         return cls, obj.dtype, obj.shape
     if isinstance(obj, _SCALARS):
         return cls, obj
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        items = (getattr(obj, n) for n in _fields(cls))
+    read = _READERS.get(cls)
+    if read is not None:
+        items = read(obj)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = _reader(cls)(obj)
     elif isinstance(obj, (tuple, list)):
         items = obj
     else:
@@ -73,15 +77,16 @@ def signature(obj: Any) -> Hashable:
     return tuple(out)
 
 
-def _fields(cls: type) -> tuple[str, ...]:
-    names = _FIELDS.get(cls)
-    if names is None:
-        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls) if not f.name.startswith("group_"))
-    return names
+def _reader(cls: type) -> Callable[[Any], tuple]:
+    """A dataclass's fields but the ``group_*`` ones, read in one call (made once per class)."""
+    names = tuple(f.name for f in dataclasses.fields(cls) if not f.name.startswith("group_"))
+    get = operator.attrgetter(*names) if names else (lambda obj: ())
+    _READERS[cls] = read = (lambda obj: (get(obj),)) if len(names) == 1 else get
+    return read
 
 
 def enabled() -> bool:
-    return os.environ.get("EMU_FASTPATH", "1").strip() not in ("0", "off", "false")
+    return getenv("EMU_FASTPATH", "1").strip() not in ("0", "off", "false")
 
 
 class Memo:
@@ -95,7 +100,7 @@ class Memo:
 
     def key(self, check: Callable, req: Any) -> Hashable | None:
         try:
-            return check, signature(req), tuple(os.environ.get(v) for v in ENV)
+            return check, signature(req), env_values(ENV)
         except Unhashable:
             return None
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 
+from .env import getenv
 from .errors import TILING_ERROR, AclnnError
 
 
 def current_soc() -> str:
     """"A2" or "A3" (default), from EMU_SOC."""
-    raw = os.environ.get("EMU_SOC", "A3").strip().upper()
+    raw = getenv("EMU_SOC", "A3").strip().upper()
     if raw in ("A2", "ASCEND910B", "910B"):
         return "A2"
     if raw in ("A3", "ASCEND910_93", "910_93", ""):

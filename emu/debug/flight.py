@@ -48,6 +48,7 @@ from typing import IO
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
+from ..core.env import getenv
 from ..core.errors import ErrorKind, RankState
 from ..core.ranks import spans, who
 
@@ -69,7 +70,7 @@ def _fault_specs() -> list[tuple[int, str, str, str]]:
 def maybe_fail(op: str, phase: str, publish: Callable[[], None] | None = None) -> None:
     """Exit with code 1, hang, or wait here if EMU_FAULT names this rank, op and phase
     (``publish``: writes this rank's records first, as they stand when the fault strikes)."""
-    if not os.environ.get("EMU_FAULT"):
+    if not getenv("EMU_FAULT", ""):
         return
     for rank, f_op, f_phase, action in _fault_specs():
         if rank != dist.get_rank() or f_op != op or f_phase != phase:

@@ -1,0 +1,179 @@
+"""The steady state of Atlas A3 dispatch and combine: a call like the last one that succeeded.
+
+A decode loop calls an op with the same attributes, shapes and dtypes on the same group at
+every step.  Once a call of the common form (below) has succeeded on the general path, what it
+validated and where it ran are kept per (op, signature, environment): the validated call
+(:class:`~emu.core.request.Prepared`) and its EP domain.  A later call of the same signature
+then pays only for the checks on its data and for the data path:
+
+    data checks   expert ids in [0, E) and no MoE expert twice in a token; combine also the
+                  rows it returns (their count within [0, A], their triples from a dispatch)
+    plan          destination rank id // L, local expert id % L, wire order the ids' order
+                  (stable): the general send plan when there are no shared ranks, special
+                  experts or masks
+    open          the call's number on the kept domain
+    phases        the general path's from the exchange on (``send_rows`` / ``return_rows``)
+
+A data check that fails sends the call down the general path, which finds and reports the
+error as it always does (same class, code, message and order): the steady path decides nothing
+an error depends on, and peers cannot tell which path a rank took (the wire is the same).
+Nothing is kept across an op call that raised (a peer may have abandoned a group meanwhile),
+and nothing is used while a watcher, a tracer or jitter is on, or with ``EMU_FASTPATH=0``.
+
+The common form: V2 ops (dispatch_v2 / combine_v2), tp_world_size 0 or 1, no shared-expert
+ranks, no zero / copy / const experts, no x_active_mask, no elastic_info, dispatch without
+expert_scales, the EP group's ranks in ascending order.
+"""
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..comm.call import Call
+from ..comm.context import CommContext
+from ..comm.domain import Domain
+from ..comm.groups import resolve_group
+from ..comm.header import MAX_ATTRS
+from ..core.fastpath import ENV, Unhashable, enabled, env_values, signature
+from ..core.layout import DispatchOutputs
+from ..core.request import CombineRequest, DispatchRequest, Prepared, Request
+from .combine import return_rows
+from .dispatch import WireRows, send_rows
+
+KEY_ENV = ENV + ("EMU_FASTPATH", "EMU_TRANSPORT")
+MAX_ENTRIES = 64
+V2_OPS = ("aclnnMoeDistributeDispatchV3", "aclnnMoeDistributeCombineV3")
+
+
+@dataclass(frozen=True)
+class Kept:
+    """What a successful call of one signature leaves for the next: its validated call, the
+    user's group it ran on (weakly), its EP domain and the attributes its header carries."""
+
+    prep: Prepared
+    group: weakref.ref
+    dom: Domain
+    attrs: tuple[tuple[str, int], ...]
+
+
+def _key(req: Request) -> Hashable | None:
+    try:
+        return req.kind, req.op, signature(req), env_values(KEY_ENV)
+    except Unhashable:
+        return None
+
+
+def _common(req: Request, prep: Prepared, call: Call) -> bool:
+    """The call has the common form (module docstring) and ran where a steady call would."""
+    cfg, inp, geom = req.cfg, req.inputs, prep.route
+    if req.op not in V2_OPS or cfg.tp_world_size not in (0, 1) or geom.S or geom.special or prep.algorithm:
+        return False
+    if inp.x_active_mask is not None or inp.elastic_info is not None or call.tp is not None or call.extra:
+        return False
+    if call.ep.order is not None or prep.remap.active:
+        return False
+    if req.kind == "dispatch":
+        return not req.v1 and inp.expert_scales is None
+    return not inp.positional and inp.norm is None
+
+
+def _usable(ctx: CommContext) -> bool:
+    return not ctx.suspect and ctx.watcher is None and ctx.jitter is None and ctx.trace_sink() is None
+
+
+def learn(req: Request, prep: Prepared, call: Call) -> None:
+    """Keep what a call that just succeeded on the general path validated, when it has the
+    common form (else nothing)."""
+    ctx = call.ctx
+    if not enabled() or not _usable(ctx) or not _common(req, prep, call):
+        return
+    key = _key(req)
+    group = resolve_group(req.place.group_ep)
+    if key is None or group is None:
+        return
+    if len(ctx.steady) >= MAX_ENTRIES:
+        ctx.steady.clear()
+    try:
+        ctx.steady[key] = Kept(prep, weakref.ref(group), call.ep, call.attrs)
+    except TypeError:                           # an attribute of no hash: nothing kept
+        pass
+
+
+def _kept(req: Request, ctx: CommContext) -> Kept | None:
+    """What an earlier call of this signature left, if this call may use it."""
+    if not ctx.steady or not _usable(ctx):
+        return None
+    key = _key(req)
+    try:
+        kept = ctx.steady.get(key) if key is not None else None
+    except TypeError:
+        return None
+    if kept is None or kept.group() is not resolve_group(req.place.group_ep):
+        return None
+    return kept
+
+
+def _open(ctx: CommContext, kept: Kept, kind: str) -> Call:
+    """The call on the kept domain, numbered as ``open_call`` numbers it."""
+    order, call_no = ctx.next_call(kept.dom.name, kind)
+    ctx.steady_calls += 1
+    return Call(op=kind, ep=kept.dom, tp=None, attrs=kept.attrs[:MAX_ATTRS], ctx=ctx, call_no=call_no, order=order,
+                clock_ns=time.monotonic_ns(), pending=["EP"])
+
+
+def _plain_ids(expert_ids: torch.Tensor, moe: int) -> np.ndarray | None:
+    """(Bs, K) ids when every one is a MoE expert in [0, moe) and no token names one twice."""
+    ids = expert_ids.detach().numpy()
+    if not ids.size or int(ids.min()) < 0 or int(ids.max()) >= moe:
+        return None
+    if ids.shape[1] > 1:
+        srt = np.sort(ids, axis=1)
+        if (srt[:, 1:] == srt[:, :-1]).any():
+            return None
+    return ids
+
+
+def dispatch(req: DispatchRequest, ctx: CommContext) -> tuple[DispatchOutputs, Call] | None:
+    """A steady dispatch (None: this call takes the general path)."""
+    kept = _kept(req, ctx)
+    if kept is None:
+        return None
+    geom = kept.prep.route
+    ids = _plain_ids(req.inputs.expert_ids, geom.E)
+    if ids is None:
+        return None
+    e = ids.reshape(-1).astype(np.int64)
+    order = np.argsort(e, kind="stable")
+    chosen = e[order]
+    k = ids.shape[1]
+    rows = WireRows(token=order // k, slot=order % k, local=chosen % geom.L, smooth_row=chosen,
+                    counts=np.bincount(chosen // geom.L, minlength=geom.W).astype(np.int64))
+    call = _open(ctx, kept, "dispatch")
+    return send_rows(call, kept.prep, req.inputs, rows), call
+
+
+def combine(req: CombineRequest, ctx: CommContext) -> tuple[torch.Tensor, Call] | None:
+    """A steady combine (None: this call takes the general path)."""
+    kept = _kept(req, ctx)
+    if kept is None:
+        return None
+    prep, inp = kept.prep, req.inputs
+    geom = prep.route
+    ids = _plain_ids(inp.expert_ids, geom.E)
+    blocks = geom.recv_blocks(prep.me)
+    if ids is None or blocks > inp.ep_send_counts.shape[0]:
+        return None
+    own = int(inp.ep_send_counts[blocks - 1])
+    if not 0 <= own <= prep.shapes.capacity:
+        return None
+    tri = inp.assist_info[:3 * own].detach().numpy().reshape(own, 3)
+    if own and not (int(tri.min()) >= 0 and int(tri[:, 0].max()) < geom.W and int(tri[:, 2].max()) < geom.K):
+        return None
+    expected = np.bincount(ids.reshape(-1) // geom.L, minlength=geom.W).astype(np.int64)
+    call = _open(ctx, kept, "combine")
+    return return_rows(call, prep, inp, inp.expand_x[:own], tri.astype(np.int64), None, expected), call

@@ -1,0 +1,122 @@
+"""The steady path (emu.a3.steady) on 2 real processes.
+
+A call like one that succeeded before skips the checks that depend only on its signature and
+plans its rows directly; everything on the wire is as on the general path.  So: every rank is
+bit-exact with the reference whichever ranks take it, bad input on a steady call raises what
+it raises on the general path (the bad rank falls back, its peers learn of it in the header),
+and only the common form (V2, no TP, masks, shared-expert ranks, special experts or elastic
+table) takes it.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mp_cases
+from emu.core.errors import ErrorKind
+from emu.testing.scenario import RankResult, Scenario, compare, run_reference
+from mp_check import assert_all_raise, check_scenario
+from mutators import add, cast, derive, first_slot_id, first_slot_twice
+
+pytestmark = [pytest.mark.emu_world(2), pytest.mark.timeout(300)]
+
+NULL, TILING = 161001, 561002
+BASE = dict(ep=2, moe=4, shared_ranks=0, k=2, bs=4, h=1024)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(moe_per_rank=st.sampled_from([1, 2, 3]), k=st.integers(1, 3), bs=st.integers(1, 9),
+       quant=st.sampled_from([0, 2]), smooth=st.booleans(), comm_quant=st.sampled_from([0, 2]),
+       dtype=st.sampled_from(["bf16", "fp16"]), fast=st.sampled_from([[0, 1], [0], [1], []]),
+       seed=st.integers(0, 10_000))
+def test_steady_calls_are_bit_exact_whoever_takes_them(world, moe_per_rank, k, bs, quant, smooth, comm_quant, dtype,
+                                                       fast, seed):
+    """Three round trips of one signature: from the second on, the ranks allowed to take the steady
+    path take it (the others the general one), and every rank is bit-exact with the reference."""
+    fields = dict(ep=2, moe=2 * moe_per_rank, shared_ranks=0, k=min(k, 2 * moe_per_rank), bs=bs, h=1024,
+                  quant=quant, smooth=smooth and quant == 2, comm_quant=comm_quant, dtype=dtype, seed=seed, calls=3)
+    got = world.run(mp_cases.steady, fast_ranks=fast, **fields)
+    want = run_reference(Scenario(**fields))
+    for g, res in enumerate(got):
+        (dispatch, x_out, _), n = res.get()
+        assert not compare(RankResult(dispatch=dispatch, x_out=x_out), want[g]), (g, fields)
+        assert (n >= 4) if g in fast else (n == 0), (g, n, fast)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(BASE, shared_ranks=1, moe=1, k=1), dict(BASE, mask="1d"), dict(BASE, mask="2d"),
+    dict(BASE, zero=1), dict(BASE, elastic_flag0=True),
+], ids=["shared-ranks", "mask-1d", "mask-2d", "zero-experts", "elastic-table"])
+def test_only_the_common_form_takes_the_steady_path(world, fields):
+    res = world.run(mp_cases.steady, fast_ranks=[0, 1], calls=3, **fields)
+    assert [r.get()[1] for r in res] == [0, 0], fields
+
+
+# name: (op, change on rank 1, code, text in rank 1's message, kind of rank 1's error)
+STEADY_ERRORS = {
+    "id-out-of-range": ("dispatch", {"expert_ids": derive(first_slot_id, 4)}, TILING, "expert_ids[", None),
+    "id-negative": ("dispatch", {"expert_ids": derive(first_slot_id, -1)}, TILING, "expert_ids[", None),
+    "duplicate-ids": ("dispatch", {"expert_ids": derive(first_slot_twice)}, TILING, "same MoE expert", None),
+    "x-null": ("dispatch", {"x": None}, NULL, "x=None", None),
+    "ids-int64": ("dispatch", {"expert_ids": derive(cast, "expert_ids", torch.int64)}, 161002, "expert_ids.dtype",
+                  None),
+    "quant-mismatch": ("dispatch", {"quant_mode": 2}, TILING, "quant_mode", ErrorKind.MISMATCHED_ATTRIBUTE),
+    "send-counts-beyond-A": ("combine", {"ep_send_counts": derive(add, "ep_send_counts", 1000)}, TILING,
+                             "ep_send_counts[", None),
+    "assist-not-triples": ("combine", {"assist_info_for_combine": derive(add, "assist_info_for_combine", 100)},
+                           TILING, "assist_info_for_combine[", None),
+}
+
+
+def _seen(res) -> list[tuple]:
+    """What each rank raised, call numbers aside."""
+    return [(r.error.type_name, r.error.code, r.error.kind, r.error.culprits, re.sub(r"#\d+", "#n", r.error.message))
+            if r.error is not None else ("returned", r.value) for r in res]
+
+
+@pytest.mark.parametrize("name", list(STEADY_ERRORS))
+def test_bad_input_on_a_steady_call_raises_as_on_the_general_path(world, name):
+    """After two good round trips, rank 1 passes bad input: it falls back to the general path and
+    raises its error; rank 0, on the steady path, learns of it in the header and raises the
+    peer's error: class, code, kind, blame and message as when both take the general path.
+    Then the world runs the scenario bit-exactly again."""
+    op, change, code, text, kind = STEADY_ERRORS[name]
+    general = world.run(mp_cases.warmed, target="bad_call", fields=BASE, fast=False, op=op, change=change,
+                        bad_ranks=[1])
+    res = world.run(mp_cases.warmed, target="bad_call", fields=BASE, op=op, change=change, bad_ranks=[1])
+    steady = [r.get() for r in world.run(mp_cases.steady_since_warm)]
+    if kind is None:
+        assert_all_raise(res, code, text, bad_ranks=[1])
+    else:
+        assert_all_raise(res, code, text, bad_ranks=None, kind=kind)       # 2 ranks: no majority to blame by
+    assert _seen(res) == _seen(general)
+    # the good rank's call of ``op`` (and a combine's dispatch before it) were steady; the bad rank's were not
+    assert steady == ([1, 0] if op == "dispatch" else [2, 1]), steady
+    check_scenario(world, calls=2, **BASE)
+
+
+def test_mismatched_calls_on_the_steady_path(world):
+    """After warming up, rank 1 dispatches again while rank 0 combines (both steady): both raise
+    the verdict they raise on the general path (2 ranks: no majority, both blamed)."""
+    general = world.run(mp_cases.warmed, target="mismatched_calls", fields=BASE, fast=False, odd_rank=1)
+    res = world.run(mp_cases.warmed, target="mismatched_calls", fields=BASE, odd_rank=1)
+    steady = [r.get() for r in world.run(mp_cases.steady_since_warm)]
+    assert_all_raise(res, TILING, "mismatched calls", kind=ErrorKind.MISMATCHED_CALL, culprits=(0, 1))
+    assert _seen(res) == _seen(general)
+    assert steady == [2, 2], steady
+    check_scenario(world, calls=2, **BASE)
+
+
+def test_a_chip_change_leaves_the_steady_path(world):
+    """A3 calls leave a steady state; the same calls with EMU_SOC=A2 are A2's: its tiling rejects
+    2 ranks (A2 wants a multiple of 8) on every rank, where A3's steady path would have run them."""
+    res = world.run(mp_cases.steady, fast_ranks=[0, 1], calls=3, **BASE)
+    assert all(r.get()[1] >= 4 for r in res)
+    res = world.run(mp_cases.steady, fast_ranks=[0, 1], soc="A2", calls=2, **BASE)
+    assert_all_raise(res, TILING, "ep_world_size", bad_ranks=None)
+    assert all("(A2)" in r.error.message for r in res)
+    check_scenario(world, calls=2, **BASE)
