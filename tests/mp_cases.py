@@ -328,3 +328,26 @@ def warmed(target: str, fields: dict, fast: bool = True, **kw):
 
 def steady_since_warm() -> int:
     return current().steady_calls - _MARK["steady"]
+
+
+def gappy_mask_calls(calls: int, **fields) -> tuple[int, int, bool]:
+    """Dispatch ``calls`` times with the mask [True, False, True, ...] after a warm-up with a prefix
+    mask; returns (warnings seen, steady calls among them, every result equal to the prefix mask's)."""
+    import warnings
+    rank = this_rank().rank
+    sc = Scenario(**fields)
+    kw = _dispatch_kwargs(sc, rank)
+    bs = kw["x"].shape[0]
+    n = (bs + 1) // 2
+    prefix = torch.arange(bs) < n
+    gappy = torch.arange(bs) % 2 == 0
+    with mock.patch.dict(os.environ, {"EMU_SOC": sc.soc}):
+        want = [_call(emu.moe_distribute_dispatch_v2, dict(kw, x_active_mask=prefix)) for _ in range(2)][-1]
+        n0, exact = current().steady_calls, True
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for _ in range(calls):
+                got = _call(emu.moe_distribute_dispatch_v2, dict(kw, x_active_mask=gappy))
+                exact &= all(torch.equal(a, b) for a, b in zip(got, want))
+    warned = sum("True-before-False" in str(w.message) for w in seen)
+    return warned, current().steady_calls - n0, exact

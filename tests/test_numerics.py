@@ -175,6 +175,6 @@ def test_combine_rows_equals_the_token_sum(seed, special, chunk, monkeypatch):
     got_t, got_k = torch.nonzero(torch.cat([mask & (ids < E), torch.ones(bs, ns, dtype=torch.bool)], 1),
                                  as_tuple=True)
     perm = torch.randperm(got_t.numel(), generator=g)            # rows arrive in any order
-    got = ReceivedRows(cells[got_t, got_k][perm], got_t[perm], got_k[perm])
+    got = ReceivedRows(cells[got_t, got_k][perm], got_t[perm].numpy(), got_k[perm].numpy())
     want = combine_tokens(cells, inp, mask, ns)
     assert torch.equal(combine_rows(got, inp, mask, ns).view(torch.int32), want.view(torch.int32))

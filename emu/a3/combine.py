@@ -17,6 +17,8 @@ on a group's first combine, or when some rank's rows exceed the slot).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -29,7 +31,7 @@ from ..core.errors import TILING_ERROR, ErrorKind, PeerError
 from ..core.inputs import CombineInputs
 from ..core.numerics import (COMM_QUANT_GROUP, ReceivedRows, comm_dequant, comm_quant, combine_output, combine_rows,
                              tp_add)
-from ..core.plan import SendPlan, send_plan, send_counts as plan_counts
+from ..core.plan import ActiveSet, SendPlan, send_plan, send_counts as plan_counts
 from .dispatch import inline_rows
 from ..core.request import Prepared
 from .checks import own_rows
@@ -49,13 +51,27 @@ def combine(call: Call, prep: Prepared, inp: CombineInputs) -> torch.Tensor | tu
     tri = route_back(geom, prep.me, inp, own)
     plan = send_plan(geom, prep.me, inp.expert_ids, prep.act) if inp.positional else None
     expected = plan.counts if plan is not None else plan_counts(geom, prep.me, inp.expert_ids, prep.act)
-    return return_rows(call, prep, inp, y, tri, plan, expected)
+    return return_rows(call, prep, inp, Returning(y, tri, plan, expected, prep.act))
 
 
-def return_rows(call: Call, prep: Prepared, inp: CombineInputs, y: torch.Tensor, tri: np.ndarray,
-                plan: SendPlan | None, expected: np.ndarray) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """Every phase after routing back: exchange the rows ``y`` (routed by ``tri``; ``expected``:
-    the rows each holder must return, from ``plan`` for V1), then the weighted sum."""
+@dataclass(frozen=True)
+class Returning:
+    """What combine sends back and expects: the rows ``y`` (own, after TP), each one's
+    (source, t, k) ``tri``, this rank's dispatch ``plan`` (V1 only), the rows each holder must
+    return (``expected``) and the active tokens and slots."""
+
+    y: torch.Tensor
+    tri: np.ndarray
+    plan: SendPlan | None
+    expected: np.ndarray
+    act: ActiveSet
+
+
+def return_rows(call: Call, prep: Prepared, inp: CombineInputs,
+                back: Returning) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Every phase after routing back: exchange the rows, cross-check the counts, then the
+    weighted sum."""
+    y, tri, plan, expected, act = back.y, back.tri, back.plan, back.expected, back.act
     geom = prep.route
     quant = prep.cfg.comm_quant_mode == 2
     send_counts = np.bincount(tri[:, 0], minlength=geom.W).astype(np.int64)
@@ -64,9 +80,8 @@ def return_rows(call: Call, prep: Prepared, inp: CombineInputs, y: torch.Tensor,
                                         inline_rows(geom))
     _cross_check(call, hdr, send_counts, expected)
     got = unpack_rows(call, prep, inp, plan, recv, received)
-    acc = combine_rows(got, inp, None if prep.act.slot_mask is None else torch.from_numpy(prep.act.slot_mask),
-                       geom.Ns)
-    return combine_output(acc, inp, prep.act.tokens)
+    acc = combine_rows(got, inp, None if act.slot_mask is None else torch.from_numpy(act.slot_mask), geom.Ns)
+    return combine_output(acc, inp, act.tokens)
 
 
 def _width(expand_x: torch.Tensor, h: int, quant: bool) -> int:
@@ -119,13 +134,13 @@ def unpack_rows(call: Call, prep: Prepared, inp: CombineInputs, plan: SendPlan |
         raise PeerError(TILING_ERROR, f"combine call #{call.call_no} on EP rank {prep.me}: a peer returned a row for "
                         f"(token, slot) outside (Bs={bs}, K+N_s={k_num + geom.Ns}); its assist_info is not from "
                         f"this dispatch", kind=ErrorKind.MISMATCHED_DATA)
-    rows_idx = torch.from_numpy(received.payload_index())
+    rows_idx = received.payload_index()
     xt, h = inp.expand_x.dtype, geom.H
     if prep.cfg.comm_quant_mode == 2:
-        got = recv.index_select(0, rows_idx)
+        got = recv.index_select(0, torch.from_numpy(rows_idx))
         rows = comm_dequant(got[:, :h].view(torch.int8), got[:, h:].contiguous().view(xt), xt)
-        return ReceivedRows(rows, torch.from_numpy(t), torch.from_numpy(k))
-    return ReceivedRows(recv.view(xt), torch.from_numpy(t), torch.from_numpy(k), index=rows_idx)
+        return ReceivedRows(rows, t, k)
+    return ReceivedRows(recv.view(xt), t, k, index=rows_idx)
 
 
 def _cross_check(call: Call, hdr: Header, send_counts: np.ndarray, expected: np.ndarray) -> None:

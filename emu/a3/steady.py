@@ -6,7 +6,8 @@ validated and where it ran are kept per (op, signature, environment): the valida
 (:class:`~emu.core.request.Prepared`) and its EP domain.  A later call of the same signature
 then pays only for the checks on its data and for the data path:
 
-    data checks   expert ids in [0, E) and no MoE expert twice in a token; combine also the
+    data checks   expert ids of the active tokens in [0, E) and no MoE expert twice in a token
+                  (a 1-D x_active_mask: the first n tokens, True before False); combine also the
                   rows it returns (their count within [0, A], their triples from a dispatch)
     plan          destination rank id // L, local expert id % L, wire order the ids' order
                   (stable): the general send plan when there are no shared ranks, special
@@ -21,7 +22,8 @@ Nothing is kept across an op call that raised (a peer may have abandoned a group
 and nothing is used while a watcher, a tracer or jitter is on, or with ``EMU_FASTPATH=0``.
 
 The common form: V2 ops (dispatch_v2 / combine_v2), tp_world_size 0 or 1, no shared-expert
-ranks, no zero / copy / const experts, no x_active_mask, no elastic_info, dispatch without
+ranks, no zero / copy / const experts, no x_active_mask or a 1-D one (a 2-D mask, or a 1-D one
+that is not True before False, takes the general path), no elastic_info, dispatch without
 expert_scales, the EP group's ranks in ascending order.
 """
 from __future__ import annotations
@@ -41,8 +43,9 @@ from ..comm.groups import resolve_group
 from ..comm.header import MAX_ATTRS
 from ..core.fastpath import ENV, Unhashable, enabled, env_values, signature
 from ..core.layout import DispatchOutputs
+from ..core.plan import ActiveSet
 from ..core.request import CombineRequest, DispatchRequest, Prepared, Request
-from .combine import return_rows
+from .combine import Returning, return_rows
 from .dispatch import WireRows, send_rows
 
 KEY_ENV = ENV + ("EMU_FASTPATH", "EMU_TRANSPORT")
@@ -73,7 +76,8 @@ def _common(req: Request, prep: Prepared, call: Call) -> bool:
     cfg, inp, geom = req.cfg, req.inputs, prep.route
     if req.op not in V2_OPS or cfg.tp_world_size not in (0, 1) or geom.S or geom.special or prep.algorithm:
         return False
-    if inp.x_active_mask is not None or inp.elastic_info is not None or call.tp is not None or call.extra:
+    mask = inp.x_active_mask
+    if (mask is not None and mask.dim() != 1) or inp.elastic_info is not None or call.tp is not None or call.extra:
         return False
     if call.ep.order is not None or prep.remap.active:
         return False
@@ -126,9 +130,22 @@ def _open(ctx: CommContext, kept: Kept, kind: str) -> Call:
                 clock_ns=time.monotonic_ns(), pending=["EP"])
 
 
-def _plain_ids(expert_ids: torch.Tensor, moe: int) -> np.ndarray | None:
-    """(Bs, K) ids when every one is a MoE expert in [0, moe) and no token names one twice."""
-    ids = expert_ids.detach().numpy()
+def _active(mask: torch.Tensor | None, bs: int) -> int | None:
+    """The active tokens, the first n: all without a mask, n = its True values for a 1-D mask
+    that is True before False (None for another: the general path warns about it)."""
+    if mask is None:
+        return bs
+    m = mask.numpy()
+    n = int(np.count_nonzero(m))
+    return n if m[:n].all() else None
+
+
+def _plain_ids(expert_ids: torch.Tensor, tokens: int | None, moe: int) -> np.ndarray | None:
+    """The (n, K) ids of the ``tokens`` active tokens when every one is a MoE expert in
+    [0, moe) and no token names one twice (None also when no token is active)."""
+    if tokens is None:
+        return None
+    ids = expert_ids.numpy()[:tokens]
     if not ids.size or int(ids.min()) < 0 or int(ids.max()) >= moe:
         return None
     if ids.shape[1] > 1:
@@ -143,8 +160,8 @@ def dispatch(req: DispatchRequest, ctx: CommContext) -> tuple[DispatchOutputs, C
     kept = _kept(req, ctx)
     if kept is None:
         return None
-    geom = kept.prep.route
-    ids = _plain_ids(req.inputs.expert_ids, geom.E)
+    geom, inp = kept.prep.route, req.inputs
+    ids = _plain_ids(inp.expert_ids, _active(inp.x_active_mask, inp.expert_ids.shape[0]), geom.E)
     if ids is None:
         return None
     e = ids.reshape(-1).astype(np.int64)
@@ -154,7 +171,7 @@ def dispatch(req: DispatchRequest, ctx: CommContext) -> tuple[DispatchOutputs, C
     rows = WireRows(token=order // k, slot=order % k, local=chosen % geom.L, smooth_row=chosen,
                     counts=np.bincount(chosen // geom.L, minlength=geom.W).astype(np.int64))
     call = _open(ctx, kept, "dispatch")
-    return send_rows(call, kept.prep, req.inputs, rows), call
+    return send_rows(call, kept.prep, inp, rows), call
 
 
 def combine(req: CombineRequest, ctx: CommContext) -> tuple[torch.Tensor, Call] | None:
@@ -164,16 +181,21 @@ def combine(req: CombineRequest, ctx: CommContext) -> tuple[torch.Tensor, Call] 
         return None
     prep, inp = kept.prep, req.inputs
     geom = prep.route
-    ids = _plain_ids(inp.expert_ids, geom.E)
+    bs, k = inp.expert_ids.shape
+    n = _active(inp.x_active_mask, bs)
+    ids = _plain_ids(inp.expert_ids, n, geom.E)
     blocks = geom.recv_blocks(prep.me)
     if ids is None or blocks > inp.ep_send_counts.shape[0]:
         return None
     own = int(inp.ep_send_counts[blocks - 1])
     if not 0 <= own <= prep.shapes.capacity:
         return None
-    tri = inp.assist_info[:3 * own].detach().numpy().reshape(own, 3)
+    tri = inp.assist_info[:3 * own].numpy().reshape(own, 3)
     if own and not (int(tri.min()) >= 0 and int(tri[:, 0].max()) < geom.W and int(tri[:, 2].max()) < geom.K):
         return None
     expected = np.bincount(ids.reshape(-1) // geom.L, minlength=geom.W).astype(np.int64)
+    tokens = np.arange(bs) < n
+    back = Returning(inp.expand_x[:own], tri.astype(np.int64), None, expected,
+                     ActiveSet(tokens, np.broadcast_to(tokens[:, None], (bs, k)), None))
     call = _open(ctx, kept, "combine")
-    return return_rows(call, prep, inp, inp.expand_x[:own], tri.astype(np.int64), None, expected), call
+    return return_rows(call, prep, inp, back), call

@@ -8,6 +8,7 @@ raises naming the rank, the group and the collective (:mod:`emu.comm.transport`)
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -47,6 +48,7 @@ def slot_bytes(width: int, rows: int) -> int:
 SLOT_FLOOR = 2 << 20                # slots of a rank never cost more than this, or twice its rows
 
 
+@functools.lru_cache(maxsize=1024)
 def slot_plan(peers: int, width: int, per_peer: int, rows: int) -> int:
     """The slot for an op whose ranks send up to ``per_peer`` rows to one peer and ``rows`` in
     all: :func:`slot_bytes`, or 0 when ``peers`` slots exceed max(SLOT_FLOOR, 2 * rows * width)."""

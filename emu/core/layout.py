@@ -125,10 +125,9 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     for d in shape:
         n *= d
     nbytes = n * torch.empty(0, dtype=dtype).element_size()
-    if nbytes >= MAP_BYTES:
-        raw = np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype=np.uint8)
-    else:
-        raw = np.zeros(nbytes, dtype=np.uint8)
+    if nbytes < MAP_BYTES:
+        return torch.zeros(shape, dtype=dtype)
+    raw = np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype=np.uint8)
     return torch.from_numpy(raw).view(dtype).view(shape)
 
 

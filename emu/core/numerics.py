@@ -122,15 +122,15 @@ def combine_tokens(y: torch.Tensor, inp: CombineInputs, slot_mask: torch.Tensor 
 class ReceivedRows:
     """Rows combine received, each for one (token, slot) of this rank.
 
-    rows: (n, H) XT (any row-indexable tensor); token, slot: (m,) int64; entry i is
+    rows: (n, H) XT (any row-indexable tensor); token, slot: (m,) int64 numpy; entry i is
     ``rows[index[i]]`` when ``index`` is given (rows straight from a wire buffer), else ``rows[i]``.
     Slot k < K is a MoE expert, slot K + j shared expert j.
     """
 
     rows: torch.Tensor
-    token: torch.Tensor
-    slot: torch.Tensor
-    index: torch.Tensor | None = None
+    token: np.ndarray
+    slot: np.ndarray
+    index: np.ndarray | None = None
 
 
 TERMS_BYTES = 256 << 10       # combine's fp32 terms are made and added in chunks of about this size
@@ -153,12 +153,12 @@ def combine_rows(got: ReceivedRows, inp: CombineInputs, slot_mask: torch.Tensor 
     h = got.rows.shape[1]
     w = inp.expert_scales.to(F32)
     acc = torch.zeros(bs, h, dtype=F32)
-    order = torch.argsort(got.slot, stable=True)
-    slot = got.slot.index_select(0, order)
-    token = got.token.index_select(0, order)
-    where = order if got.index is None else got.index.index_select(0, order)
-    scale = torch.where(slot < k_num, w[token, slot.clamp(max=k_num - 1)], torch.ones((), dtype=F32))[:, None]
-    n = slot.numel()
+    order = np.argsort(got.slot, kind="stable")          # the index arithmetic is small: numpy
+    slot, token = got.slot[order], got.token[order]
+    where = torch.from_numpy(order if got.index is None else got.index[order])
+    weights = w.detach().numpy()[token, np.minimum(slot, k_num - 1)]
+    scale = torch.from_numpy(np.where(slot < k_num, weights, np.float32(1)).astype(np.float32))[:, None]
+    n = slot.size
     chunk = max(TERMS_BYTES // max(4 * h, 1), 1)
     work = torch.empty(min(chunk, n) * h, dtype=F32)
 
@@ -167,12 +167,13 @@ def combine_rows(got: ReceivedRows, inp: CombineInputs, slot_mask: torch.Tensor 
             b = min(a + chunk, hi)
             term = work[:(b - a) * h].view(-1, h)
             torch.mul(got.rows.index_select(0, where[a:b]), scale[a:b], out=term)
-            acc.index_add_(0, token[a:b], term)
+            acc.index_add_(0, token_t[a:b], term)
 
+    token_t = torch.from_numpy(token)
     done = 0
     special = _special_terms(inp, slot_mask, w)
     if special:                               # each slot's rows, then its copy / const terms
-        bounds = torch.searchsorted(slot, torch.arange(k_num + shared_num + 1)).tolist()
+        bounds = np.searchsorted(slot, np.arange(k_num + shared_num + 1)).tolist()
         for t, k, term in special:
             add_rows(done, bounds[k + 1])
             done = bounds[k + 1]
