@@ -143,6 +143,7 @@ def bench_point(pt: dict, repeats: int) -> dict:
     megatron()
     mega_collectives = (mega.collectives - m0) / 2
     raw()
+    s0 = current().steady_calls
     for _ in range(repeats):
         for name, fn in (("raw", raw), ("ours", ours), ("megatron", megatron)):
             dist.barrier()
@@ -155,6 +156,7 @@ def bench_point(pt: dict, repeats: int) -> dict:
             if name == "ours":
                 timings["dispatch"].append(float(both[1]))
                 timings["combine"].append(float(both[2]))
+    steady = (current().steady_calls - s0) / (2 * repeats)          # share of timed op calls on the steady path
     med = {n: statistics.median(v) for n, v in timings.items()}
     moved = torch.tensor([float(d_send.numel() + c_send.numel())])
     dist.all_reduce(moved)
@@ -165,7 +167,7 @@ def bench_point(pt: dict, repeats: int) -> dict:
                      ours_ms=med["ours"] * 1e3, raw_ms=med["raw"] * 1e3, megatron_ms=med["megatron"] * 1e3,
                      ratio_vs_a2a=med["ours"] / med["raw"], ratio_vs_megatron=med["ours"] / med["megatron"],
                      gbps=float(moved) / med["ours"] / 1e9, collectives_per_call=calls_collectives,
-                     megatron_collectives_per_call=mega_collectives,
+                     megatron_collectives_per_call=mega_collectives, steady_share=steady,
                      payload_mb_per_rank=float(moved) / world / 1e6, peak_rss_mb=float(rss)))
     if me == 0:
         print(json.dumps(row), flush=True)
@@ -186,14 +188,15 @@ def launch(world: int, quick: bool, repeats: int) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     head = ("| ranks | tp | Bs | H | K | quant | dispatch ms | combine ms | round trip ms | raw a2a ms | "
-            "megatron-style ms | vs a2a | vs megatron | GB/s | collectives/call (ours, megatron) | peak RSS MB |")
+            "megatron-style ms | vs a2a | vs megatron | GB/s | collectives/call (ours, megatron) | steady | "
+            "peak RSS MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(f"| {r['ranks']} | {r['tp']} | {r['bs']} | {r['h']} | {r['k']} | {r['quant']} | "
                      f"{r['dispatch_ms']:.1f} | {r['combine_ms']:.1f} | {r['ours_ms']:.1f} | {r['raw_ms']:.1f} | "
                      f"{r['megatron_ms']:.1f} | {r['ratio_vs_a2a']:.2f} | {r['ratio_vs_megatron']:.2f} | "
                      f"{r['gbps']:.2f} | {r['collectives_per_call']:g}, {r['megatron_collectives_per_call']:g} | "
-                     f"{r['peak_rss_mb']:.0f} |")
+                     f"{r.get('steady_share', 0):.0%} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
