@@ -163,6 +163,10 @@ def combine_rows(got: ReceivedRows, inp: CombineInputs, slot_mask: torch.Tensor 
     work = torch.empty(min(chunk, n) * h, dtype=F32)
 
     def add_rows(lo: int, hi: int) -> None:
+        if lo == 0 and hi == n <= chunk:            # one chunk: no slices
+            torch.mul(got.rows.index_select(0, where), scale, out=work.view(n, h))
+            acc.index_add_(0, token_t, work.view(n, h))
+            return
         for a in range(lo, hi, chunk):
             b = min(a + chunk, hi)
             term = work[:(b - a) * h].view(-1, h)
