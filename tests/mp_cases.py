@@ -351,3 +351,11 @@ def gappy_mask_calls(calls: int, **fields) -> tuple[int, int, bool]:
                 exact &= all(torch.equal(a, b) for a, b in zip(got, want))
     warned = sum("True-before-False" in str(w.message) for w in seen)
     return warned, current().steady_calls - n0, exact
+
+
+def steady_v1(calls: int, **fields) -> tuple[bool, int]:
+    """:func:`v1_matches_v2` ``calls`` times; returns whether every time matched and how many of
+    this rank's op calls took the steady path."""
+    n0 = current().steady_calls
+    same = all([v1_matches_v2(**fields) for _ in range(calls)])
+    return same, current().steady_calls - n0

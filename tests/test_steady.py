@@ -133,3 +133,14 @@ def test_a_mask_that_is_not_a_prefix_takes_the_general_path_and_warns(world):
     for r in res:
         warned, n, exact = r.get()
         assert warned == 3 and n == 0 and exact, (warned, n, exact)
+
+
+@pytest.mark.parametrize("fields", [BASE, dict(BASE, mask="1d", quant=2, seed=5)], ids=["plain", "mask-quant"])
+def test_v1_calls_take_the_steady_path_too(world, fields):
+    """V1 dispatch and combine (rows back by position) of one signature: from the second round on
+    all four op calls (V2 and V1 of each) are steady, and V1 still gives V2's outputs (which the
+    other tests hold to the reference)."""
+    res = [r.get() for r in world.run(mp_cases.steady_v1, calls=3, **fields)]
+    assert all(same for same, _ in res), res
+    active = [make_rank_data(Scenario(**fields), g).dispatch.x_active_mask for g in range(2)]
+    assert all(n >= 8 or (m is not None and not m.any()) for (_, n), m in zip(res, active)), res

@@ -8,10 +8,11 @@ then pays only for the checks on its data and for the data path:
 
     data checks   expert ids of the active tokens in [0, E) and no MoE expert twice in a token
                   (a 1-D x_active_mask: the first n tokens, True before False); combine also the
-                  rows it returns (their count within [0, A], their triples from a dispatch)
+                  rows it returns (their count within [0, A], V2's triples from a dispatch)
     plan          destination rank id // L, local expert id % L, wire order the ids' order
-                  (stable): the general send plan when there are no shared ranks, special
-                  experts or masks
+                  (stable): the general send plan of the active tokens when there are no
+                  shared ranks or special experts (V1 combine, whose rows come back by
+                  position, makes the general plan)
     open          the call's number on the kept domain
     phases        the general path's from the exchange on (``send_rows`` / ``return_rows``)
 
@@ -21,7 +22,7 @@ an error depends on, and peers cannot tell which path a rank took (the wire is t
 Nothing is kept across an op call that raised (a peer may have abandoned a group meanwhile),
 and nothing is used while a watcher, a tracer or jitter is on, or with ``EMU_FASTPATH=0``.
 
-The common form: V2 ops (dispatch_v2 / combine_v2), tp_world_size 0 or 1, no shared-expert
+The common form: V2 or V1 dispatch and combine (not combine_add_rms_norm), tp_world_size 0 or 1, no shared-expert
 ranks, no zero / copy / const experts, no x_active_mask or a 1-D one (a 2-D mask, or a 1-D one
 that is not True before False, takes the general path), no elastic_info, dispatch without
 expert_scales, the EP group's ranks in ascending order.
@@ -43,14 +44,15 @@ from ..comm.groups import resolve_group
 from ..comm.header import MAX_ATTRS
 from ..core.fastpath import ENV, Unhashable, enabled, env_values, signature
 from ..core.layout import DispatchOutputs
-from ..core.plan import ActiveSet
+from ..core.plan import ActiveSet, send_plan
 from ..core.request import CombineRequest, DispatchRequest, Prepared, Request
-from .combine import Returning, return_rows
+from .combine import Returning, return_rows, route_back
 from .dispatch import WireRows, send_rows
 
 KEY_ENV = ENV + ("EMU_FASTPATH", "EMU_TRANSPORT")
 MAX_ENTRIES = 64
-V2_OPS = ("aclnnMoeDistributeDispatchV3", "aclnnMoeDistributeCombineV3")
+OPS = ("aclnnMoeDistributeDispatchV3", "aclnnMoeDistributeCombineV3",       # V2
+       "aclnnMoeDistributeDispatch", "aclnnMoeDistributeCombine")            # V1
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ def _key(req: Request) -> Hashable | None:
 def _common(req: Request, prep: Prepared, call: Call) -> bool:
     """The call has the common form (module docstring) and ran where a steady call would."""
     cfg, inp, geom = req.cfg, req.inputs, prep.route
-    if req.op not in V2_OPS or cfg.tp_world_size not in (0, 1) or geom.S or geom.special or prep.algorithm:
+    if req.op not in OPS or cfg.tp_world_size not in (0, 1) or geom.S or geom.special or prep.algorithm:
         return False
     mask = inp.x_active_mask
     if (mask is not None and mask.dim() != 1) or inp.elastic_info is not None or call.tp is not None or call.extra:
@@ -82,8 +84,8 @@ def _common(req: Request, prep: Prepared, call: Call) -> bool:
     if call.ep.order is not None or prep.remap.active:
         return False
     if req.kind == "dispatch":
-        return not req.v1 and inp.expert_scales is None
-    return not inp.positional and inp.norm is None
+        return inp.expert_scales is None
+    return inp.norm is None
 
 
 def _usable(ctx: CommContext) -> bool:
@@ -190,12 +192,16 @@ def combine(req: CombineRequest, ctx: CommContext) -> tuple[torch.Tensor, Call] 
     own = int(inp.ep_send_counts[blocks - 1])
     if not 0 <= own <= prep.shapes.capacity:
         return None
-    tri = inp.assist_info[:3 * own].numpy().reshape(own, 3)
-    if own and not (int(tri.min()) >= 0 and int(tri[:, 0].max()) < geom.W and int(tri[:, 2].max()) < geom.K):
-        return None
-    expected = np.bincount(ids.reshape(-1) // geom.L, minlength=geom.W).astype(np.int64)
     tokens = np.arange(bs) < n
-    back = Returning(inp.expand_x[:own], tri.astype(np.int64), None, expected,
-                     ActiveSet(tokens, np.broadcast_to(tokens[:, None], (bs, k)), None))
+    act = ActiveSet(tokens, np.broadcast_to(tokens[:, None], (bs, k)), None)
+    if inp.positional:                        # V1: rows go back by position, matched to this rank's plan
+        plan = send_plan(geom, prep.me, inp.expert_ids, act)
+        back = Returning(inp.expand_x[:own], route_back(geom, prep.me, inp, own), plan, plan.counts, act)
+    else:
+        tri = inp.assist_info[:3 * own].numpy().reshape(own, 3)
+        if own and not (int(tri.min()) >= 0 and int(tri[:, 0].max()) < geom.W and int(tri[:, 2].max()) < geom.K):
+            return None
+        expected = np.bincount(ids.reshape(-1) // geom.L, minlength=geom.W).astype(np.int64)
+        back = Returning(inp.expand_x[:own], tri.astype(np.int64), None, expected, act)
     call = _open(ctx, kept, "combine")
     return return_rows(call, prep, inp, back), call
