@@ -359,3 +359,11 @@ def steady_v1(calls: int, **fields) -> tuple[bool, int]:
     n0 = current().steady_calls
     same = all([v1_matches_v2(**fields) for _ in range(calls)])
     return same, current().steady_calls - n0
+
+
+def steady_add_rms_norm(calls: int, **kw) -> tuple[list[list[bool]], int]:
+    """:func:`add_rms_norm_layer` ``calls`` times; returns its checks and how many of this rank's
+    op calls took the steady path."""
+    n0 = current().steady_calls
+    checks = [add_rms_norm_layer(**kw) for _ in range(calls)]
+    return checks, current().steady_calls - n0

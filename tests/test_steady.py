@@ -144,3 +144,12 @@ def test_v1_calls_take_the_steady_path_too(world, fields):
     assert all(same for same, _ in res), res
     active = [make_rank_data(Scenario(**fields), g).dispatch.x_active_mask for g in range(2)]
     assert all(n >= 8 or (m is not None and not m.any()) for (_, n), m in zip(res, active)), res
+
+
+@pytest.mark.parametrize("case", [dict(), dict(quant=2, comm_quant=2, seed=3)], ids=["plain", "quant"])
+def test_combine_add_rms_norm_takes_the_steady_path(world, case):
+    """dispatch_v2 + combine_add_rms_norm, three times: steady from the second on, every output
+    bit-exact against a dense layer each time."""
+    res = [r.get() for r in world.run(mp_cases.steady_add_rms_norm, calls=3, **case)]
+    assert all(checks == [[True] * 3] * 3 for checks, _ in res), res
+    assert all(n >= 4 for _, n in res), res

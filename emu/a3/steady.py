@@ -22,10 +22,10 @@ an error depends on, and peers cannot tell which path a rank took (the wire is t
 Nothing is kept across an op call that raised (a peer may have abandoned a group meanwhile),
 and nothing is used while a watcher, a tracer or jitter is on, or with ``EMU_FASTPATH=0``.
 
-The common form: V2 or V1 dispatch and combine (not combine_add_rms_norm), tp_world_size 0 or 1, no shared-expert
-ranks, no zero / copy / const experts, no x_active_mask or a 1-D one (a 2-D mask, or a 1-D one
-that is not True before False, takes the general path), no elastic_info, dispatch without
-expert_scales, the EP group's ranks in ascending order.
+The common form: V2 or V1 dispatch and combine, or combine_add_rms_norm; tp_world_size 0 or 1;
+no shared-expert ranks; no zero / copy / const experts; no x_active_mask, or a 1-D one (a 2-D
+mask, or a 1-D one that is not True before False, takes the general path); no elastic_info;
+dispatch without expert_scales; the EP group's ranks in ascending order.
 """
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ from .dispatch import WireRows, send_rows
 KEY_ENV = ENV + ("EMU_FASTPATH", "EMU_TRANSPORT")
 MAX_ENTRIES = 64
 OPS = ("aclnnMoeDistributeDispatchV3", "aclnnMoeDistributeCombineV3",       # V2
-       "aclnnMoeDistributeDispatch", "aclnnMoeDistributeCombine")            # V1
+       "aclnnMoeDistributeDispatch", "aclnnMoeDistributeCombine",            # V1
+       "aclnnMoeDistributeCombineAddRmsNormV2")
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,7 @@ def _common(req: Request, prep: Prepared, call: Call) -> bool:
         return False
     if call.ep.order is not None or prep.remap.active:
         return False
-    if req.kind == "dispatch":
-        return inp.expert_scales is None
-    return inp.norm is None
+    return req.kind != "dispatch" or inp.expert_scales is None
 
 
 def _usable(ctx: CommContext) -> bool:
