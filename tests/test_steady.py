@@ -153,3 +153,43 @@ def test_combine_add_rms_norm_takes_the_steady_path(world, case):
     res = [r.get() for r in world.run(mp_cases.steady_add_rms_norm, calls=3, **case)]
     assert all(checks == [[True] * 3] * 3 for checks, _ in res), res
     assert all(n >= 4 for _, n in res), res
+
+
+TP2 = dict(ep=2, tp=2, moe=2, shared_ranks=0, k=1, bs=5, h=1024)
+
+
+@pytest.mark.emu_world(4)
+@pytest.mark.parametrize("fields,fast", [
+    (TP2, [0, 1, 2, 3]), (dict(TP2, quant=2, mask="1d", seed=2), [0, 3]), (dict(TP2, dtype="fp16", seed=4), [1, 2]),
+], ids=["all", "quant-mask-some", "fp16-others"])
+def test_tp2_calls_take_the_steady_path(world, fields, fast):
+    """With tp_world_size 2 (EP 2 x TP 2) the steady path keeps the TP domain too: TP all-gather and
+    reduce-scatter as on the general path, every rank bit-exact, whichever ranks take it."""
+    fields = dict(fields, calls=3)
+    got = world.run(mp_cases.steady, fast_ranks=fast, **fields)
+    sc = Scenario(**fields)
+    want = run_reference(sc)
+    for g, res in enumerate(got):
+        (dispatch, x_out, _), n = res.get()
+        assert not compare(RankResult(dispatch=dispatch, x_out=x_out), want[g]), (g, fields)
+        m = make_rank_data(sc, g).dispatch.x_active_mask
+        assert (n >= 4) if g in fast and (m is None or bool(m.any())) else n == 0, (g, n)
+
+
+@pytest.mark.emu_world(4)
+@pytest.mark.parametrize("op,change", [
+    ("combine", {"tp_send_counts": derive(add, "tp_send_counts", 1)}),
+    ("dispatch", {"expert_ids": derive(first_slot_id, 2)}),
+], ids=["tp-send-counts", "id-out-of-range"])
+def test_bad_input_on_a_steady_tp2_call_raises_as_on_the_general_path(world, op, change):
+    """TP 2: rank 1's bad input after warming up raises on every rank what the general path raises."""
+    general = world.run(mp_cases.warmed, target="bad_call", fields=TP2, fast=False, op=op, change=change,
+                        bad_ranks=[1])
+    res = world.run(mp_cases.warmed, target="bad_call", fields=TP2, op=op, change=change, bad_ranks=[1])
+    steady = [r.get() for r in world.run(mp_cases.steady_since_warm)]
+    assert all(r.error is not None and r.error.code == TILING for r in res), _seen(res)
+    assert _seen(res) == _seen(general)
+    # a bad id fails rank 1's data checks (general path); bad tp_send_counts pass them (values the TP
+    # header cross-checks), so every rank's combine is steady and the TP exchange finds it
+    assert steady == ([2, 2, 2, 2] if op == "combine" else [1, 0, 1, 1]), steady
+    check_scenario(world, calls=2, **TP2)

@@ -13,7 +13,7 @@ then pays only for the checks on its data and for the data path:
                   (stable): the general send plan of the active tokens when there are no
                   shared ranks or special experts (V1 combine, whose rows come back by
                   position, makes the general plan)
-    open          the call's number on the kept domain
+    open          the call's number on the kept domains
     phases        the general path's from the exchange on (``send_rows`` / ``return_rows``)
 
 A data check that fails sends the call down the general path, which finds and reports the
@@ -22,10 +22,10 @@ an error depends on, and peers cannot tell which path a rank took (the wire is t
 Nothing is kept across an op call that raised (a peer may have abandoned a group meanwhile),
 and nothing is used while a watcher, a tracer or jitter is on, or with ``EMU_FASTPATH=0``.
 
-The common form: V2 or V1 dispatch and combine, or combine_add_rms_norm; tp_world_size 0 or 1;
-no shared-expert ranks; no zero / copy / const experts; no x_active_mask, or a 1-D one (a 2-D
-mask, or a 1-D one that is not True before False, takes the general path); no elastic_info;
-dispatch without expert_scales; the EP group's ranks in ascending order.
+The common form: V2 or V1 dispatch and combine, or combine_add_rms_norm; any tp_world_size;
+no shared-expert ranks; no zero / copy / const experts; no x_active_mask, or a 1-D one (a
+2-D mask, or a 1-D one that is not True before False, takes the general path); no
+elastic_info; dispatch without expert_scales; the EP and TP groups' ranks in ascending order.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ from ..core.fastpath import ENV, Unhashable, enabled, env_values, signature
 from ..core.layout import DispatchOutputs
 from ..core.plan import ActiveSet, send_plan
 from ..core.request import CombineRequest, DispatchRequest, Prepared, Request
-from .combine import Returning, return_rows, route_back
+from .combine import Returning, return_rows, route_back, tp_reduce_scatter
 from .dispatch import WireRows, send_rows
 
 KEY_ENV = ENV + ("EMU_FASTPATH", "EMU_TRANSPORT")
@@ -59,12 +59,15 @@ OPS = ("aclnnMoeDistributeDispatchV3", "aclnnMoeDistributeCombineV3",       # V2
 @dataclass(frozen=True)
 class Kept:
     """What a successful call of one signature leaves for the next: its validated call, the
-    user's group it ran on (weakly), its EP domain and the attributes its header carries."""
+    user's groups it ran on (weakly; no TP group: None), its EP and TP domains and the
+    attributes its headers carry."""
 
     prep: Prepared
     group: weakref.ref
     dom: Domain
     attrs: tuple[tuple[str, int], ...]
+    tp_group: weakref.ref | None = None
+    tp: Domain | None = None
 
 
 def _key(req: Request) -> Hashable | None:
@@ -77,12 +80,14 @@ def _key(req: Request) -> Hashable | None:
 def _common(req: Request, prep: Prepared, call: Call) -> bool:
     """The call has the common form (module docstring) and ran where a steady call would."""
     cfg, inp, geom = req.cfg, req.inputs, prep.route
-    if req.op not in OPS or cfg.tp_world_size not in (0, 1) or geom.S or geom.special or prep.algorithm:
+    if req.op not in OPS or geom.S or geom.special or prep.algorithm:
         return False
     mask = inp.x_active_mask
-    if (mask is not None and mask.dim() != 1) or inp.elastic_info is not None or call.tp is not None or call.extra:
+    if (mask is not None and mask.dim() != 1) or inp.elastic_info is not None or call.extra:
         return False
-    if call.ep.order is not None or prep.remap.active:
+    if call.ep.order is not None or prep.remap.active or (call.tp is not None) != (cfg.tp_world_size == 2):
+        return False
+    if call.tp is not None and call.tp.order is not None:
         return False
     return req.kind != "dispatch" or inp.expert_scales is None
 
@@ -99,12 +104,14 @@ def learn(req: Request, prep: Prepared, call: Call) -> None:
         return
     key = _key(req)
     group = resolve_group(req.place.group_ep)
-    if key is None or group is None:
+    tp_group = resolve_group(req.place.group_tp) if call.tp is not None else None
+    if key is None or group is None or (call.tp is not None and tp_group is None):
         return
     if len(ctx.steady) >= MAX_ENTRIES:
         ctx.steady.clear()
     try:
-        ctx.steady[key] = Kept(prep, weakref.ref(group), call.ep, call.attrs)
+        ctx.steady[key] = Kept(prep, weakref.ref(group), call.ep, call.attrs,
+                               None if tp_group is None else weakref.ref(tp_group), call.tp)
     except TypeError:                           # an attribute of no hash: nothing kept
         pass
 
@@ -120,6 +127,8 @@ def _kept(req: Request, ctx: CommContext) -> Kept | None:
         return None
     if kept is None or kept.group() is not resolve_group(req.place.group_ep):
         return None
+    if kept.tp_group is not None and kept.tp_group() is not resolve_group(req.place.group_tp):
+        return None
     return kept
 
 
@@ -127,8 +136,9 @@ def _open(ctx: CommContext, kept: Kept, kind: str) -> Call:
     """The call on the kept domain, numbered as ``open_call`` numbers it."""
     order, call_no = ctx.next_call(kept.dom.name, kind)
     ctx.steady_calls += 1
-    return Call(op=kind, ep=kept.dom, tp=None, attrs=kept.attrs[:MAX_ATTRS], ctx=ctx, call_no=call_no, order=order,
-                clock_ns=time.monotonic_ns(), pending=["EP"])
+    headers = (["TP", "EP"] if kind == "combine" else ["EP", "TP"]) if kept.tp is not None else ["EP"]
+    return Call(op=kind, ep=kept.dom, tp=kept.tp, attrs=kept.attrs[:MAX_ATTRS], ctx=ctx, call_no=call_no,
+                order=order, clock_ns=time.monotonic_ns(), pending=headers)
 
 
 def _active(mask: torch.Tensor | None, bs: int) -> int | None:
@@ -195,12 +205,13 @@ def combine(req: CombineRequest, ctx: CommContext) -> tuple[torch.Tensor, Call] 
     act = ActiveSet(tokens, np.broadcast_to(tokens[:, None], (bs, k)), None)
     if inp.positional:                        # V1: rows go back by position, matched to this rank's plan
         plan = send_plan(geom, prep.me, inp.expert_ids, act)
-        back = Returning(inp.expand_x[:own], route_back(geom, prep.me, inp, own), plan, plan.counts, act)
+        tri, expected = route_back(geom, prep.me, inp, own), plan.counts
     else:
         tri = inp.assist_info[:3 * own].numpy().reshape(own, 3)
         if own and not (int(tri.min()) >= 0 and int(tri[:, 0].max()) < geom.W and int(tri[:, 2].max()) < geom.K):
             return None
+        plan, tri = None, tri.astype(np.int64)
         expected = np.bincount(ids.reshape(-1) // geom.L, minlength=geom.W).astype(np.int64)
-        back = Returning(inp.expand_x[:own], tri.astype(np.int64), None, expected, act)
     call = _open(ctx, kept, "combine")
-    return return_rows(call, prep, inp, back), call
+    y = tp_reduce_scatter(call, geom, inp, own) if geom.tp_active else inp.expand_x[:own]
+    return return_rows(call, prep, inp, Returning(y, tri, plan, expected, act)), call
