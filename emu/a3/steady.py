@@ -11,8 +11,8 @@ then pays only for the checks on its data and for the data path:
                   rows it returns (their count within [0, A], V2's triples from a dispatch)
     plan          destination rank id // L, local expert id % L, wire order the ids' order
                   (stable): the general send plan of the active tokens when there are no
-                  shared ranks or special experts (V1 combine, whose rows come back by
-                  position, makes the general plan)
+                  shared-expert ranks (with them, and for V1 combine, whose rows come back
+                  by position, the general plan itself)
     open          the call's number on the kept domains
     phases        the general path's from the exchange on (``send_rows`` / ``return_rows``)
 
@@ -22,8 +22,8 @@ an error depends on, and peers cannot tell which path a rank took (the wire is t
 Nothing is kept across an op call that raised (a peer may have abandoned a group meanwhile),
 and nothing is used while a watcher, a tracer or jitter is on, or with ``EMU_FASTPATH=0``.
 
-The common form: V2 or V1 dispatch and combine, or combine_add_rms_norm; any tp_world_size;
-no shared-expert ranks; no zero / copy / const experts; no x_active_mask, or a 1-D one (a
+The common form: V2 or V1 dispatch and combine, or combine_add_rms_norm; any tp_world_size and
+shared-expert ranks; no zero / copy / const experts; no x_active_mask, or a 1-D one (a
 2-D mask, or a 1-D one that is not True before False, takes the general path); no
 elastic_info; dispatch without expert_scales; the EP and TP groups' ranks in ascending order.
 """
@@ -44,7 +44,7 @@ from ..comm.groups import resolve_group
 from ..comm.header import MAX_ATTRS
 from ..core.fastpath import ENV, Unhashable, enabled, env_values, signature
 from ..core.layout import DispatchOutputs
-from ..core.plan import ActiveSet, send_plan
+from ..core.plan import ActiveSet, send_counts, send_plan
 from ..core.request import CombineRequest, DispatchRequest, Prepared, Request
 from .combine import Returning, return_rows, route_back, tp_reduce_scatter
 from .dispatch import WireRows, send_rows
@@ -80,7 +80,7 @@ def _key(req: Request) -> Hashable | None:
 def _common(req: Request, prep: Prepared, call: Call) -> bool:
     """The call has the common form (module docstring) and ran where a steady call would."""
     cfg, inp, geom = req.cfg, req.inputs, prep.route
-    if req.op not in OPS or geom.S or geom.special or prep.algorithm:
+    if req.op not in OPS or geom.special or prep.algorithm:
         return False
     mask = inp.x_active_mask
     if (mask is not None and mask.dim() != 1) or inp.elastic_info is not None or call.extra:
@@ -166,21 +166,32 @@ def _plain_ids(expert_ids: torch.Tensor, tokens: int | None, moe: int) -> np.nda
     return ids
 
 
+def _active_set(bs: int, k: int, n: int) -> ActiveSet:
+    """The first ``n`` of ``bs`` tokens active, every slot of theirs."""
+    tokens = np.arange(bs) < n
+    return ActiveSet(tokens, np.broadcast_to(tokens[:, None], (bs, k)), None)
+
+
 def dispatch(req: DispatchRequest, ctx: CommContext) -> tuple[DispatchOutputs, Call] | None:
     """A steady dispatch (None: this call takes the general path)."""
     kept = _kept(req, ctx)
     if kept is None:
         return None
     geom, inp = kept.prep.route, req.inputs
-    ids = _plain_ids(inp.expert_ids, _active(inp.x_active_mask, inp.expert_ids.shape[0]), geom.E)
+    bs, k = inp.expert_ids.shape
+    n = _active(inp.x_active_mask, bs)
+    ids = _plain_ids(inp.expert_ids, n, geom.E)
     if ids is None:
         return None
-    e = ids.reshape(-1).astype(np.int64)
-    order = np.argsort(e, kind="stable")
-    chosen = e[order]
-    k = ids.shape[1]
-    rows = WireRows(token=order // k, slot=order % k, local=chosen % geom.L, smooth_row=chosen,
-                    counts=np.bincount(chosen // geom.L, minlength=geom.W).astype(np.int64))
+    if geom.S:                                # shared-expert ranks: the general plan of the active tokens
+        plan = send_plan(geom, kept.prep.me, inp.expert_ids, _active_set(bs, k, n))
+        rows = WireRows(plan.token, plan.slot, plan.local, plan.smooth_row, plan.counts)
+    else:
+        e = ids.reshape(-1).astype(np.int64)
+        order = np.argsort(e, kind="stable")
+        chosen = e[order]
+        rows = WireRows(token=order // k, slot=order % k, local=chosen % geom.L, smooth_row=chosen,
+                        counts=np.bincount(chosen // geom.L, minlength=geom.W).astype(np.int64))
     call = _open(ctx, kept, "dispatch")
     return send_rows(call, kept.prep, inp, rows), call
 
@@ -201,17 +212,18 @@ def combine(req: CombineRequest, ctx: CommContext) -> tuple[torch.Tensor, Call] 
     own = int(inp.ep_send_counts[blocks - 1])
     if not 0 <= own <= prep.shapes.capacity:
         return None
-    tokens = np.arange(bs) < n
-    act = ActiveSet(tokens, np.broadcast_to(tokens[:, None], (bs, k)), None)
+    act = _active_set(bs, k, n)
     if inp.positional:                        # V1: rows go back by position, matched to this rank's plan
         plan = send_plan(geom, prep.me, inp.expert_ids, act)
         tri, expected = route_back(geom, prep.me, inp, own), plan.counts
     else:
         tri = inp.assist_info[:3 * own].numpy().reshape(own, 3)
-        if own and not (int(tri.min()) >= 0 and int(tri[:, 0].max()) < geom.W and int(tri[:, 2].max()) < geom.K):
+        slots = geom.K + geom.Ns
+        if own and not (int(tri.min()) >= 0 and int(tri[:, 0].max()) < geom.W and int(tri[:, 2].max()) < slots):
             return None
         plan, tri = None, tri.astype(np.int64)
-        expected = np.bincount(ids.reshape(-1) // geom.L, minlength=geom.W).astype(np.int64)
+        expected = send_counts(geom, prep.me, inp.expert_ids, act) if geom.S else \
+            np.bincount(ids.reshape(-1) // geom.L, minlength=geom.W).astype(np.int64)
     call = _open(ctx, kept, "combine")
     y = tp_reduce_scatter(call, geom, inp, own) if geom.tp_active else inp.expand_x[:own]
     return return_rows(call, prep, inp, Returning(y, tri, plan, expected, act)), call
