@@ -4,7 +4,7 @@ A call like one that succeeded before skips the checks that depend only on its s
 plans its rows directly; everything on the wire is as on the general path.  So: every rank is
 bit-exact with the reference whichever ranks take it, bad input on a steady call raises what
 it raises on the general path (the bad rank falls back, its peers learn of it in the header),
-and only the common form (no special experts or elastic table, masks at most 1-D) takes it.
+and only the common form (no elastic table, masks at most 1-D) takes it.
 """
 from __future__ import annotations
 
@@ -55,9 +55,13 @@ def test_steady_calls_are_bit_exact_whoever_takes_them(world, moe_per_rank, k, b
 
 @pytest.mark.parametrize("fields", [
     dict(BASE, shared_ranks=1, moe=2, k=2), dict(BASE, shared_ranks=1, moe=3, k=2, quant=2, smooth=True, mask="1d",
-                                                  comm_quant=2, seed=9)], ids=["shared-rank", "shared-rank-quant-mask"])
-def test_shared_expert_ranks_take_the_steady_path(world, fields):
-    """A shared-expert rank and a MoE rank: steady from the second round on both, bit-exact."""
+                                                  comm_quant=2, seed=9),
+    dict(BASE, zero=1, copy=1, const=2, special_frac=0.4, seed=11),
+    dict(BASE, shared_ranks=1, moe=2, copy=2, special_frac=0.4, mask="1d", seed=12),
+], ids=["shared-rank", "shared-rank-quant-mask", "special-experts", "shared-rank-copy-experts-mask"])
+def test_shared_and_special_experts_take_the_steady_path(world, fields):
+    """Shared-expert ranks and zero / copy / const experts: steady from the second round on every
+    rank with an active token, bit-exact."""
     fields = dict(fields, calls=3)
     got = world.run(mp_cases.steady, fast_ranks=[0, 1], **fields)
     sc = Scenario(**fields)
@@ -70,8 +74,8 @@ def test_shared_expert_ranks_take_the_steady_path(world, fields):
 
 
 @pytest.mark.parametrize("fields", [
-    dict(BASE, mask="2d"), dict(BASE, zero=1), dict(BASE, elastic_flag0=True),
-], ids=["mask-2d", "zero-experts", "elastic-table"])
+    dict(BASE, mask="2d"), dict(BASE, elastic_flag0=True),
+], ids=["mask-2d", "elastic-table"])
 def test_only_the_common_form_takes_the_steady_path(world, fields):
     res = world.run(mp_cases.steady, fast_ranks=[0, 1], calls=3, **fields)
     assert [r.get()[1] for r in res] == [0, 0], fields

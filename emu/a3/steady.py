@@ -3,16 +3,16 @@
 A decode loop calls an op with the same attributes, shapes and dtypes on the same group at
 every step.  Once a call of the common form (below) has succeeded on the general path, what it
 validated and where it ran are kept per (op, signature, environment): the validated call
-(:class:`~emu.core.request.Prepared`) and its EP domain.  A later call of the same signature
+(:class:`~emu.core.request.Prepared`) and its domains.  A later call of the same signature
 then pays only for the checks on its data and for the data path:
 
-    data checks   expert ids of the active tokens in [0, E) and no MoE expert twice in a token
+    data checks   the active tokens' expert ids MoE or special, no MoE expert twice in a token
                   (a 1-D x_active_mask: the first n tokens, True before False); combine also the
                   rows it returns (their count within [0, A], V2's triples from a dispatch)
     plan          destination rank id // L, local expert id % L, wire order the ids' order
                   (stable): the general send plan of the active tokens when there are no
-                  shared-expert ranks (with them, and for V1 combine, whose rows come back
-                  by position, the general plan itself)
+                  shared-expert ranks or special experts (with them, and for V1 combine,
+                  whose rows come back by position, the general plan itself)
     open          the call's number on the kept domains
     phases        the general path's from the exchange on (``send_rows`` / ``return_rows``)
 
@@ -22,8 +22,8 @@ an error depends on, and peers cannot tell which path a rank took (the wire is t
 Nothing is kept across an op call that raised (a peer may have abandoned a group meanwhile),
 and nothing is used while a watcher, a tracer or jitter is on, or with ``EMU_FASTPATH=0``.
 
-The common form: V2 or V1 dispatch and combine, or combine_add_rms_norm; any tp_world_size and
-shared-expert ranks; no zero / copy / const experts; no x_active_mask, or a 1-D one (a
+The common form: V2 or V1 dispatch and combine, or combine_add_rms_norm; any tp_world_size,
+shared-expert ranks and zero / copy / const experts; no x_active_mask, or a 1-D one (a
 2-D mask, or a 1-D one that is not True before False, takes the general path); no
 elastic_info; dispatch without expert_scales; the EP and TP groups' ranks in ascending order.
 """
@@ -43,6 +43,7 @@ from ..comm.domain import Domain
 from ..comm.groups import resolve_group
 from ..comm.header import MAX_ATTRS
 from ..core.fastpath import ENV, Unhashable, enabled, env_values, signature
+from ..core.attrs import Geometry
 from ..core.layout import DispatchOutputs
 from ..core.plan import ActiveSet, send_counts, send_plan
 from ..core.request import CombineRequest, DispatchRequest, Prepared, Request
@@ -79,8 +80,8 @@ def _key(req: Request) -> Hashable | None:
 
 def _common(req: Request, prep: Prepared, call: Call) -> bool:
     """The call has the common form (module docstring) and ran where a steady call would."""
-    cfg, inp, geom = req.cfg, req.inputs, prep.route
-    if req.op not in OPS or geom.special or prep.algorithm:
+    cfg, inp = req.cfg, req.inputs
+    if req.op not in OPS or prep.algorithm:
         return False
     mask = inp.x_active_mask
     if (mask is not None and mask.dim() != 1) or inp.elastic_info is not None or call.extra:
@@ -151,16 +152,18 @@ def _active(mask: torch.Tensor | None, bs: int) -> int | None:
     return n if m[:n].all() else None
 
 
-def _plain_ids(expert_ids: torch.Tensor, tokens: int | None, moe: int) -> np.ndarray | None:
-    """The (n, K) ids of the ``tokens`` active tokens when every one is a MoE expert in
-    [0, moe) and no token names one twice (None also when no token is active)."""
+def _plain_ids(expert_ids: torch.Tensor, tokens: int | None, geom: Geometry) -> np.ndarray | None:
+    """The (n, K) ids of the ``tokens`` active tokens when every one is a MoE expert in [0, E)
+    or a special one in [E, E + zero + copy + const), and no token names a MoE expert twice
+    (None also when no token is active)."""
     if tokens is None:
         return None
     ids = expert_ids.numpy()[:tokens]
-    if not ids.size or int(ids.min()) < 0 or int(ids.max()) >= moe:
+    if not ids.size or int(ids.min()) < 0 or int(ids.max()) >= geom.E + geom.special:
         return None
     if ids.shape[1] > 1:
-        srt = np.sort(ids, axis=1)
+        moe = ids if not geom.special else np.where(ids < geom.E, ids, -1 - np.arange(ids.shape[1]))
+        srt = np.sort(moe, axis=1)
         if (srt[:, 1:] == srt[:, :-1]).any():
             return None
     return ids
@@ -180,10 +183,10 @@ def dispatch(req: DispatchRequest, ctx: CommContext) -> tuple[DispatchOutputs, C
     geom, inp = kept.prep.route, req.inputs
     bs, k = inp.expert_ids.shape
     n = _active(inp.x_active_mask, bs)
-    ids = _plain_ids(inp.expert_ids, n, geom.E)
+    ids = _plain_ids(inp.expert_ids, n, geom)
     if ids is None:
         return None
-    if geom.S:                                # shared-expert ranks: the general plan of the active tokens
+    if geom.S or geom.special:                # the general plan of the active tokens
         plan = send_plan(geom, kept.prep.me, inp.expert_ids, _active_set(bs, k, n))
         rows = WireRows(plan.token, plan.slot, plan.local, plan.smooth_row, plan.counts)
     else:
@@ -205,7 +208,7 @@ def combine(req: CombineRequest, ctx: CommContext) -> tuple[torch.Tensor, Call] 
     geom = prep.route
     bs, k = inp.expert_ids.shape
     n = _active(inp.x_active_mask, bs)
-    ids = _plain_ids(inp.expert_ids, n, geom.E)
+    ids = _plain_ids(inp.expert_ids, n, geom)
     blocks = geom.recv_blocks(prep.me)
     if ids is None or blocks > inp.ep_send_counts.shape[0]:
         return None
@@ -222,7 +225,7 @@ def combine(req: CombineRequest, ctx: CommContext) -> tuple[torch.Tensor, Call] 
         if own and not (int(tri.min()) >= 0 and int(tri[:, 0].max()) < geom.W and int(tri[:, 2].max()) < slots):
             return None
         plan, tri = None, tri.astype(np.int64)
-        expected = send_counts(geom, prep.me, inp.expert_ids, act) if geom.S else \
+        expected = send_counts(geom, prep.me, inp.expert_ids, act) if geom.S or geom.special else \
             np.bincount(ids.reshape(-1) // geom.L, minlength=geom.W).astype(np.int64)
     call = _open(ctx, kept, "combine")
     y = tp_reduce_scatter(call, geom, inp, own) if geom.tp_active else inp.expand_x[:own]
