@@ -136,9 +136,8 @@ def lay_out(dom: Domain, prep: Prepared, recv: torch.Tensor, received: Segments,
         torch.index_select(recv[:, h:], 0, rows_idx, out=out.dynamic_scales[:own].view(torch.uint8).view(own, 4))
     else:
         torch.index_select(recv.view(prep.xt), 0, rows_idx, out=out.expand_x[:own])
-    tri = np.stack([src, t, k], axis=1)[lay.order]
-    out.assist_info_for_combine[:3 * own] = torch.from_numpy(tri.reshape(-1).astype(np.int32))
-    out.ep_recv_counts[:geom.recv_blocks(me)] = torch.from_numpy(lay.ep_recv_counts.astype(np.int32))
+    out.assist_info_for_combine.numpy()[:3 * own] = np.stack([src, t, k], axis=1)[lay.order].reshape(-1)
+    out.ep_recv_counts.numpy()[:geom.recv_blocks(me)] = lay.ep_recv_counts
     return out, own, lay.ep_recv_counts
 
 
@@ -178,4 +177,4 @@ def tp_all_gather(call: Call, geom: Geometry, out: DispatchOutputs, own: int, ow
 def count_outputs(geom: Geometry, prep: Prepared, out: DispatchOutputs, counts: np.ndarray, total: int) -> None:
     """expert_token_nums (docs/dispatch.md): shared ranks write element 0 only."""
     nums = expert_token_nums(geom, prep.me, counts, total, prep.cfg.expert_token_nums_type)
-    out.expert_token_nums[:nums.size] = torch.from_numpy(nums)
+    out.expert_token_nums.numpy()[:nums.size] = nums

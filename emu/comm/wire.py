@@ -58,8 +58,8 @@ def pack_meta(token: np.ndarray, slot: np.ndarray, local: np.ndarray) -> np.ndar
 
 
 def unpack_meta(meta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    m = meta.astype(np.int64)
-    return m >> 15, (m >> 10) & 31, m & 1023
+    """int32 words of :func:`pack_meta` -> (token, slot, local expert), int32 each."""
+    return meta >> 15, (meta >> 10) & 31, meta & 1023
 
 
 def rows_for_meta(n: np.ndarray | int, width: int):
