@@ -128,13 +128,21 @@ def bench_point(pt: dict, repeats: int) -> dict:
         api.moe_distribute_combine_v2(y, ids, o[2], o[4], w, tp_send_counts=o[5] if T == 2 else None, **kw)
         return t1 - t0, time.perf_counter() - t1
 
+    def general():                    # ours with every check on every call (EMU_FASTPATH=0)
+        os.environ["EMU_FASTPATH"] = "0"
+        try:
+            ours()
+        finally:
+            del os.environ["EMU_FASTPATH"]
+
     mega = MegatronStyleDispatcher(ep_g, moe, tp_g)
 
     def megatron():
         expert_rows, r = mega.dispatch(x, ids)
         mega.combine(expert_rows, w, r, pt["bs"])
 
-    timings: dict[str, list[float]] = {"dispatch": [], "combine": [], "ours": [], "raw": [], "megatron": []}
+    timings: dict[str, list[float]] = {"dispatch": [], "combine": [], "ours": [], "raw": [], "megatron": [],
+                                       "general": []}
     ours()                            # a group's first combine sizes its slot: count the steady state
     n0 = current().collectives_issued
     ours()
@@ -143,9 +151,10 @@ def bench_point(pt: dict, repeats: int) -> dict:
     megatron()
     mega_collectives = (mega.collectives - m0) / 2
     raw()
+    general()
     s0 = current().steady_calls
     for _ in range(repeats):
-        for name, fn in (("raw", raw), ("ours", ours), ("megatron", megatron)):
+        for name, fn in (("raw", raw), ("ours", ours), ("megatron", megatron), ("general", general)):
             dist.barrier()
             t0 = time.perf_counter()
             parts = fn()
@@ -168,6 +177,7 @@ def bench_point(pt: dict, repeats: int) -> dict:
                      ratio_vs_a2a=med["ours"] / med["raw"], ratio_vs_megatron=med["ours"] / med["megatron"],
                      gbps=float(moved) / med["ours"] / 1e9, collectives_per_call=calls_collectives,
                      megatron_collectives_per_call=mega_collectives, steady_share=steady,
+                     general_ms=med["general"] * 1e3, steady_gain=med["general"] / med["ours"],
                      payload_mb_per_rank=float(moved) / world / 1e6, peak_rss_mb=float(rss)))
     if me == 0:
         print(json.dumps(row), flush=True)
@@ -189,14 +199,14 @@ def launch(world: int, quick: bool, repeats: int) -> list[dict]:
 def table(rows: list[dict]) -> str:
     head = ("| ranks | tp | Bs | H | K | quant | dispatch ms | combine ms | round trip ms | raw a2a ms | "
             "megatron-style ms | vs a2a | vs megatron | GB/s | collectives/call (ours, megatron) | steady | "
-            "peak RSS MB |")
+            "general path ms | peak RSS MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(f"| {r['ranks']} | {r['tp']} | {r['bs']} | {r['h']} | {r['k']} | {r['quant']} | "
                      f"{r['dispatch_ms']:.1f} | {r['combine_ms']:.1f} | {r['ours_ms']:.1f} | {r['raw_ms']:.1f} | "
                      f"{r['megatron_ms']:.1f} | {r['ratio_vs_a2a']:.2f} | {r['ratio_vs_megatron']:.2f} | "
                      f"{r['gbps']:.2f} | {r['collectives_per_call']:g}, {r['megatron_collectives_per_call']:g} | "
-                     f"{r.get('steady_share', 0):.0%} | {r['peak_rss_mb']:.0f} |")
+                     f"{r.get('steady_share', 0):.0%} | {r.get('general_ms', 0):.1f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -254,7 +264,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         r = launch(8, True, repeats)[0]
         print(table([r]))
         print(f"ratio_vs_a2a={r['ratio_vs_a2a']:.3f} ratio_vs_megatron={r['ratio_vs_megatron']:.3f} "
-              f"collectives_per_call={r['collectives_per_call']:g}")
+              f"collectives_per_call={r['collectives_per_call']:g} steady_gain={r['steady_gain']:.3f}")
         return 0
     rows = []
     for world in [int(w) for w in a.ranks.split(",")]:
