@@ -27,6 +27,21 @@ NULL, TILING = 161001, 561002
 BASE = dict(ep=2, moe=4, shared_ranks=0, k=2, bs=4, h=1024)
 
 
+def _check_steady_run(world, fields: dict, fast: list[int]) -> None:
+    """Run the scenario ``fields`` with the steady path allowed on ``fast``: every rank bit-exact
+    with the reference; from the second round on, a fast rank with an active token took the steady
+    path for each call (4 of its 6 op calls at least), the others never."""
+    got = world.run(mp_cases.steady, fast_ranks=fast, **fields)
+    sc = Scenario(**fields)
+    want = run_reference(sc)
+    for g, res in enumerate(got):
+        (dispatch, x_out, _), n = res.get()
+        assert not compare(RankResult(dispatch=dispatch, x_out=x_out), want[g]), (g, fields)
+        m = make_rank_data(sc, g).dispatch.x_active_mask
+        steady = g in fast and (m is None or bool(m.any()))
+        assert (n >= 4) if steady else (n == 0), (g, n, fast)
+
+
 @settings(max_examples=16, deadline=None, suppress_health_check=list(HealthCheck))
 @given(moe_per_rank=st.sampled_from([1, 2, 3]), k=st.integers(1, 3), bs=st.integers(1, 9),
        quant=st.sampled_from([0, 2]), smooth=st.booleans(), comm_quant=st.sampled_from([0, 2]),
@@ -42,15 +57,7 @@ def test_steady_calls_are_bit_exact_whoever_takes_them(world, moe_per_rank, k, b
     fields = dict(ep=2, moe=moe, shared_ranks=shared_ranks, k=min(k, moe), bs=bs, h=1024,
                   quant=quant, smooth=smooth and quant == 2, comm_quant=comm_quant, dtype=dtype, mask=mask, seed=seed,
                   calls=3)
-    got = world.run(mp_cases.steady, fast_ranks=fast, **fields)
-    sc = Scenario(**fields)
-    want = run_reference(sc)
-    for g, res in enumerate(got):
-        (dispatch, x_out, _), n = res.get()
-        assert not compare(RankResult(dispatch=dispatch, x_out=x_out), want[g]), (g, fields)
-        m = make_rank_data(sc, g).dispatch.x_active_mask
-        steady = g in fast and (m is None or bool(m.any()))
-        assert (n >= 4) if steady else (n == 0), (g, n, fast)
+    _check_steady_run(world, fields, fast)
 
 
 @pytest.mark.parametrize("fields", [
@@ -63,14 +70,7 @@ def test_shared_and_special_experts_take_the_steady_path(world, fields):
     """Shared-expert ranks and zero / copy / const experts: steady from the second round on every
     rank with an active token, bit-exact."""
     fields = dict(fields, calls=3)
-    got = world.run(mp_cases.steady, fast_ranks=[0, 1], **fields)
-    sc = Scenario(**fields)
-    want = run_reference(sc)
-    for g, res in enumerate(got):
-        (dispatch, x_out, _), n = res.get()
-        assert not compare(RankResult(dispatch=dispatch, x_out=x_out), want[g]), (g, fields)
-        m = make_rank_data(sc, g).dispatch.x_active_mask
-        assert (n >= 4) if m is None or bool(m.any()) else n == 0, (g, n)
+    _check_steady_run(world, fields, [0, 1])
 
 
 @pytest.mark.parametrize("fields", [
@@ -187,14 +187,7 @@ def test_tp2_calls_take_the_steady_path(world, fields, fast):
     """With tp_world_size 2 (EP 2 x TP 2) the steady path keeps the TP domain too: TP all-gather and
     reduce-scatter as on the general path, every rank bit-exact, whichever ranks take it."""
     fields = dict(fields, calls=3)
-    got = world.run(mp_cases.steady, fast_ranks=fast, **fields)
-    sc = Scenario(**fields)
-    want = run_reference(sc)
-    for g, res in enumerate(got):
-        (dispatch, x_out, _), n = res.get()
-        assert not compare(RankResult(dispatch=dispatch, x_out=x_out), want[g]), (g, fields)
-        m = make_rank_data(sc, g).dispatch.x_active_mask
-        assert (n >= 4) if g in fast and (m is None or bool(m.any())) else n == 0, (g, n)
+    _check_steady_run(world, fields, fast)
 
 
 @pytest.mark.emu_world(4)
