@@ -6,8 +6,8 @@ validated and where it ran are kept per (op, signature, environment): the valida
 (:class:`~emu.core.request.Prepared`) and its domains.  A later call of the same signature
 then pays only for the checks on its data and for the data path:
 
-    data checks   the active tokens' expert ids MoE or special, no MoE expert twice in a token
-                  (a 1-D x_active_mask: the first n tokens, True before False); combine also the
+    data checks   the general path's own id checks (``check_ids``) on the active slots (a 1-D
+                  x_active_mask: the first n tokens, True before False); combine also the
                   rows it returns (their count within [0, A], V2's triples from a dispatch)
     plan          destination rank id // L, local expert id % L, wire order the ids' order
                   (stable): the general send plan of the active tokens when there are no
@@ -43,9 +43,10 @@ from ..comm.domain import Domain
 from ..comm.groups import resolve_group
 from ..comm.header import MAX_ATTRS
 from ..core.fastpath import ENV, Unhashable, enabled, env_values, signature
-from ..core.attrs import Geometry
+from ..core.checks import Checker, check_ids
+from ..core.errors import AclnnError
 from ..core.layout import DispatchOutputs
-from ..core.plan import ActiveSet, send_counts, send_plan
+from ..core.plan import ActiveSet, active_set, send_counts, send_plan
 from ..core.request import CombineRequest, DispatchRequest, Prepared, Request
 from .combine import Returning, return_rows, route_back, tp_reduce_scatter
 from .dispatch import WireRows, send_rows
@@ -152,27 +153,15 @@ def _active(mask: torch.Tensor | None, bs: int) -> int | None:
     return n if m[:n].all() else None
 
 
-def _plain_ids(expert_ids: torch.Tensor, tokens: int | None, geom: Geometry) -> np.ndarray | None:
-    """The (n, K) ids of the ``tokens`` active tokens when every one is a MoE expert in [0, E)
-    or a special one in [E, E + zero + copy + const), and no token names a MoE expert twice
-    (None also when no token is active)."""
-    if tokens is None:
-        return None
-    ids = expert_ids.numpy()[:tokens]
-    if not ids.size or int(ids.min()) < 0 or int(ids.max()) >= geom.E + geom.special:
-        return None
-    if ids.shape[1] > 1:
-        moe = ids if not geom.special else np.where(ids < geom.E, ids, -1 - np.arange(ids.shape[1]))
-        srt = np.sort(moe, axis=1)
-        if (srt[:, 1:] == srt[:, :-1]).any():
-            return None
-    return ids
-
-
-def _active_set(bs: int, k: int, n: int) -> ActiveSet:
-    """The first ``n`` of ``bs`` tokens active, every slot of theirs."""
-    tokens = np.arange(bs) < n
-    return ActiveSet(tokens, np.broadcast_to(tokens[:, None], (bs, k)), None)
+def _ids_pass(req: Request, kept: Kept, act: ActiveSet) -> bool:
+    """The ids of the active slots pass the data checks the general path runs on them
+    (``check_ids``: MoE or special ids, no MoE expert twice in a token)."""
+    geom = kept.prep.route
+    try:
+        check_ids(Checker(req.op), kept.prep.me, req.inputs.expert_ids, act.slots, geom.E, geom.E, geom.special)
+    except AclnnError:
+        return False
+    return True
 
 
 def dispatch(req: DispatchRequest, ctx: CommContext) -> tuple[DispatchOutputs, Call] | None:
@@ -183,14 +172,16 @@ def dispatch(req: DispatchRequest, ctx: CommContext) -> tuple[DispatchOutputs, C
     geom, inp = kept.prep.route, req.inputs
     bs, k = inp.expert_ids.shape
     n = _active(inp.x_active_mask, bs)
-    ids = _plain_ids(inp.expert_ids, n, geom)
-    if ids is None:
+    if not n:
+        return None
+    act = active_set(bs, k, inp.x_active_mask)
+    if not _ids_pass(req, kept, act):
         return None
     if geom.S or geom.special:                # the general plan of the active tokens
-        plan = send_plan(geom, kept.prep.me, inp.expert_ids, _active_set(bs, k, n))
+        plan = send_plan(geom, kept.prep.me, inp.expert_ids, act)
         rows = WireRows(plan.token, plan.slot, plan.local, plan.smooth_row, plan.counts)
     else:
-        e = ids.reshape(-1).astype(np.int64)
+        e = inp.expert_ids.numpy()[:n].reshape(-1).astype(np.int64)
         order = np.argsort(e, kind="stable")
         chosen = e[order]
         rows = WireRows(token=order // k, slot=order % k, local=chosen % geom.L, smooth_row=chosen,
@@ -207,15 +198,15 @@ def combine(req: CombineRequest, ctx: CommContext) -> tuple[torch.Tensor, Call] 
     prep, inp = kept.prep, req.inputs
     geom = prep.route
     bs, k = inp.expert_ids.shape
-    n = _active(inp.x_active_mask, bs)
-    ids = _plain_ids(inp.expert_ids, n, geom)
+    if not _active(inp.x_active_mask, bs):
+        return None
+    act = active_set(bs, k, inp.x_active_mask)
     blocks = geom.recv_blocks(prep.me)
-    if ids is None or blocks > inp.ep_send_counts.shape[0]:
+    if not _ids_pass(req, kept, act) or blocks > inp.ep_send_counts.shape[0]:
         return None
     own = int(inp.ep_send_counts[blocks - 1])
     if not 0 <= own <= prep.shapes.capacity:
         return None
-    act = _active_set(bs, k, n)
     if inp.positional:                        # V1: rows go back by position, matched to this rank's plan
         plan = send_plan(geom, prep.me, inp.expert_ids, act)
         tri, expected = route_back(geom, prep.me, inp, own), plan.counts
@@ -225,8 +216,7 @@ def combine(req: CombineRequest, ctx: CommContext) -> tuple[torch.Tensor, Call] 
         if own and not (int(tri.min()) >= 0 and int(tri[:, 0].max()) < geom.W and int(tri[:, 2].max()) < slots):
             return None
         plan, tri = None, tri.astype(np.int64)
-        expected = send_counts(geom, prep.me, inp.expert_ids, act) if geom.S or geom.special else \
-            np.bincount(ids.reshape(-1) // geom.L, minlength=geom.W).astype(np.int64)
+        expected = send_counts(geom, prep.me, inp.expert_ids, act)
     call = _open(ctx, kept, "combine")
     y = tp_reduce_scatter(call, geom, inp, own) if geom.tp_active else inp.expand_x[:own]
     return return_rows(call, prep, inp, Returning(y, tri, plan, expected, act)), call
