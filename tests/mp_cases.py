@@ -367,3 +367,13 @@ def steady_add_rms_norm(calls: int, **kw) -> tuple[list[list[bool]], int]:
     n0 = current().steady_calls
     checks = [add_rms_norm_layer(**kw) for _ in range(calls)]
     return checks, current().steady_calls - n0
+
+
+def native(native_ranks: list[int], fast_ranks: list[int], **fields) -> tuple:
+    """:func:`scenario` with the native accelerator on ``native_ranks`` only (``EMU_NATIVE``) and
+    the steady path on ``fast_ranks``; returns its outputs and the accelerator's status here."""
+    from emu.a3 import native as accel
+    rank = this_rank().rank
+    env = {"EMU_NATIVE": "1" if rank in native_ranks else "0", "EMU_FASTPATH": "1" if rank in fast_ranks else "0"}
+    with mock.patch.dict(os.environ, env):
+        return scenario(**fields), accel.status()

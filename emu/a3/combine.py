@@ -35,6 +35,7 @@ from ..core.plan import ActiveSet, SendPlan, send_plan, send_counts as plan_coun
 from .dispatch import inline_rows
 from ..core.request import Prepared
 from .checks import own_rows
+from . import native
 
 
 def combine(call: Call, prep: Prepared, inp: CombineInputs) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -79,9 +80,28 @@ def return_rows(call: Call, prep: Prepared, inp: CombineInputs,
                                         lambda seg, buf: pack_rows(call.ep, y, tri, seg, quant, buf),
                                         inline_rows(geom))
     _cross_check(call, hdr, send_counts, expected)
-    got = unpack_rows(call, prep, inp, plan, recv, received)
-    acc = combine_rows(got, inp, None if act.slot_mask is None else torch.from_numpy(act.slot_mask), geom.Ns)
+    acc = _native_sum(prep, inp, recv, received)
+    if acc is None:
+        got = unpack_rows(call, prep, inp, plan, recv, received)
+        acc = combine_rows(got, inp, None if act.slot_mask is None else torch.from_numpy(act.slot_mask), geom.Ns)
     return combine_output(acc, inp, act.tokens)
+
+
+def _native_sum(prep: Prepared, inp: CombineInputs, recv: torch.Tensor, received: Segments) -> torch.Tensor | None:
+    """:func:`combine_rows` by the native accelerator (None: not taken; V1, comm quant, copy
+    or const experts, or a row whose (token, slot) is out of range, which unpack_rows reports)."""
+    sp = inp.special
+    if inp.positional or prep.cfg.comm_quant_mode == 2 or ((sp.copy or sp.const) and sp.ori_x is not None):
+        return None
+    bs, k_num = inp.expert_ids.shape
+    acc = torch.zeros(bs, prep.route.H, dtype=torch.float32)
+    w = inp.expert_scales.to(torch.float32).contiguous()
+    if not native.combine_sum(recv, received.width, received.start, received.n, inp.expand_x.dtype, w,
+                              k_num + prep.route.Ns, acc):
+        return None
+    if inp.shared_expert_x is not None:
+        acc.add_(inp.shared_expert_x.reshape(bs, -1).to(torch.float32))
+    return acc
 
 
 def _width(expand_x: torch.Tensor, h: int, quant: bool) -> int:
@@ -108,15 +128,17 @@ def pack_rows(dom: Domain, y: torch.Tensor, tri: np.ndarray, sent: Segments, qua
     h = y.shape[1]
     dest = tri[:, 0] if dom.order is None else dom.order[tri[:, 0]]
     order = np.argsort(dest, kind="stable")
-    order_t = torch.from_numpy(order)
+    meta = (tri[order, 1], tri[order, 2], np.zeros(len(order), np.int64))
     if quant:
-        q, scale = comm_quant(y.index_select(0, order_t))
+        q, scale = comm_quant(y.index_select(0, torch.from_numpy(order)))
         pos = torch.from_numpy(sent.payload_index())
         send[pos, :h] = q.view(torch.uint8)
         send[pos, h:] = scale.contiguous().view(torch.uint8)
+    elif native.pack_rows(send, sent.width, sent.start, sent.n, y, order, None, meta):
+        return
     else:
         sent.gather((y,), order, (send.view(y.dtype),))
-    sent.write_meta(send, pack_meta(tri[order, 1], tri[order, 2], np.zeros(len(order), np.int64)))
+    sent.write_meta(send, pack_meta(*meta))
 
 
 def unpack_rows(call: Call, prep: Prepared, inp: CombineInputs, plan: SendPlan | None, recv: torch.Tensor,

@@ -33,6 +33,7 @@ from ..core.layout import DispatchOutputs, expert_token_nums, recv_layout
 from ..core.numerics import dynamic_quant
 from ..core.plan import send_plan
 from ..core.request import Prepared
+from . import native
 
 
 @dataclass(frozen=True)
@@ -108,11 +109,16 @@ def pack_rows(inp: DispatchInputs, rows: WireRows, sent: Segments, quant: bool, 
     """Fill the (sent.total, width) uint8 ``send`` buffer: each peer's payload rows gathered
     straight into its segment (quantised with quant mode 2), then the segment's metadata tail."""
     x, h = inp.x, inp.x.shape[1]
+    meta = (rows.token, rows.slot, rows.local)
     if quant:
         q, scale, inv = _quantise_copies(x, inp.scales, rows.token, rows.smooth_row)
+        if native.pack_rows(send, sent.width, sent.start, sent.n, q, inv.numpy(), scale, meta):
+            return
         src, index = (q.view(torch.uint8), scale.view(torch.uint8).view(-1, 4)), inv.numpy()
         dst = (send[:, :h], send[:, h:])
     else:
+        if native.pack_rows(send, sent.width, sent.start, sent.n, x, rows.token, None, meta):
+            return
         src, index, dst = (x,), rows.token, (send.view(x.dtype),)       # (total, H)
     sent.gather(src, index, dst)
     sent.write_meta(send, pack_meta(rows.token, rows.slot, rows.local))
@@ -125,19 +131,26 @@ def lay_out(dom: Domain, prep: Prepared, recv: torch.Tensor, received: Segments,
     Returns the outputs (EP part written), the rows received and ep_recv_counts (W*L_r,)."""
     geom, h = prep.route, prep.route.H
     me = dom.rank
+    out = DispatchOutputs.allocate(prep.shapes, h, torch.int8 if quant else prep.xt)
+    blocks = geom.recv_blocks(me)
+    own = native.dispatch_layout(recv, received.width, received.start, received.n, dom.group_to_logical(),
+                                 (geom.W, blocks, h * out.expand_x.element_size(), prep.shapes.capacity),
+                                 (out.expand_x, out.dynamic_scales if quant else None, out.assist_info_for_combine,
+                                  out.ep_recv_counts))
+    if own is not None:
+        return out, own, out.ep_recv_counts.numpy()[:blocks].astype(np.int64)
     t, k, loc = unpack_meta(received.read_meta(recv))
     src = np.repeat(dom.group_to_logical(), received.n)
     lay = recv_layout(geom, me, src, loc)
     own = int(lay.order.size)
     rows_idx = torch.from_numpy(received.payload_index()[lay.order])
-    out = DispatchOutputs.allocate(prep.shapes, h, torch.int8 if quant else prep.xt)
     if quant:                                 # int8 rows and their scales gathered straight into the outputs
         torch.index_select(recv[:, :h], 0, rows_idx, out=out.expand_x[:own].view(torch.uint8))
         torch.index_select(recv[:, h:], 0, rows_idx, out=out.dynamic_scales[:own].view(torch.uint8).view(own, 4))
     else:
         torch.index_select(recv.view(prep.xt), 0, rows_idx, out=out.expand_x[:own])
     out.assist_info_for_combine.numpy()[:3 * own] = np.stack([src, t, k], axis=1)[lay.order].reshape(-1)
-    out.ep_recv_counts.numpy()[:geom.recv_blocks(me)] = lay.ep_recv_counts
+    out.ep_recv_counts.numpy()[:blocks] = lay.ep_recv_counts
     return out, own, lay.ep_recv_counts
 
 

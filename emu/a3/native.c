@@ -1,0 +1,187 @@
+/* The optional native accelerator of the A3 data path (emu/a3/native.py).
+ *
+ * Three loops that the Python phases otherwise spell as many small numpy/torch operations:
+ * packing rows and their metadata into a wire buffer, dispatch's receive layout, and
+ * combine's fp32 weighted sum.  Each does exactly what its Python twin does, element for
+ * element (the tests run both and compare bytes): copies move bytes, and the sum is one
+ * rounded fp32 multiply and one rounded fp32 add per element and slot, in slot order
+ * (built with -ffp-contract=off, so no fused multiply-add).
+ *
+ * A wire buffer holds rows of `width` bytes; peer p's segment starts at row start[p]: its
+ * n[p] payload rows, then its n[p] int32 metadata words (token << 15 | slot << 10 | local).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int32_t meta_word(int64_t t, int64_t k, int64_t l) {
+    return (int32_t)((t << 15) | (k << 10) | l);          /* wraps as numpy's astype(int32) */
+}
+
+/* Rows in peer order: payload row i of the buffer <- src row index[i] (row_bytes), then,
+ * when extra is given, its 4-byte word extra[index[i]]; metadata word i <- (token[i],
+ * slot[i], local[i]).  Returns 0, or -1 when the rows do not fit the segments. */
+int mc2_pack_rows(uint8_t *buf, int64_t width, const int64_t *start, const int64_t *n, int64_t peers,
+                  const uint8_t *src, int64_t row_bytes, const int64_t *index, const uint8_t *extra,
+                  const int64_t *token, const int64_t *slot, const int64_t *local) {
+    if (row_bytes + (extra ? 4 : 0) > width || width % 4)
+        return -1;
+    int64_t i = 0;
+    for (int64_t p = 0; p < peers; p++) {
+        uint8_t *rows = buf + start[p] * width;
+        int32_t *words = (int32_t *)(buf + (start[p] + n[p]) * width);
+        for (int64_t j = 0; j < n[p]; j++, i++) {
+            memcpy(rows + j * width, src + index[i] * row_bytes, (size_t)row_bytes);
+            if (extra)
+                memcpy(rows + j * width + row_bytes, extra + 4 * index[i], 4);
+            words[j] = meta_word(token[i], slot[i], local[i]);
+        }
+    }
+    return 0;
+}
+
+/* Dispatch's receive layout: blocks local-expert major, source minor; within a block the
+ * rows in the order received.  Source group rank p is logical source logical[p] (W sources
+ * in all; `blocks` = W * local experts).  Writes out_x rows (payload bytes each; with
+ * out_scale, the 4 bytes after the payload go there), assist (3 int32 per row: source,
+ * token, slot) and ep_recv (blocks int32, the inclusive running count).  Returns the rows
+ * laid out, or -1 (nothing written) when a metadata word names a block outside `blocks` or
+ * the rows exceed `capacity`. */
+int64_t mc2_dispatch_layout(const uint8_t *buf, int64_t width, const int64_t *start, const int64_t *n,
+                            int64_t peers, const int64_t *logical, int64_t W, int64_t blocks, int64_t payload,
+                            int64_t capacity, uint8_t *out_x, float *out_scale, int32_t *assist,
+                            int32_t *ep_recv) {
+    int64_t *at = calloc((size_t)blocks + 1, sizeof(int64_t));
+    if (!at)
+        return -1;
+    int64_t total = 0;
+    for (int64_t p = 0; p < peers; p++) {
+        const int32_t *words = (const int32_t *)(buf + (start[p] + n[p]) * width);
+        for (int64_t j = 0; j < n[p]; j++) {
+            int64_t b = (int64_t)(words[j] & 1023) * W + logical[p];
+            if (words[j] < 0 || b >= blocks) {
+                free(at);
+                return -1;
+            }
+            at[b + 1]++;
+        }
+        total += n[p];
+    }
+    if (total > capacity) {
+        free(at);
+        return -1;
+    }
+    for (int64_t b = 0; b < blocks; b++) {
+        at[b + 1] += at[b];
+        ep_recv[b] = (int32_t)at[b + 1];
+    }
+    for (int64_t p = 0; p < peers; p++) {
+        const uint8_t *rows = buf + start[p] * width;
+        const int32_t *words = (const int32_t *)(rows + n[p] * width);
+        for (int64_t j = 0; j < n[p]; j++) {
+            int32_t m = words[j];
+            int64_t r = at[(int64_t)(m & 1023) * W + logical[p]]++;
+            memcpy(out_x + r * payload, rows + j * width, (size_t)payload);
+            if (out_scale)
+                memcpy(out_scale + r, rows + j * width + payload, 4);
+            assist[3 * r] = (int32_t)logical[p];
+            assist[3 * r + 1] = m >> 15;
+            assist[3 * r + 2] = (m >> 10) & 31;
+        }
+    }
+    free(at);
+    return total;
+}
+
+static float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static float f16_to_f32(uint16_t v) {
+    uint32_t sign = (uint32_t)(v & 0x8000) << 16, exp = (v >> 10) & 31, man = v & 1023, u;
+    if (exp == 31)
+        u = sign | 0x7F800000u | (man << 13);
+    else if (exp)
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    else if (!man)
+        u = sign;
+    else {                                                  /* subnormal: normalise */
+        exp = 113;
+        while (!(man & 1024)) {
+            man <<= 1;
+            exp--;
+        }
+        u = sign | (exp << 23) | ((man & 1023) << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Combine's fp32 weighted sum of the received rows (XT: bf16 when fp16 == 0, else fp16):
+ * entry (token t, slot k) of every payload row from its metadata word; the entries are taken
+ * slot by slot (k ascending, the order received within a slot) and each adds
+ * fp32(row) * weight to acc[t] (weight w[t, k] for k < K, 1 for a shared slot k >= K), every
+ * multiply and add rounded to fp32.  Returns 0, or -1 (acc untouched) when a word names a
+ * token outside [0, bs) or a slot outside [0, slots). */
+int mc2_combine_sum(const uint8_t *buf, int64_t width, const int64_t *start, const int64_t *n, int64_t peers,
+                    int fp16, int64_t h, int64_t bs, int64_t K, int64_t slots, const float *w, float *acc) {
+    int64_t total = 0;
+    for (int64_t p = 0; p < peers; p++)
+        total += n[p];
+    int64_t *at = calloc((size_t)slots + 1, sizeof(int64_t));
+    const uint8_t **row = malloc((size_t)(total ? total : 1) * sizeof(*row));
+    int64_t *tok = malloc((size_t)(total ? total : 1) * sizeof(int64_t));
+    if (!at || !row || !tok) {
+        free(at);
+        free(row);
+        free(tok);
+        return -1;
+    }
+    for (int64_t p = 0; p < peers; p++) {
+        const int32_t *words = (const int32_t *)(buf + (start[p] + n[p]) * width);
+        for (int64_t j = 0; j < n[p]; j++) {
+            int32_t t = words[j] >> 15, k = (words[j] >> 10) & 31;
+            if (t < 0 || t >= bs || k >= slots) {
+                free(at);
+                free(row);
+                free(tok);
+                return -1;
+            }
+            at[k + 1]++;
+        }
+    }
+    for (int64_t k = 0; k < slots; k++)
+        at[k + 1] += at[k];
+    for (int64_t p = 0; p < peers; p++) {
+        const uint8_t *rows = buf + start[p] * width;
+        const int32_t *words = (const int32_t *)(rows + n[p] * width);
+        for (int64_t j = 0; j < n[p]; j++) {
+            int64_t i = at[(words[j] >> 10) & 31]++;
+            row[i] = rows + j * width;
+            tok[i] = words[j] >> 15;
+        }
+    }
+    /* at[k] is now the end of slot k's entries: entries are in slot order */
+    for (int64_t i = 0, k = 0; i < total; i++) {
+        while (i >= at[k])
+            k++;
+        int64_t t = tok[i];
+        float wt = k < K ? w[t * K + k] : 1.0f;
+        float *a = acc + t * h;
+        const uint16_t *x = (const uint16_t *)row[i];
+        if (fp16)
+            for (int64_t e = 0; e < h; e++)
+                a[e] = a[e] + f16_to_f32(x[e]) * wt;
+        else
+            for (int64_t e = 0; e < h; e++)
+                a[e] = a[e] + bf16_to_f32(x[e]) * wt;
+    }
+    free(at);
+    free(row);
+    free(tok);
+    return 0;
+}

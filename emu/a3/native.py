@@ -1,0 +1,156 @@
+"""The optional native accelerator of the A3 data path (``native.c`` beside this file).
+
+Three loops of the phases, each otherwise many small numpy/torch operations per call:
+
+    pack_rows        rows gathered into their peers' wire segments, with the metadata tails
+                     (dispatch and combine ``pack_rows``)
+    dispatch_layout  dispatch's receive layout: expand_x (and dynamic_scales), the assist
+                     triples and ep_recv_counts (``lay_out``)
+    combine_sum      combine's fp32 k-order weighted sum of the received rows (``combine_rows``)
+
+The C source is compiled on first use with the system C compiler (``cc``, or ``$CC``) into a
+cache folder (``EMU_NATIVE_DIR``, default ``~/.cache/mc2-emu/native``), one library per source
+hash, and loaded with ctypes.  With no compiler, a failed build or ``EMU_NATIVE=0`` every
+phase runs its Python code: the results are the same bytes either way (tests/test_native.py
+runs both).  Each function returns False (having written nothing) for a case it does not
+take, and the caller then runs the Python code, which also raises whatever error the case
+calls for.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.env import getenv
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ("-O2", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math")
+
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {
+    "mc2_pack_rows": ([_P, _I, _P, _P, _I, _P, _I, _P, _P, _P, _P, _P], ctypes.c_int),
+    "mc2_dispatch_layout": ([_P, _I, _P, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P], ctypes.c_int64),
+    "mc2_combine_sum": ([_P, _I, _P, _P, _I, ctypes.c_int, _I, _I, _I, _I, _P, _P], ctypes.c_int),
+}
+
+
+class _Library:
+    """The built library, loaded once per process (None when it cannot be had), and why not."""
+
+    lib: ctypes.CDLL | None = None
+    tried = False
+    reason = "not built yet"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("EMU_NATIVE_DIR") or Path.home() / ".cache" / "mc2-emu" / "native")
+
+
+def _build() -> ctypes.CDLL:
+    """Compile (once per source and compiler flags, shared by every process) and load."""
+    text = SOURCE.read_bytes()
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise OSError("no C compiler (cc, gcc or $CC)")
+    digest = hashlib.sha256(text + " ".join(FLAGS).encode()).hexdigest()[:16]
+    folder = _cache_dir()
+    target = folder / f"mc2_native_{digest}.so"
+    if not target.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+        os.close(fd)
+        try:
+            subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=120)
+            os.replace(tmp, target)                       # atomic: ranks that build at once all succeed
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    for name, (args, res) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded accelerator, or None (``EMU_NATIVE=0``, no compiler, a failed build)."""
+    if getenv("EMU_NATIVE", "1").strip() == "0":
+        return None
+    if not _Library.tried:
+        _Library.tried = True
+        try:
+            _Library.lib, _Library.reason = _build(), "built"
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = getattr(e, "stderr", b"") or b""
+            _Library.reason = f"{type(e).__name__}: {e} {detail.decode(errors='replace')[:400]}".strip()
+    return _Library.lib
+
+
+def status() -> str:
+    """'on', or 'off: <why>' (for the bench and the troubleshooting guide)."""
+    if getenv("EMU_NATIVE", "1").strip() == "0":
+        return "off: EMU_NATIVE=0"
+    return "on" if library() is not None else f"off: {_Library.reason}"
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def _i64(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def pack_rows(buf: torch.Tensor, width: int, start: np.ndarray, n: np.ndarray, src: torch.Tensor,
+              index: np.ndarray, extra: torch.Tensor | None, meta: tuple[np.ndarray, np.ndarray, np.ndarray]) -> bool:
+    """Payload row i of the (rows, ``width``) uint8 ``buf`` (peer p's rows from ``start[p]``,
+    ``n[p]`` of them, peers in order) <- ``src[index[i]]``, then ``extra[index[i]]`` (4 bytes);
+    metadata word i <- ``meta`` (token, slot, local).  False: not taken."""
+    lib = library()
+    if lib is None or not (buf.is_contiguous() and src.is_contiguous()) or src.dim() != 2 \
+            or (extra is not None and not (extra.is_contiguous() and extra.element_size() == 4)):
+        return False
+    start, n = _i64(start), _i64(n)
+    index, token, slot, local = (_i64(a) for a in (index, *meta))
+    row_bytes = src.shape[1] * src.element_size()
+    return lib.mc2_pack_rows(buf.data_ptr(), width, _ptr(start), _ptr(n), n.size, src.data_ptr(), row_bytes,
+                             _ptr(index), None if extra is None else extra.data_ptr(),
+                             _ptr(token), _ptr(slot), _ptr(local)) == 0
+
+
+def dispatch_layout(buf: torch.Tensor, width: int, start: np.ndarray, n: np.ndarray, logical: np.ndarray,
+                    sizes: tuple[int, int, int, int], out: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
+                                                              torch.Tensor]) -> int | None:
+    """Lay the received rows out (``lay_out``): ``sizes`` = (W, blocks, payload bytes,
+    capacity rows); ``out`` = (expand_x, dynamic_scales or None, assist_info, ep_recv_counts),
+    all contiguous.  Returns the rows laid out, or None: not taken (nothing written)."""
+    lib = library()
+    x, scales, assist, ep_recv = out
+    if lib is None or not (buf.is_contiguous() and x.is_contiguous()):
+        return None
+    start, n, logical = _i64(start), _i64(n), _i64(logical)
+    got = lib.mc2_dispatch_layout(buf.data_ptr(), width, _ptr(start), _ptr(n), n.size, _ptr(logical), *sizes,
+                                  x.data_ptr(), None if scales is None else scales.data_ptr(),
+                                  assist.data_ptr(), ep_recv.data_ptr())
+    return None if got < 0 else int(got)
+
+
+def combine_sum(buf: torch.Tensor, width: int, start: np.ndarray, n: np.ndarray, dtype: torch.dtype,
+                weights: torch.Tensor, slots: int, acc: torch.Tensor) -> bool:
+    """acc (Bs, H) fp32 += the k-order weighted sum of the received rows (``combine_rows``
+    without copy or const experts); ``weights`` (Bs, K) fp32 contiguous.  False: not taken."""
+    lib = library()
+    if lib is None or dtype not in (torch.bfloat16, torch.float16) or not buf.is_contiguous():
+        return False
+    bs, h = acc.shape
+    start, n = _i64(start), _i64(n)
+    return lib.mc2_combine_sum(buf.data_ptr(), width, _ptr(start), _ptr(n), n.size, int(dtype == torch.float16),
+                               h, bs, weights.shape[1], slots, weights.data_ptr(), acc.data_ptr()) == 0

@@ -1,0 +1,243 @@
+"""The native accelerator of the A3 data path (emu/a3/native.py) against the Python phases.
+
+Each kernel is held to the Python code it replaces byte for byte on random inputs (single
+process), and a 2-rank world with the accelerator on some ranks only is bit-exact with the
+reference on every rank (the wire is the same, so ranks on either code interoperate).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mp_cases
+from emu.a3 import native
+from emu.a3.dispatch import lay_out
+from emu.comm.wire import Segments, pack_meta
+from emu.core.attrs import Geometry
+from emu.core.layout import dispatch_shapes
+from emu.core.numerics import ReceivedRows, combine_rows
+from emu.testing.scenario import RankResult, Scenario, compare, run_reference
+
+pytestmark = [pytest.mark.emu_world(2), pytest.mark.timeout(300)]
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def _needs_native():
+    if native.library() is None:
+        pytest.skip(f"accelerator unavailable: {native.status()}")
+
+
+def _segments(rng: np.random.Generator, peers: int, width: int, most: int, slot: bool) -> Segments:
+    n = rng.integers(0, most + 1, peers)
+    if not slot:
+        return Segments(n, width)
+    per = int((n + -(-4 * n // width)).max()) + 2
+    return Segments(n, width, start=np.arange(peers) * per + 1, total=peers * per)
+
+
+def _values(rng: np.random.Generator, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Random XT values with infinities, NaNs, zeros of both signs and (fp16) subnormals mixed in."""
+    v = torch.zeros(shape, dtype=dtype)
+    flat = v.view(-1)
+    if not flat.numel():
+        return v
+    flat.copy_(torch.from_numpy(rng.standard_normal(flat.numel()).astype(np.float32) * 4))
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 3e-6, -6e-8, 65504.0]).to(dtype)
+    where = torch.from_numpy(rng.integers(0, flat.numel(), max(flat.numel() // 16, 1)))
+    flat[where] = special[torch.from_numpy(rng.integers(0, special.numel(), where.numel()))]
+    return v
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31), peers=st.integers(1, 8), h=st.sampled_from([4, 8, 64, 1024]),
+       quant=st.booleans(), slot=st.booleans())
+def test_pack_rows_writes_what_gather_and_write_meta_write(seed, peers, h, quant, slot):
+    """Payload rows (bf16 rows, or int8 rows with their fp32 scale) and metadata words as the
+    Python packing writes them, in back-to-back segments or in slots after a header row."""
+    _needs_native()
+    rng = np.random.default_rng(seed)
+    if quant:
+        src = torch.from_numpy(rng.integers(-128, 128, (7, h), dtype=np.int8))
+        extra = torch.from_numpy(rng.standard_normal(7).astype(np.float32))
+        width = h + 4
+    else:
+        src, extra, width = _values(rng, (7, h), torch.bfloat16), None, 2 * h
+    seg = _segments(rng, peers, width, 5, slot)
+    total = int(seg.n.sum())
+    index = rng.integers(0, 7, total)
+    meta = (rng.integers(0, 1 << 16, total), rng.integers(0, 32, total), rng.integers(0, 1024, total))
+    want = torch.zeros(seg.total, width, dtype=torch.uint8)
+    if quant:
+        seg.gather((src.view(torch.uint8), extra.view(torch.uint8).view(-1, 4)), index, (want[:, :h], want[:, h:]))
+    else:
+        seg.gather((src,), index, (want.view(torch.bfloat16),))
+    seg.write_meta(want, pack_meta(*meta))
+    got = torch.zeros_like(want)
+    assert native.pack_rows(got, width, seg.start, seg.n, src, index, extra, meta)
+    rows = torch.from_numpy(seg.payload_index())
+    assert torch.equal(got[rows], want[rows])
+    assert np.array_equal(seg.read_meta(got), seg.read_meta(want))
+
+
+def test_pack_rows_declines_rows_not_word_aligned():
+    """A row width that is not a multiple of 4 (bf16 rows of odd H): the Python code packs them."""
+    _needs_native()
+    seg = Segments(np.array([1]), 6)
+    buf = torch.zeros(seg.total, 6, dtype=torch.uint8)
+    zero = np.zeros(1, np.int64)
+    assert not native.pack_rows(buf, 6, seg.start, seg.n, torch.ones(1, 3, dtype=torch.bfloat16), zero, None,
+                                (zero, zero, zero))
+    assert not buf.any()
+
+
+def _wire(rng, geom: Geometry, rank: int, quant: bool, slot: bool, capacity: int):
+    """A received buffer as the exchange leaves it: every source's rows for this rank's local
+    experts (random, ``capacity`` at most in all), with their metadata tails."""
+    h = geom.H
+    width = h + 4 if quant else h * 2
+    lr = geom.local_expert_num(rank)
+    n = rng.integers(0, min(4, capacity // geom.W) + 1, geom.W)
+    seg = Segments(n, width) if not slot else \
+        Segments(n, width, start=np.arange(geom.W) * 16 + 1, total=geom.W * 16)
+    total = int(n.sum())
+    buf = torch.zeros(seg.total, width, dtype=torch.uint8)
+    buf.view(-1)[:] = torch.from_numpy(rng.integers(0, 256, buf.numel(), dtype=np.uint8))
+    if quant and total:
+        buf[torch.from_numpy(seg.payload_index()), h:] = \
+            torch.from_numpy(rng.standard_normal(total).astype(np.float32)).view(torch.uint8).view(-1, 4)
+    local = np.sort(rng.integers(0, lr, total))
+    meta = (rng.integers(0, geom.G, total), rng.integers(0, geom.K, total), local)
+    seg.write_meta(buf, pack_meta(*meta))
+    return buf, seg
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31), w=st.integers(1, 6), local=st.integers(1, 3), quant=st.booleans(),
+       slot=st.booleans(), order=st.booleans())
+def test_dispatch_layout_is_lay_out(seed, w, local, quant, slot, order):
+    """lay_out with the accelerator writes the outputs it writes without, whatever the sources'
+    group order."""
+    _needs_native()
+    rng = np.random.default_rng(seed)
+    geom = Geometry(W=w, S=0, Ns=0, E=w * local, K=min(2, w * local), H=16, G=8, tp=0)
+    rank = int(rng.integers(0, w))
+    shapes = dispatch_shapes(geom, rank, 8)
+    buf, seg = _wire(rng, geom, rank, quant, slot, shapes.capacity)
+    perm = rng.permutation(w) if order else None
+    dom = SimpleNamespace(rank=rank, group_to_logical=lambda: np.arange(w) if perm is None else np.argsort(perm))
+    prep = SimpleNamespace(route=geom, shapes=shapes, xt=torch.bfloat16)
+    outs = []
+    for flag in ("0", "1"):
+        with mock.patch.dict(os.environ, {"EMU_NATIVE": flag}):
+            out, own, counts = lay_out(dom, prep, buf, seg, quant)
+        outs.append((out.as_tuple(), own, counts.tolist()))
+    (a, own_a, c_a), (b, own_b, c_b) = outs
+    assert (own_a, c_a) == (own_b, c_b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and torch.equal(x.view(torch.uint8) if x.dtype.is_floating_point else x,
+                                                  y.view(torch.uint8) if y.dtype.is_floating_point else y)
+
+
+def test_dispatch_layout_declines_a_word_outside_the_blocks():
+    _needs_native()
+    seg = Segments(np.array([1, 0]), 16)
+    buf = torch.zeros(seg.total, 16, dtype=torch.uint8)
+    seg.write_meta(buf, pack_meta(np.array([0]), np.array([0]), np.array([1])))      # local expert 1 of 1
+    x = torch.zeros(4, 8, dtype=torch.bfloat16)
+    outs = (x, None, torch.zeros(12, dtype=torch.int32), torch.zeros(2, dtype=torch.int32))
+    assert native.dispatch_layout(buf, 16, seg.start, seg.n, np.arange(2), (2, 2, 16, 4), outs) is None
+    assert not outs[2].any() and not outs[3].any()
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31), bs=st.integers(1, 9), k=st.integers(1, 4), shared=st.integers(0, 2),
+       h=st.sampled_from([1, 5, 64, 1024]), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+       peers=st.integers(1, 4), dup=st.booleans())
+def test_combine_sum_is_combine_rows(seed, bs, k, shared, h, dtype, peers, dup):
+    """The k-order fp32 sum, bit for bit, with infinities, fp16 subnormals, shared slots, and
+    (dup) rows returned twice for one (token, slot), which both add in the order received; a NaN
+    where the Python sum has one (its sign and payload follow the operand order each compiler
+    picks for a commutative add, which IEEE leaves open)."""
+    _needs_native()
+    rng = np.random.default_rng(seed)
+    slots = k + shared
+    pairs = np.array([(t, s) for t in range(bs) for s in range(slots) if rng.random() < 0.7], dtype=np.int64)
+    pairs = pairs.reshape(-1, 2)
+    if dup and len(pairs):
+        pairs = np.concatenate([pairs, pairs[rng.integers(0, len(pairs), 3)]])
+    pairs = pairs[rng.permutation(len(pairs))]
+    cuts = np.sort(rng.integers(0, len(pairs) + 1, peers - 1))
+    n = np.diff(np.concatenate([[0], cuts, [len(pairs)]]))
+    width = 2 * h + (2 if h % 2 else 0)
+    seg = Segments(n, width)
+    buf = torch.zeros(seg.total, width, dtype=torch.uint8)
+    rows = _values(rng, (len(pairs), h), dtype)
+    idx = seg.payload_index()
+    if len(pairs):
+        buf[torch.from_numpy(idx), :2 * h] = rows.view(torch.uint8).view(len(pairs), 2 * h)
+    seg.write_meta(buf, pack_meta(pairs[:, 0], pairs[:, 1], np.zeros(len(pairs), np.int64)))
+    w = _values(rng, (bs, k), torch.float32)
+    inp = SimpleNamespace(expert_ids=torch.zeros(bs, k, dtype=torch.int32), expert_scales=w, shared_expert_x=None,
+                          special=SimpleNamespace(copy=0, const=0, ori_x=None))
+    if width == 2 * h:
+        src = buf.view(dtype)
+    else:
+        src = buf[:, :2 * h].contiguous().view(dtype)
+    want = combine_rows(ReceivedRows(src, pairs[:, 0], pairs[:, 1], index=idx), inp, None, shared)
+    got = torch.zeros(bs, h, dtype=torch.float32)
+    assert native.combine_sum(buf, width, seg.start, seg.n, dtype, w.contiguous(), slots, got)
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)               # a NaN's sign and payload are the host's: not held
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
+
+
+def test_combine_sum_declines_a_token_out_of_range():
+    _needs_native()
+    seg = Segments(np.array([1]), 4)
+    buf = torch.zeros(seg.total, 4, dtype=torch.uint8)
+    seg.write_meta(buf, pack_meta(np.array([3]), np.array([0]), np.array([0])))
+    acc = torch.zeros(3, 2)
+    assert not native.combine_sum(buf, 4, seg.start, seg.n, torch.bfloat16, torch.ones(3, 1), 1, acc)
+    assert not acc.any()
+
+
+def test_without_a_compiler_the_python_code_runs(tmp_path):
+    """No C compiler: the accelerator reports why it is off, and the phases run their Python code."""
+    code = ("from emu.a3 import native; import torch, numpy as np\n"
+            "print(native.status()); print(native.pack_rows(torch.zeros(2, 4, dtype=torch.uint8), 4,"
+            " np.zeros(1), np.ones(1), torch.zeros(1, 2, dtype=torch.bfloat16), np.zeros(1), None,"
+            " (np.zeros(1), np.zeros(1), np.zeros(1))))")
+    env = dict(os.environ, CC=str(tmp_path / "no-such-cc"), EMU_NATIVE_DIR=str(tmp_path / "cache"), PATH="")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    lines = out.stdout.split("\n")
+    assert out.returncode == 0, out.stderr
+    assert lines[0].startswith("off: ") and "no-such-cc" in lines[0] and lines[1] == "False"
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(moe_per_rank=st.sampled_from([1, 2, 3]), k=st.integers(1, 3), bs=st.integers(1, 9),
+       quant=st.sampled_from([0, 2]), smooth=st.booleans(), comm_quant=st.sampled_from([0, 2]),
+       dtype=st.sampled_from(["bf16", "fp16"]), mask=st.sampled_from(["none", "1d", "2d"]),
+       shared_ranks=st.sampled_from([0, 1]), accel=st.sampled_from([[0, 1], [0], [1]]),
+       fast=st.sampled_from([[0, 1], []]), seed=st.integers(0, 10_000))
+def test_ranks_with_and_without_the_accelerator_are_bit_exact(world, moe_per_rank, k, bs, quant, smooth, comm_quant,
+                                                              dtype, mask, shared_ranks, accel, fast, seed):
+    """Three round trips with the accelerator on some ranks: every rank bit-exact with the reference."""
+    moe = (2 - shared_ranks) * moe_per_rank
+    fields = dict(ep=2, moe=moe, shared_ranks=shared_ranks, k=min(k, moe), bs=bs, h=1024, quant=quant,
+                  smooth=smooth and quant == 2, comm_quant=comm_quant, dtype=dtype, mask=mask, seed=seed, calls=3)
+    got = world.run(mp_cases.native, native_ranks=accel, fast_ranks=fast, **fields)
+    want = run_reference(Scenario(**fields))
+    for g, res in enumerate(got):
+        (dispatch, x_out, _), status = res.get()
+        assert status == ("on" if g in accel else "off: EMU_NATIVE=0"), (g, status)
+        assert not compare(RankResult(dispatch=dispatch, x_out=x_out), want[g]), (g, fields)
