@@ -122,23 +122,24 @@ static float f16_to_f32(uint16_t v) {
 }
 
 /* Combine's fp32 weighted sum of the received rows (XT: bf16 when fp16 == 0, else fp16):
- * entry (token t, slot k) of every payload row from its metadata word; the entries are taken
- * slot by slot (k ascending, the order received within a slot) and each adds
+ * entry (token t, slot k) of every payload row from its metadata word; each entry adds
  * fp32(row) * weight to acc[t] (weight w[t, k] for k < K, 1 for a shared slot k >= K), every
- * multiply and add rounded to fp32.  Returns 0, or -1 (acc untouched) when a word names a
- * token outside [0, bs) or a slot outside [0, slots). */
+ * multiply and add rounded to fp32, a token's entries in slot order (entries of one slot in the
+ * order received), so every element gets the adds the slot-major Python sum gives it.  The
+ * entries are taken token by token, so that a token's sum stays in cache.  Returns 0, or -1
+ * (acc untouched) when a word names a token outside [0, bs) or a slot outside [0, slots). */
 int mc2_combine_sum(const uint8_t *buf, int64_t width, const int64_t *start, const int64_t *n, int64_t peers,
                     int fp16, int64_t h, int64_t bs, int64_t K, int64_t slots, const float *w, float *acc) {
-    int64_t total = 0;
+    int64_t total = 0, keys = bs * slots;
     for (int64_t p = 0; p < peers; p++)
         total += n[p];
-    int64_t *at = calloc((size_t)slots + 1, sizeof(int64_t));
+    int64_t *at = calloc((size_t)keys + 1, sizeof(int64_t));
     const uint8_t **row = malloc((size_t)(total ? total : 1) * sizeof(*row));
-    int64_t *tok = malloc((size_t)(total ? total : 1) * sizeof(int64_t));
-    if (!at || !row || !tok) {
+    int64_t *key = malloc((size_t)(total ? total : 1) * sizeof(int64_t));
+    if (!at || !row || !key) {
         free(at);
         free(row);
-        free(tok);
+        free(key);
         return -1;
     }
     for (int64_t p = 0; p < peers; p++) {
@@ -148,28 +149,26 @@ int mc2_combine_sum(const uint8_t *buf, int64_t width, const int64_t *start, con
             if (t < 0 || t >= bs || k >= slots) {
                 free(at);
                 free(row);
-                free(tok);
+                free(key);
                 return -1;
             }
-            at[k + 1]++;
+            at[t * slots + k + 1]++;
         }
     }
-    for (int64_t k = 0; k < slots; k++)
-        at[k + 1] += at[k];
+    for (int64_t b = 0; b < keys; b++)
+        at[b + 1] += at[b];
     for (int64_t p = 0; p < peers; p++) {
         const uint8_t *rows = buf + start[p] * width;
         const int32_t *words = (const int32_t *)(rows + n[p] * width);
         for (int64_t j = 0; j < n[p]; j++) {
-            int64_t i = at[(words[j] >> 10) & 31]++;
+            int64_t b = (int64_t)(words[j] >> 15) * slots + ((words[j] >> 10) & 31);
+            int64_t i = at[b]++;
             row[i] = rows + j * width;
-            tok[i] = words[j] >> 15;
+            key[i] = b;
         }
     }
-    /* at[k] is now the end of slot k's entries: entries are in slot order */
-    for (int64_t i = 0, k = 0; i < total; i++) {
-        while (i >= at[k])
-            k++;
-        int64_t t = tok[i];
+    for (int64_t i = 0; i < total; i++) {
+        int64_t t = key[i] / slots, k = key[i] % slots;
         float wt = k < K ? w[t * K + k] : 1.0f;
         float *a = acc + t * h;
         const uint16_t *x = (const uint16_t *)row[i];
@@ -182,6 +181,6 @@ int mc2_combine_sum(const uint8_t *buf, int64_t width, const int64_t *start, con
     }
     free(at);
     free(row);
-    free(tok);
+    free(key);
     return 0;
 }

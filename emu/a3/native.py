@@ -32,7 +32,7 @@ import torch
 from ..core.env import getenv
 
 SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ("-O2", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math")
+FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math")
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .. import api
+from ..a3 import native
 from ..comm.context import current
 from ..core.attrs import Geometry, MoeConfig
 from ..core.plan import active_set, send_plan
@@ -128,12 +129,21 @@ def bench_point(pt: dict, repeats: int) -> dict:
         api.moe_distribute_combine_v2(y, ids, o[2], o[4], w, tp_send_counts=o[5] if T == 2 else None, **kw)
         return t1 - t0, time.perf_counter() - t1
 
-    def general():                    # ours with every check on every call (EMU_FASTPATH=0)
-        os.environ["EMU_FASTPATH"] = "0"
-        try:
-            ours()
-        finally:
-            del os.environ["EMU_FASTPATH"]
+    def with_env(name: str):
+        def run():
+            saved = os.environ.get(name)
+            os.environ[name] = "0"
+            try:
+                ours()
+            finally:
+                if saved is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = saved
+        return run
+
+    general = with_env("EMU_FASTPATH")       # ours with every check on every call
+    python = with_env("EMU_NATIVE")          # ours without the native accelerator
 
     mega = MegatronStyleDispatcher(ep_g, moe, tp_g)
 
@@ -142,7 +152,7 @@ def bench_point(pt: dict, repeats: int) -> dict:
         mega.combine(expert_rows, w, r, pt["bs"])
 
     timings: dict[str, list[float]] = {"dispatch": [], "combine": [], "ours": [], "raw": [], "megatron": [],
-                                       "general": []}
+                                       "general": [], "python": []}
     ours()                            # a group's first combine sizes its slot: count the steady state
     n0 = current().collectives_issued
     ours()
@@ -152,20 +162,25 @@ def bench_point(pt: dict, repeats: int) -> dict:
     mega_collectives = (mega.collectives - m0) / 2
     raw()
     general()
-    s0 = current().steady_calls
+    python()
+    steady_calls = 0
     for _ in range(repeats):
-        for name, fn in (("raw", raw), ("ours", ours), ("megatron", megatron), ("general", general)):
+        for name, fn in (("raw", raw), ("ours", ours), ("megatron", megatron), ("general", general),
+                         ("python", python)):
             dist.barrier()
+            s0 = current().steady_calls
             t0 = time.perf_counter()
             parts = fn()
             dt = time.perf_counter() - t0
+            if name == "ours":
+                steady_calls += current().steady_calls - s0
             both = torch.tensor([dt] + list(parts or (0.0, 0.0)), dtype=torch.float64)
             dist.all_reduce(both, op=dist.ReduceOp.MAX)
             timings[name].append(float(both[0]))
             if name == "ours":
                 timings["dispatch"].append(float(both[1]))
                 timings["combine"].append(float(both[2]))
-    steady = (current().steady_calls - s0) / (2 * repeats)          # share of timed op calls on the steady path
+    steady = steady_calls / (2 * repeats)          # share of ours' timed op calls on the steady path
     med = {n: statistics.median(v) for n, v in timings.items()}
     moved = torch.tensor([float(d_send.numel() + c_send.numel())])
     dist.all_reduce(moved)
@@ -178,6 +193,7 @@ def bench_point(pt: dict, repeats: int) -> dict:
                      gbps=float(moved) / med["ours"] / 1e9, collectives_per_call=calls_collectives,
                      megatron_collectives_per_call=mega_collectives, steady_share=steady,
                      general_ms=med["general"] * 1e3, steady_gain=med["general"] / med["ours"],
+                     python_ms=med["python"] * 1e3, native_gain=med["python"] / med["ours"], native=native.status(),
                      payload_mb_per_rank=float(moved) / world / 1e6, peak_rss_mb=float(rss)))
     if me == 0:
         print(json.dumps(row), flush=True)
@@ -199,14 +215,15 @@ def launch(world: int, quick: bool, repeats: int) -> list[dict]:
 def table(rows: list[dict]) -> str:
     head = ("| ranks | tp | Bs | H | K | quant | dispatch ms | combine ms | round trip ms | raw a2a ms | "
             "megatron-style ms | vs a2a | vs megatron | GB/s | collectives/call (ours, megatron) | steady | "
-            "general path ms | peak RSS MB |")
+            "general path ms | without native ms | peak RSS MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(f"| {r['ranks']} | {r['tp']} | {r['bs']} | {r['h']} | {r['k']} | {r['quant']} | "
                      f"{r['dispatch_ms']:.1f} | {r['combine_ms']:.1f} | {r['ours_ms']:.1f} | {r['raw_ms']:.1f} | "
                      f"{r['megatron_ms']:.1f} | {r['ratio_vs_a2a']:.2f} | {r['ratio_vs_megatron']:.2f} | "
                      f"{r['gbps']:.2f} | {r['collectives_per_call']:g}, {r['megatron_collectives_per_call']:g} | "
-                     f"{r.get('steady_share', 0):.0%} | {r.get('general_ms', 0):.1f} | {r['peak_rss_mb']:.0f} |")
+                     f"{r.get('steady_share', 0):.0%} | {r.get('general_ms', 0):.1f} | {r.get('python_ms', 0):.1f} | "
+                     f"{r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -264,7 +281,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         r = launch(8, True, repeats)[0]
         print(table([r]))
         print(f"ratio_vs_a2a={r['ratio_vs_a2a']:.3f} ratio_vs_megatron={r['ratio_vs_megatron']:.3f} "
-              f"collectives_per_call={r['collectives_per_call']:g} steady_gain={r['steady_gain']:.3f}")
+              f"collectives_per_call={r['collectives_per_call']:g} steady_gain={r['steady_gain']:.3f} "
+              f"native_gain={r['native_gain']:.3f} native={r['native']!r}")
         return 0
     rows = []
     for world in [int(w) for w in a.ranks.split(",")]:

@@ -238,8 +238,10 @@ class Call:
             return hdr, recv.view(P * per, width), Segments(from_g, width, start=sent.start, total=P * per)
         inline_g = dom.to_group(hdr.inline.astype(np.int64)).astype(bool)
         received = Segments(from_g, width)
-        rows = self.ctx.scratch("rows", received.total, width)
-        _from_slots(recv, rows, received, inline_g, per, head)
+        mixed = bool((inline_g & (from_g > 0)).any())        # some rows came inline: gather them in one buffer
+        rows = self.ctx.scratch("rows", received.total, width) if mixed or not hdr.later.any() else None
+        if rows is not None:
+            _from_slots(recv, rows, received, inline_g, per, head)
         if hdr.later.any():
             if later:
                 sent = Segments(counts_g, width)
@@ -249,6 +251,8 @@ class Call:
                 sent, packed = Segments(np.zeros(P, np.int64), width), torch.empty(0, width, dtype=torch.uint8)
             second = Segments(np.where(inline_g, 0, from_g), width)
             got = self.exchange_segments(kind, packed, sent, second, phase)
+            if rows is None:                             # every row came in the second exchange: no copy
+                return hdr, got, second
             for p in np.flatnonzero(second.n):
                 rows[received.start[p]:received.start[p] + received.rows[p]] = \
                     got[second.start[p]:second.start[p] + second.rows[p]]

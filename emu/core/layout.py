@@ -114,6 +114,7 @@ def dispatch_shapes(geom: Geometry, rank: int, bs: int, *, elastic: bool = False
 
 
 MAP_BYTES = 1 << 20          # lazy_zeros maps its own pages from this size on
+HUGE = getattr(mmap, "MADV_HUGEPAGE", None)
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -127,7 +128,10 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     nbytes = n * torch.empty(0, dtype=dtype).element_size()
     if nbytes < MAP_BYTES:
         return torch.zeros(shape, dtype=dtype)
-    raw = np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype=np.uint8)
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if HUGE is not None:
+        pages.madvise(HUGE)                 # huge pages where the OS allows: one fault per 2 MB written
+    raw = np.frombuffer(pages, dtype=np.uint8)
     return torch.from_numpy(raw).view(dtype).view(shape)
 
 
