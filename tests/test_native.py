@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import mp_cases
 from emu.a3 import native
-from emu.a3.dispatch import lay_out
+from emu.a3.dispatch import lay_out, quant_width
 from emu.comm.wire import Segments, pack_meta
 from emu.core.attrs import Geometry
 from emu.core.layout import dispatch_shapes
@@ -68,7 +68,7 @@ def test_pack_rows_writes_what_gather_and_write_meta_write(seed, peers, h, quant
     if quant:
         src = torch.from_numpy(rng.integers(-128, 128, (7, h), dtype=np.int8))
         extra = torch.from_numpy(rng.standard_normal(7).astype(np.float32))
-        width = h + 4
+        width = quant_width(h)
     else:
         src, extra, width = _values(rng, (7, h), torch.bfloat16), None, 2 * h
     seg = _segments(rng, peers, width, 5, slot)
@@ -77,7 +77,7 @@ def test_pack_rows_writes_what_gather_and_write_meta_write(seed, peers, h, quant
     meta = (rng.integers(0, 1 << 16, total), rng.integers(0, 32, total), rng.integers(0, 1024, total))
     want = torch.zeros(seg.total, width, dtype=torch.uint8)
     if quant:
-        seg.gather((src.view(torch.uint8), extra.view(torch.uint8).view(-1, 4)), index, (want[:, :h], want[:, h:]))
+        seg.gather((src.view(torch.uint8), extra.view(torch.uint8).view(-1, 4)), index, (want[:, :h], want[:, h:h + 4]))
     else:
         seg.gather((src,), index, (want.view(torch.bfloat16),))
     seg.write_meta(want, pack_meta(*meta))
@@ -103,7 +103,7 @@ def _wire(rng, geom: Geometry, rank: int, quant: bool, slot: bool, capacity: int
     """A received buffer as the exchange leaves it: every source's rows for this rank's local
     experts (random, ``capacity`` at most in all), with their metadata tails."""
     h = geom.H
-    width = h + 4 if quant else h * 2
+    width = quant_width(h) if quant else h * 2
     lr = geom.local_expert_num(rank)
     n = rng.integers(0, min(4, capacity // geom.W) + 1, geom.W)
     seg = Segments(n, width) if not slot else \
@@ -112,7 +112,7 @@ def _wire(rng, geom: Geometry, rank: int, quant: bool, slot: bool, capacity: int
     buf = torch.zeros(seg.total, width, dtype=torch.uint8)
     buf.view(-1)[:] = torch.from_numpy(rng.integers(0, 256, buf.numel(), dtype=np.uint8))
     if quant and total:
-        buf[torch.from_numpy(seg.payload_index()), h:] = \
+        buf[torch.from_numpy(seg.payload_index()), h:h + 4] = \
             torch.from_numpy(rng.standard_normal(total).astype(np.float32)).view(torch.uint8).view(-1, 4)
     local = np.sort(rng.integers(0, lr, total))
     meta = (rng.integers(0, geom.G, total), rng.integers(0, geom.K, total), local)

@@ -13,9 +13,9 @@ Notation as in :mod:`emu.core.attrs`.  Phases:
 
 Collectives per call: EP header with the rows (1; 2 on a group's first call of the op, or
 when some rank's rows exceed the slot), and with tp = 2 TP header + TP rows (2).
-Wire row of the EP exchange: payload (H of XT, or H int8 + a 4-byte fp32 scale with quant
-2); each segment's tail carries the rows' metadata (t, k, local expert); the source is the
-segment (``wire.Segments``).
+Wire row of the EP exchange: payload (H of XT, or with quant 2 H int8 + a 4-byte fp32 scale,
+padded to a multiple of 8 bytes); each segment's tail carries the rows' metadata (t, k, local
+expert); the source is the segment (``wire.Segments``).
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def send_rows(call: Call, prep: Prepared, inp: DispatchInputs, rows: WireRows) -
     """Every phase after the plan: exchange ``rows``, lay out, TP all-gather, count outputs."""
     geom = prep.route
     quant = prep.cfg.quant_mode == 2
-    width = geom.H + 4 if quant else geom.H * inp.x.element_size()
+    width = quant_width(geom.H) if quant else geom.H * inp.x.element_size()
     _, recv, received = call.exchange("EP", rows.counts, width, np.zeros(call.ep.size, np.int64),
                                       lambda seg, buf: pack_rows(inp, rows, seg, quant, buf), inline_rows(geom))
     out, own, counts = lay_out(call.ep, prep, recv, received, quant)
@@ -78,6 +78,13 @@ def plan_rows(dom: Domain, geom: Geometry, prep: Prepared, inp: DispatchInputs) 
         by_group = np.argsort(dom.order[plan.dest], kind="stable")
         cols = tuple(c[by_group] for c in cols)
     return WireRows(*cols, counts=plan.counts)
+
+
+def quant_width(h: int) -> int:
+    """Bytes of a quant-mode-2 wire row: H int8 and the row's fp32 scale, padded to a multiple
+    of 8 so that a slot holds whole rows (rows are then packed into and laid out of the slots
+    straight, with no copy between them)."""
+    return -(-(h + 4) // 8) * 8
 
 
 def inline_rows(geom: Geometry) -> tuple[int, int]:
@@ -115,7 +122,7 @@ def pack_rows(inp: DispatchInputs, rows: WireRows, sent: Segments, quant: bool, 
         if native.pack_rows(send, sent.width, sent.start, sent.n, q, inv.numpy(), scale, meta):
             return
         src, index = (q.view(torch.uint8), scale.view(torch.uint8).view(-1, 4)), inv.numpy()
-        dst = (send[:, :h], send[:, h:])
+        dst = (send[:, :h], send[:, h:h + 4])
     else:
         if native.pack_rows(send, sent.width, sent.start, sent.n, x, rows.token, None, meta):
             return
@@ -146,7 +153,7 @@ def lay_out(dom: Domain, prep: Prepared, recv: torch.Tensor, received: Segments,
     rows_idx = torch.from_numpy(received.payload_index()[lay.order])
     if quant:                                 # int8 rows and their scales gathered straight into the outputs
         torch.index_select(recv[:, :h], 0, rows_idx, out=out.expand_x[:own].view(torch.uint8))
-        torch.index_select(recv[:, h:], 0, rows_idx, out=out.dynamic_scales[:own].view(torch.uint8).view(own, 4))
+        torch.index_select(recv[:, h:h + 4], 0, rows_idx, out=out.dynamic_scales[:own].view(torch.uint8).view(own, 4))
     else:
         torch.index_select(recv.view(prep.xt), 0, rows_idx, out=out.expand_x[:own])
     out.assist_info_for_combine.numpy()[:3 * own] = np.stack([src, t, k], axis=1)[lay.order].reshape(-1)
