@@ -24,7 +24,7 @@ from emu.a3.dispatch import lay_out, quant_width
 from emu.comm.wire import Segments, pack_meta
 from emu.core.attrs import Geometry
 from emu.core.layout import dispatch_shapes
-from emu.core.numerics import ReceivedRows, combine_rows
+from emu.core.numerics import ReceivedRows, combine_rows, dynamic_quant
 from emu.testing.scenario import RankResult, Scenario, compare, run_reference
 
 pytestmark = [pytest.mark.emu_world(2), pytest.mark.timeout(300)]
@@ -156,6 +156,37 @@ def test_dispatch_layout_declines_a_word_outside_the_blocks():
     outs = (x, None, torch.zeros(12, dtype=torch.int32), torch.zeros(2, dtype=torch.int32))
     assert native.dispatch_layout(buf, 16, seg.start, seg.n, np.arange(2), (2, 2, 16, 4), outs) is None
     assert not outs[2].any() and not outs[3].any()
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31), n=st.integers(0, 9), h=st.sampled_from([1, 7, 64, 1024]),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]), smooth=st.booleans(), ties=st.booleans())
+def test_dynamic_quant_is_numerics_dynamic_quant(seed, n, h, dtype, smooth, ties):
+    """Dynamic int8 rows and scales bit for bit: all-zero rows, fp16 subnormals, large values,
+    smooth scales, and (ties) rows whose products fall on .5 (rounded half to even)."""
+    _needs_native()
+    rng = np.random.default_rng(seed)
+    x = _values(rng, (5, h), dtype)
+    x[~torch.isfinite(x)] = 0
+    x[1] = 0
+    if ties:                                      # amax 127: d = 1, the row is rounded as it is
+        x[2] = torch.from_numpy(rng.integers(-254, 255, h) / 2).to(dtype)
+        x[2, 0] = 127
+    scales = torch.from_numpy(rng.uniform(0.1, 3, (3, h)).astype(np.float32)) if smooth else None
+    token = rng.integers(0, 5, n)
+    srow = rng.integers(0, 3, n) if smooth else None
+    got = native.dynamic_quant(x, token, scales, srow)
+    want = dynamic_quant(x[torch.from_numpy(token)], scales[torch.from_numpy(srow)] if smooth else None)
+    assert got is not None
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1].view(torch.int32), want[1].view(torch.int32))
+
+
+def test_dynamic_quant_declines_values_that_are_not_finite():
+    _needs_native()
+    x = torch.ones(2, 4, dtype=torch.bfloat16)
+    x[1, 2] = float("inf")
+    assert native.dynamic_quant(x, np.array([0, 1]), None, None) is None
+    assert native.dynamic_quant(x, np.array([0]), None, None) is not None
 
 
 @SETTINGS

@@ -106,10 +106,12 @@ def _quantise_copies(x: torch.Tensor, scales: torch.Tensor | None, token: np.nda
     per = scales.shape[0] if scales is not None else 1
     key = token * per + (smooth_row if scales is not None else 0)
     uniq, inverse = np.unique(key, return_inverse=True)
-    u_tok = torch.from_numpy(uniq // per)
-    smooth = scales[torch.from_numpy(uniq % per)] if scales is not None else None
-    q, scale = dynamic_quant(x.index_select(0, u_tok), smooth)
-    return q, scale, torch.from_numpy(inverse.reshape(-1))
+    got = native.dynamic_quant(x, uniq // per, scales, uniq % per)
+    if got is None:
+        u_tok = torch.from_numpy(uniq // per)
+        smooth = scales[torch.from_numpy(uniq % per)] if scales is not None else None
+        got = dynamic_quant(x.index_select(0, u_tok), smooth)
+    return got[0], got[1], torch.from_numpy(inverse.reshape(-1))
 
 
 def pack_rows(inp: DispatchInputs, rows: WireRows, sent: Segments, quant: bool, send: torch.Tensor) -> None:

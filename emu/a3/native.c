@@ -1,11 +1,11 @@
 /* The optional native accelerator of the A3 data path (emu/a3/native.py).
  *
- * Three loops that the Python phases otherwise spell as many small numpy/torch operations:
- * packing rows and their metadata into a wire buffer, dispatch's receive layout, and
- * combine's fp32 weighted sum.  Each does exactly what its Python twin does, element for
- * element (the tests run both and compare bytes): copies move bytes, and the sum is one
- * rounded fp32 multiply and one rounded fp32 add per element and slot, in slot order
- * (built with -ffp-contract=off, so no fused multiply-add).
+ * Four loops that the Python phases otherwise spell as many numpy/torch operations: packing
+ * rows and their metadata into a wire buffer, dispatch's receive layout, dispatch's dynamic
+ * int8 quantisation and combine's fp32 weighted sum.  Each does exactly what its Python twin
+ * does, element for element (the tests run both and compare bytes): copies move bytes, and
+ * the arithmetic is the same IEEE fp32 operations in the same order, each rounded on its own
+ * (built with -ffp-contract=off, so no fused multiply-add, and without -ffast-math).
  *
  * A wire buffer holds rows of `width` bytes; peer p's segment starts at row start[p]: its
  * n[p] payload rows, then its n[p] int32 metadata words (token << 15 | slot << 10 | local).
@@ -119,6 +119,59 @@ static float f16_to_f32(uint16_t v) {
     float f;
     memcpy(&f, &u, 4);
     return f;
+}
+
+/* Dispatch's dynamic int8 quantisation (numerics.dynamic_quant) of n rows: row i is
+ * fp32(x[token[i]]) (XT: bf16 when fp16 == 0, else fp16), times smooth[srow[i]] (fp32, one
+ * rounded multiply) when smooth is given; amax = max |row|, d = 127 / amax, q = the row times d
+ * rounded half to even, scale = 1 / d (an all-zero row: q = 0, scale = 0).  Returns 0, or -1
+ * when a row holds a value that is not finite (the Python code then does what torch does). */
+int mc2_dynamic_quant(const uint16_t *x, int64_t h, int fp16, const int64_t *token, const float *smooth,
+                      const int64_t *srow, int64_t n, int8_t *q, float *scale) {
+    float *row = malloc((size_t)(h ? h : 1) * sizeof(float));
+    if (!row)
+        return -1;
+    for (int64_t i = 0; i < n; i++) {
+        const uint16_t *xi = x + token[i] * h;
+        const float *s = smooth ? smooth + srow[i] * h : NULL;
+        if (fp16)
+            for (int64_t e = 0; e < h; e++)
+                row[e] = f16_to_f32(xi[e]);
+        else
+            for (int64_t e = 0; e < h; e++)
+                row[e] = bf16_to_f32(xi[e]);
+        if (s)
+            for (int64_t e = 0; e < h; e++)
+                row[e] = row[e] * s[e];
+        int32_t most = 0;                     /* max |row| on the bits: |v| orders as its bits do */
+        for (int64_t e = 0; e < h; e++) {
+            int32_t b;
+            memcpy(&b, row + e, 4);
+            b &= 0x7FFFFFFF;
+            most = b > most ? b : most;
+        }
+        if (most >= 0x7F800000) {             /* an infinity or a NaN */
+            free(row);
+            return -1;
+        }
+        float amax;
+        memcpy(&amax, &most, 4);
+        int8_t *qi = q + i * h;
+        if (amax == 0.0f) {
+            memset(qi, 0, (size_t)h);
+            scale[i] = 0.0f;
+            continue;
+        }
+        float d = 127.0f / amax;
+        for (int64_t e = 0; e < h; e++) {
+            float r = row[e] * d;                         /* |r| <= 127: exact below 2^22 */
+            r = (r + 12582912.0f) - 12582912.0f;          /* round half to even (1.5 * 2^23) */
+            qi[e] = (int8_t)(int32_t)r;
+        }
+        scale[i] = 1.0f / d;
+    }
+    free(row);
+    return 0;
 }
 
 /* Combine's fp32 weighted sum of the received rows (XT: bf16 when fp16 == 0, else fp16):

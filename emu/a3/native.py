@@ -1,11 +1,12 @@
 """The optional native accelerator of the A3 data path (``native.c`` beside this file).
 
-Three loops of the phases, each otherwise many small numpy/torch operations per call:
+Four loops of the phases, each otherwise many numpy/torch operations per call:
 
     pack_rows        rows gathered into their peers' wire segments, with the metadata tails
                      (dispatch and combine ``pack_rows``)
     dispatch_layout  dispatch's receive layout: expand_x (and dynamic_scales), the assist
                      triples and ep_recv_counts (``lay_out``)
+    dynamic_quant    dispatch's dynamic int8 quantisation in one pass per row (``dynamic_quant``)
     combine_sum      combine's fp32 k-order weighted sum of the received rows (``combine_rows``)
 
 The C source is compiled on first use with the system C compiler (``cc``, or ``$CC``) into a
@@ -38,6 +39,7 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "mc2_pack_rows": ([_P, _I, _P, _P, _I, _P, _I, _P, _P, _P, _P, _P], ctypes.c_int),
     "mc2_dispatch_layout": ([_P, _I, _P, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P], ctypes.c_int64),
+    "mc2_dynamic_quant": ([_P, _I, ctypes.c_int, _P, _P, _P, _I, _P, _P], ctypes.c_int),
     "mc2_combine_sum": ([_P, _I, _P, _P, _I, ctypes.c_int, _I, _I, _I, _I, _P, _P], ctypes.c_int),
 }
 
@@ -154,3 +156,22 @@ def combine_sum(buf: torch.Tensor, width: int, start: np.ndarray, n: np.ndarray,
     start, n = _i64(start), _i64(n)
     return lib.mc2_combine_sum(buf.data_ptr(), width, _ptr(start), _ptr(n), n.size, int(dtype == torch.float16),
                                h, bs, weights.shape[1], slots, weights.data_ptr(), acc.data_ptr()) == 0
+
+
+def dynamic_quant(x: torch.Tensor, token: np.ndarray, smooth: torch.Tensor | None,
+                  smooth_row: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``numerics.dynamic_quant(x[token], smooth[smooth_row])``: (n, H) int8 and (n,) fp32, or
+    None: not taken (no library, a layout it does not take, or a value that is not finite)."""
+    lib = library()
+    if lib is None or x.dtype not in (torch.bfloat16, torch.float16) or x.dim() != 2 or not x.is_contiguous() \
+            or (smooth is not None and not (smooth.dtype == torch.float32 and smooth.is_contiguous()
+                                            and smooth.dim() == 2 and smooth.shape[1] == x.shape[1])):
+        return None
+    token = _i64(token)
+    srow = _i64(smooth_row) if smooth is not None else token
+    q = torch.empty(token.size, x.shape[1], dtype=torch.int8)
+    scale = torch.empty(token.size, dtype=torch.float32)
+    got = lib.mc2_dynamic_quant(x.data_ptr(), x.shape[1], int(x.dtype == torch.float16), _ptr(token),
+                                None if smooth is None else smooth.data_ptr(), _ptr(srow), token.size,
+                                q.data_ptr(), scale.data_ptr())
+    return (q, scale) if got == 0 else None
