@@ -12,8 +12,8 @@ Phases:
     weighted sum       the fp32 k-order sum with shared and special experts, rounded to XT
                        (combine_add_rms_norm: + residual_x, RMSNorm * gamma)
 
-Collectives per call: (tp = 2) TP header + TP rows, then the EP header with the rows (1; 2
-on a group's first combine, or when some rank's rows exceed the slot).
+Collectives per call: (tp = 2) the TP header with the rows, then the EP header with the rows
+(1 each; 2 on a group's first combine, or when some rank's rows exceed the slot).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 from ..comm.call import Call
 from ..comm.domain import Domain
 from ..comm.header import Header
-from ..comm.wire import Field, Segments, pack, pack_meta, row_bytes, unpack, unpack_meta
+from ..comm.wire import Segments, pack_meta, unpack_meta
 from ..core.attrs import Geometry
 from ..core.errors import TILING_ERROR, ErrorKind, PeerError
 from ..core.inputs import CombineInputs
@@ -180,21 +180,30 @@ def _cross_check(call: Call, hdr: Header, send_counts: np.ndarray, expected: np.
 
 
 def tp_reduce_scatter(call: Call, geom: Geometry, inp: CombineInputs, own: int) -> torch.Tensor:
-    """TP reduce-scatter (docs/combine.md): own rows + the peer's partials for them, in XT."""
+    """TP reduce-scatter (docs/combine.md): own rows + the peer's partials for them, in XT.
+
+    One exchange on the TP group carries the header (the rows this rank sends the peer and the
+    rows it expects back, cross-checked) and, once the group has a slot, the rows."""
     tp = call.tp
     peer = 1 - tp.rank
+    at = peer if tp.order is None else int(tp.order[peer])          # the peer's segment (group order)
     peer_count = int(inp.tp_send_counts[peer])
-    fields = [Field(inp.expand_x.dtype, geom.H)]
+    xt = inp.expand_x.dtype
+    width = geom.H * inp.expand_x.element_size()
     sc, expect = np.zeros(2, np.int64), np.zeros(2, np.int64)
     sc[peer], expect[peer] = peer_count, own
-    hdr = call.exchange_header("TP", sc, row_bytes(fields), expect)
-    send = pack([inp.expand_x[own:own + peer_count]], fields)
+    part = inp.expand_x[own:own + peer_count]
+
+    def fill(seg: Segments, buf: torch.Tensor) -> None:
+        a = int(seg.start[at])
+        buf[a:a + part.shape[0]].view(xt).copy_(part)
+
+    most = max(geom.a_moe, geom.a_shared)                     # the same on both TP ranks
+    hdr, recv, received = call.exchange("TP", sc, width, expect, fill, (most, most), "reduce-scatter")
     if int(hdr.rows[peer]) != own or int(hdr.expect[peer]) != peer_count:
-        call.exchange_rows("TP", send, sc, hdr.rows, "reduce-scatter")
         call.abort(PeerError(TILING_ERROR, f"combine call #{call.call_no}: TP rank {tp.rank} holds {own} own rows and "
                              f"{peer_count} for its peer, but TP rank {peer} sends {int(hdr.rows[peer])} and "
                              f"expects {int(hdr.expect[peer])}", kind=ErrorKind.MISMATCHED_DATA,
                              culprits=(tp.ranks[peer],)))
-    buf = call.exchange_rows("TP", send, sc, hdr.rows, "reduce-scatter")
-    partial = unpack(buf, fields)[0]
-    return tp_add(inp.expand_x[:own], partial)
+    a = int(received.start[at])
+    return tp_add(inp.expand_x[:own], recv[a:a + own].view(xt))

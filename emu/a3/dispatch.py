@@ -12,7 +12,7 @@ Notation as in :mod:`emu.core.attrs`.  Phases:
     count outputs    expert_token_nums
 
 Collectives per call: EP header with the rows (1; 2 on a group's first call of the op, or
-when some rank's rows exceed the slot), and with tp = 2 TP header + TP rows (2).
+when some rank's rows exceed the slot), and with tp = 2 the same on the TP group (1, or 2).
 Wire row of the EP exchange: payload (H of XT, or with quant 2 H int8 + a 4-byte fp32 scale,
 padded to a multiple of 8 bytes); each segment's tail carries the rows' metadata (t, k, local
 expert); the source is the segment (``wire.Segments``).
@@ -26,7 +26,7 @@ import torch
 
 from ..comm.call import Call
 from ..comm.domain import Domain
-from ..comm.wire import Field, Segments, pack, pack_meta, row_bytes, unpack, unpack_meta
+from ..comm.wire import Segments, pack_meta, unpack_meta
 from ..core.attrs import Geometry
 from ..core.inputs import DispatchInputs
 from ..core.layout import DispatchOutputs, expert_token_nums, recv_layout
@@ -166,31 +166,41 @@ def lay_out(dom: Domain, prep: Prepared, recv: torch.Tensor, received: Segments,
 def tp_all_gather(call: Call, geom: Geometry, out: DispatchOutputs, own: int, own_cum: np.ndarray) -> int:
     """TP all-gather-v (docs/dispatch.md): append the peer's EP rows after ours; returns peer rows.
 
-    The sender's own epRecvCounts (W int32) travel as trailing byte rows of the same
-    exchange, so a peer with zero rows still delivers them.
+    One exchange on the TP group carries the header and, once the group has a slot, the rows
+    (``Call.exchange``).  The sender's own epRecvCounts (W int32) travel as trailing rows of its
+    segment, so a peer with zero rows still delivers them.
     """
     tp = call.tp
     me, peer = tp.rank, 1 - tp.rank
+    at = peer if tp.order is None else int(tp.order[peer])          # the peer's segment (group order)
     quant = out.expand_x.dtype == torch.int8
-    fields = [Field(out.expand_x.dtype, geom.H)] + ([Field(torch.float32, 1)] if quant else [])
-    width = row_bytes(fields)
+    h = geom.H
+    payload = h * out.expand_x.element_size()
+    width = quant_width(h) if quant else payload
     tail = -(-4 * geom.W // width)
-    send_counts = np.zeros(2, np.int64)
-    send_counts[peer] = own
-    hdr = call.exchange_header("TP", send_counts, width, np.zeros(2, np.int64))
-    peer_rows = int(hdr.rows[peer])
-    counts_bytes = torch.zeros(tail * width, dtype=torch.uint8)
-    counts_bytes[:4 * geom.W] = torch.from_numpy(np.asarray(own_cum, np.int32)).view(torch.uint8)
-    parts = [out.expand_x[:own]] + ([out.dynamic_scales[:own]] if quant else [])
-    send = torch.cat([pack(parts, fields), counts_bytes.view(tail, width)])
-    sc, rc = np.zeros(2, np.int64), np.zeros(2, np.int64)
-    sc[peer], rc[peer] = own + tail, peer_rows + tail
-    buf = call.exchange_rows("TP", send, sc, rc, "all-gather")
-    got = unpack(buf[:peer_rows], fields)
-    out.expand_x[own:own + peer_rows] = got[0]
+    counts = np.zeros(2, np.int64)
+    counts[peer] = own + tail
+    counts_bytes = torch.from_numpy(np.asarray(own_cum, np.int32)).view(torch.uint8)
+
+    def fill(seg: Segments, buf: torch.Tensor) -> None:
+        a = int(seg.start[at])
+        buf[a:a + own, :payload].copy_(out.expand_x[:own].view(torch.uint8).view(own, payload))
+        if quant:
+            buf[a:a + own, h:h + 4].copy_(out.dynamic_scales[:own].view(torch.uint8).view(own, 4))
+        counts_rows = buf[a + own:a + own + tail].view(-1)
+        counts_rows.zero_()
+        counts_rows[:counts_bytes.numel()] = counts_bytes
+
+    most = max(geom.a_moe, geom.a_shared) + tail              # the same on both TP ranks
+    _, recv, received = call.exchange("TP", counts, width, np.zeros(2, np.int64), fill, (most, most), "all-gather")
+    a = int(received.start[at])
+    peer_rows = int(received.n[at]) - tail
+    out.expand_x[own:own + peer_rows].view(torch.uint8).view(peer_rows, payload).copy_(recv[a:a + peer_rows, :payload])
     if quant:
-        out.dynamic_scales[own:own + peer_rows] = got[1][:, 0]
-    out.ep_recv_counts[geom.W:2 * geom.W] = buf[peer_rows:].reshape(-1)[:4 * geom.W].view(torch.int32)
+        out.dynamic_scales[own:own + peer_rows].view(torch.uint8).view(peer_rows, 4).copy_(
+            recv[a:a + peer_rows, h:h + 4])
+    got = recv[a + peer_rows:a + peer_rows + tail].reshape(-1)[:4 * geom.W]
+    out.ep_recv_counts[geom.W:2 * geom.W] = got.view(torch.int32)
     out.tp_recv_counts[me] = own
     out.tp_recv_counts[peer] = peer_rows
     return peer_rows
