@@ -254,6 +254,18 @@ def test_without_a_compiler_the_python_code_runs(tmp_path):
     assert lines[0].startswith("off: ") and "no-such-cc" in lines[0] and lines[1] == "False"
 
 
+def test_processes_that_build_at_once_all_load_the_accelerator(tmp_path):
+    """Ranks that start together on a fresh machine build it at the same time: each builds into a
+    file of its own and moves it into place, so every one of them loads a whole library."""
+    code = "from emu.a3 import native; print(native.status())"
+    env = dict(os.environ, EMU_NATIVE_DIR=str(tmp_path / "cache"))
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert outs == ["on"] * 4, outs
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(moe_per_rank=st.sampled_from([1, 2, 3]), k=st.integers(1, 3), bs=st.integers(1, 9),
        quant=st.sampled_from([0, 2]), smooth=st.booleans(), comm_quant=st.sampled_from([0, 2]),
