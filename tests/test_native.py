@@ -257,6 +257,7 @@ def test_without_a_compiler_the_python_code_runs(tmp_path):
 def test_processes_that_build_at_once_all_load_the_accelerator(tmp_path):
     """Ranks that start together on a fresh machine build it at the same time: each builds into a
     file of its own and moves it into place, so every one of them loads a whole library."""
+    _needs_native()
     code = "from emu.a3 import native; print(native.status())"
     env = dict(os.environ, EMU_NATIVE_DIR=str(tmp_path / "cache"))
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
