@@ -24,7 +24,7 @@ from emu.a3.dispatch import lay_out, quant_width
 from emu.comm.wire import Segments, pack_meta
 from emu.core.attrs import Geometry
 from emu.core.layout import dispatch_shapes
-from emu.core.numerics import ReceivedRows, combine_rows, dynamic_quant
+from emu.core.numerics import ReceivedRows, combine_rows, dynamic_quant, tp_add
 from emu.testing.scenario import RankResult, Scenario, compare, run_reference
 
 pytestmark = [pytest.mark.emu_world(2), pytest.mark.timeout(300)]
@@ -239,6 +239,42 @@ def test_combine_sum_declines_a_token_out_of_range():
     acc = torch.zeros(3, 2)
     assert not native.combine_sum(buf, 4, seg.start, seg.n, torch.bfloat16, torch.ones(3, 1), 1, acc)
     assert not acc.any()
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31), n=st.integers(0, 9), h=st.sampled_from([1, 7, 64, 1024]), big=st.booleans())
+def test_tp_add_is_numerics_tp_add(seed, n, h, big):
+    """The bf16 TP reduce bit for bit: infinities, zeros of both signs, sums that fall halfway
+    between two bf16 values (rounded to even) and (big) sums that round up to infinity."""
+    _needs_native()
+    rng = np.random.default_rng(seed)
+    a, b = _values(rng, (n, h), torch.bfloat16), _values(rng, (n, h), torch.bfloat16)
+    if big:
+        a.mul_(2.0 ** 125)
+        b.mul_(2.0 ** 125)
+    for t in (a, b):
+        t[t.isnan()] = 1.0
+    finite = a.isfinite() & b.isfinite()
+    b[~finite] = torch.where(a[~finite] > 0, 1.0, -1.0).to(torch.bfloat16)   # no inf - inf
+    if n and h > 1:
+        a[0, 0], b[0, 0] = 1.0, 2.0 ** -8                # halfway: to even (1.0)
+        a[0, 1], b[0, 1] = 1.0 + 2.0 ** -7, 2.0 ** -8    # halfway: to even (1 + 2^-6)
+    got = native.tp_add(a, b)
+    assert got is not None
+    assert torch.equal(got.view(torch.int16), tp_add(a, b).view(torch.int16))
+
+
+def test_tp_add_declines_nan_and_other_layouts():
+    _needs_native()
+    a = torch.ones(2, 4, dtype=torch.bfloat16)
+    b = a.clone()
+    assert native.tp_add(a, b) is not None
+    b[1, 3] = float("nan")
+    assert native.tp_add(a, b) is None
+    b[1, 3], a[0, 0], b[0, 0] = 1.0, float("inf"), -float("inf")     # inf - inf
+    assert native.tp_add(a, b) is None
+    assert native.tp_add(a.half(), b.half()) is None
+    assert native.tp_add(torch.ones(4, 2, dtype=torch.bfloat16).t(), a) is None
 
 
 def test_without_a_compiler_the_python_code_runs(tmp_path):

@@ -1,6 +1,6 @@
 """The optional native accelerator of the A3 data path (``native.c`` beside this file).
 
-Four loops of the phases, each otherwise many numpy/torch operations per call:
+Five loops of the phases, each otherwise many numpy/torch operations per call:
 
     pack_rows        rows gathered into their peers' wire segments, with the metadata tails
                      (dispatch and combine ``pack_rows``)
@@ -8,6 +8,7 @@ Four loops of the phases, each otherwise many numpy/torch operations per call:
                      triples and ep_recv_counts (``lay_out``)
     dynamic_quant    dispatch's dynamic int8 quantisation in one pass per row (``dynamic_quant``)
     combine_sum      combine's fp32 k-order weighted sum of the received rows (``combine_rows``)
+    tp_add           combine's TP reduce of bf16 rows in one pass (``tp_add``)
 
 The C source is compiled on first use with the system C compiler (``cc``, or ``$CC``) into a
 cache folder (``EMU_NATIVE_DIR``, default ``~/.cache/mc2-emu/native``), one library per source
@@ -41,6 +42,7 @@ _SIGNATURES = {
     "mc2_dispatch_layout": ([_P, _I, _P, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P], ctypes.c_int64),
     "mc2_dynamic_quant": ([_P, _I, ctypes.c_int, _P, _P, _P, _I, _P, _P], ctypes.c_int),
     "mc2_combine_sum": ([_P, _I, _P, _P, _I, ctypes.c_int, _I, _I, _I, _I, _P, _P], ctypes.c_int),
+    "mc2_tp_add_bf16": ([_P, _P, _I, _P], ctypes.c_int),
 }
 
 
@@ -175,3 +177,15 @@ def dynamic_quant(x: torch.Tensor, token: np.ndarray, smooth: torch.Tensor | Non
                                 None if smooth is None else smooth.data_ptr(), _ptr(srow), token.size,
                                 q.data_ptr(), scale.data_ptr())
     return (q, scale) if got == 0 else None
+
+
+def tp_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """``numerics.tp_add(a, b)`` for bf16: (n, H) bf16, or None: not taken (no library, another
+    dtype or layout, or a sum that is a NaN)."""
+    lib = library()
+    if lib is None or a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or a.shape != b.shape \
+            or not (a.is_contiguous() and b.is_contiguous()):
+        return None
+    out = torch.empty(a.shape, dtype=torch.bfloat16)
+    got = lib.mc2_tp_add_bf16(a.data_ptr(), b.data_ptr(), a.numel(), out.data_ptr())
+    return out if got == 0 else None

@@ -32,6 +32,7 @@ from ..core.plan import active_set, send_plan
 from ..testing.failures import run_reporting
 from .baseline import MegatronStyleDispatcher
 
+WARMUP = 3                  # untimed round trips of every variant at each point
 RESULTS = os.environ.get("EMU_BENCH_RESULTS", "results")     # relative to the current directory
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -160,9 +161,9 @@ def bench_point(pt: dict, repeats: int) -> dict:
     m0 = mega.collectives
     megatron()
     mega_collectives = (mega.collectives - m0) / 2
-    raw()
-    general()
-    python()
+    for _ in range(WARMUP):                # every variant warm before timing: a fresh world's first
+        for fn in (raw, ours, megatron, general, python):     # calls pay lazy set-up and cold caches
+            fn()
     steady_calls = 0
     for _ in range(repeats):
         for name, fn in (("raw", raw), ("ours", ours), ("megatron", megatron), ("general", general),
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--bs", type=int, default=128, help="--quick: tokens per rank (8: decode)")
     a = p.parse_args(argv)
     os.environ["BENCH_BS"] = str(a.bs)                # read by points() on the ranks too
-    repeats = a.repeats or (5 if a.quick else 7)
+    repeats = a.repeats or (7 if a.quick else 15)
     if "RANK" in os.environ:                       # a rank: one line per error, not a traceback
         return run_reporting(lambda: run_world(a.quick, repeats) or 0)
     if a.reference:
