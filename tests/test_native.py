@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import mp_cases
 from emu.a3 import native
-from emu.a3.dispatch import lay_out, quant_width
+from emu.a3.dispatch import lay_out, quant_width, xt_width
 from emu.comm.wire import Segments, pack_meta
 from emu.core.attrs import Geometry
 from emu.core.layout import dispatch_shapes
@@ -70,7 +70,7 @@ def test_pack_rows_writes_what_gather_and_write_meta_write(seed, peers, h, quant
         extra = torch.from_numpy(rng.standard_normal(7).astype(np.float32))
         width = quant_width(h)
     else:
-        src, extra, width = _values(rng, (7, h), torch.bfloat16), None, 2 * h
+        src, extra, width = _values(rng, (7, h), torch.bfloat16), None, xt_width(h, 2)
     seg = _segments(rng, peers, width, 5, slot)
     total = int(seg.n.sum())
     index = rng.integers(0, 7, total)
@@ -79,7 +79,7 @@ def test_pack_rows_writes_what_gather_and_write_meta_write(seed, peers, h, quant
     if quant:
         seg.gather((src.view(torch.uint8), extra.view(torch.uint8).view(-1, 4)), index, (want[:, :h], want[:, h:h + 4]))
     else:
-        seg.gather((src,), index, (want.view(torch.bfloat16),))
+        seg.gather((src,), index, (want.view(torch.bfloat16)[:, :h],))
     seg.write_meta(want, pack_meta(*meta))
     got = torch.zeros_like(want)
     assert native.pack_rows(got, width, seg.start, seg.n, src, index, extra, meta)
@@ -103,7 +103,7 @@ def _wire(rng, geom: Geometry, rank: int, quant: bool, slot: bool, capacity: int
     """A received buffer as the exchange leaves it: every source's rows for this rank's local
     experts (random, ``capacity`` at most in all), with their metadata tails."""
     h = geom.H
-    width = quant_width(h) if quant else h * 2
+    width = quant_width(h) if quant else xt_width(h, 2)
     lr = geom.local_expert_num(rank)
     n = rng.integers(0, min(4, capacity // geom.W) + 1, geom.W)
     seg = Segments(n, width) if not slot else \
@@ -262,6 +262,9 @@ def test_tp_add_is_numerics_tp_add(seed, n, h, big):
     got = native.tp_add(a, b)
     assert got is not None
     assert torch.equal(got.view(torch.int16), tp_add(a, b).view(torch.int16))
+    wide = torch.zeros(n, h + 8, dtype=torch.bfloat16)            # rows of a wider wire buffer
+    wide[:, :h] = b
+    assert torch.equal(native.tp_add(a, wide[:, :h]).view(torch.int16), got.view(torch.int16))
 
 
 def test_tp_add_declines_nan_and_other_layouts():
@@ -274,7 +277,8 @@ def test_tp_add_declines_nan_and_other_layouts():
     b[1, 3], a[0, 0], b[0, 0] = 1.0, float("inf"), -float("inf")     # inf - inf
     assert native.tp_add(a, b) is None
     assert native.tp_add(a.half(), b.half()) is None
-    assert native.tp_add(torch.ones(4, 2, dtype=torch.bfloat16).t(), a) is None
+    assert native.tp_add(torch.ones(4, 2, dtype=torch.bfloat16).t(), a) is None      # values not contiguous
+    assert native.tp_add(a.view(-1), b.view(-1)) is None
 
 
 def test_without_a_compiler_the_python_code_runs(tmp_path):

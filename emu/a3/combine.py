@@ -32,7 +32,7 @@ from ..core.inputs import CombineInputs
 from ..core.numerics import (COMM_QUANT_GROUP, ReceivedRows, comm_dequant, comm_quant, combine_output, combine_rows,
                              tp_add)
 from ..core.plan import ActiveSet, SendPlan, send_plan, send_counts as plan_counts
-from .dispatch import inline_rows
+from .dispatch import inline_rows, xt_width
 from ..core.request import Prepared
 from .checks import own_rows
 from . import native
@@ -105,9 +105,9 @@ def _native_sum(prep: Prepared, inp: CombineInputs, recv: torch.Tensor, received
 
 
 def _width(expand_x: torch.Tensor, h: int, quant: bool) -> int:
-    """Bytes of one wire row: H of XT, or H int8 + ceil(H/8) XT group scales."""
+    """Bytes of one wire row: H of XT (``xt_width``), or H int8 + ceil(H/8) XT group scales."""
     groups = -(-h // COMM_QUANT_GROUP)
-    return h + groups * expand_x.element_size() if quant else h * expand_x.element_size()
+    return h + groups * expand_x.element_size() if quant else xt_width(h, expand_x.element_size())
 
 
 def route_back(geom: Geometry, me: int, inp: CombineInputs, own: int) -> np.ndarray:
@@ -137,7 +137,7 @@ def pack_rows(dom: Domain, y: torch.Tensor, tri: np.ndarray, sent: Segments, qua
     elif native.pack_rows(send, sent.width, sent.start, sent.n, y, order, None, meta):
         return
     else:
-        sent.gather((y,), order, (send.view(y.dtype),))
+        sent.gather((y,), order, (send.view(y.dtype)[:, :h],))
     sent.write_meta(send, pack_meta(*meta))
 
 
@@ -162,7 +162,7 @@ def unpack_rows(call: Call, prep: Prepared, inp: CombineInputs, plan: SendPlan |
         got = recv.index_select(0, torch.from_numpy(rows_idx))
         rows = comm_dequant(got[:, :h].view(torch.int8), got[:, h:].contiguous().view(xt), xt)
         return ReceivedRows(rows, t, k)
-    return ReceivedRows(recv.view(xt), t, k, index=rows_idx)
+    return ReceivedRows(recv.view(xt)[:, :h], t, k, index=rows_idx)
 
 
 def _cross_check(call: Call, hdr: Header, send_counts: np.ndarray, expected: np.ndarray) -> None:
@@ -189,14 +189,15 @@ def tp_reduce_scatter(call: Call, geom: Geometry, inp: CombineInputs, own: int) 
     at = peer if tp.order is None else int(tp.order[peer])          # the peer's segment (group order)
     peer_count = int(inp.tp_send_counts[peer])
     xt = inp.expand_x.dtype
-    width = geom.H * inp.expand_x.element_size()
+    h = geom.H
+    width = xt_width(h, inp.expand_x.element_size())
     sc, expect = np.zeros(2, np.int64), np.zeros(2, np.int64)
     sc[peer], expect[peer] = peer_count, own
     part = inp.expand_x[own:own + peer_count]
 
     def fill(seg: Segments, buf: torch.Tensor) -> None:
         a = int(seg.start[at])
-        buf[a:a + part.shape[0]].view(xt).copy_(part)
+        buf[a:a + part.shape[0]].view(xt)[:, :h].copy_(part)
 
     most = max(geom.a_moe, geom.a_shared)                     # the same on both TP ranks
     hdr, recv, received = call.exchange("TP", sc, width, expect, fill, (most, most), "reduce-scatter")
@@ -206,6 +207,6 @@ def tp_reduce_scatter(call: Call, geom: Geometry, inp: CombineInputs, own: int) 
                              f"expects {int(hdr.expect[peer])}", kind=ErrorKind.MISMATCHED_DATA,
                              culprits=(tp.ranks[peer],)))
     a = int(received.start[at])
-    mine, theirs = inp.expand_x[:own], recv[a:a + own].view(xt)
+    mine, theirs = inp.expand_x[:own], recv[a:a + own].view(xt)[:, :h]
     got = native.tp_add(mine, theirs)
     return got if got is not None else tp_add(mine, theirs)

@@ -58,7 +58,7 @@ def send_rows(call: Call, prep: Prepared, inp: DispatchInputs, rows: WireRows) -
     """Every phase after the plan: exchange ``rows``, lay out, TP all-gather, count outputs."""
     geom = prep.route
     quant = prep.cfg.quant_mode == 2
-    width = quant_width(geom.H) if quant else geom.H * inp.x.element_size()
+    width = quant_width(geom.H) if quant else xt_width(geom.H, inp.x.element_size())
     _, recv, received = call.exchange("EP", rows.counts, width, np.zeros(call.ep.size, np.int64),
                                       lambda seg, buf: pack_rows(inp, rows, seg, quant, buf), inline_rows(geom))
     out, own, counts = lay_out(call.ep, prep, recv, received, quant)
@@ -85,6 +85,14 @@ def quant_width(h: int) -> int:
     of 8 so that a slot holds whole rows (rows are then packed into and laid out of the slots
     straight, with no copy between them)."""
     return -(-(h + 4) // 8) * 8
+
+
+def xt_width(h: int, size: int) -> int:
+    """Bytes of a wire row of H XT values (``size`` bytes each): for 2-byte XT, H values padded
+    to twice :func:`quant_width` (8 or 16 bytes more), so that every op's rows on a group (XT
+    rows of dispatch and combine, int8 rows of quant mode 2) tile the group's one slot and are
+    packed into and laid out of it straight (``Call.exchange``)."""
+    return 2 * quant_width(h) if size == 2 else h * size
 
 
 def inline_rows(geom: Geometry) -> tuple[int, int]:
@@ -128,7 +136,7 @@ def pack_rows(inp: DispatchInputs, rows: WireRows, sent: Segments, quant: bool, 
     else:
         if native.pack_rows(send, sent.width, sent.start, sent.n, x, rows.token, None, meta):
             return
-        src, index, dst = (x,), rows.token, (send.view(x.dtype),)       # (total, H)
+        src, index, dst = (x,), rows.token, (send.view(x.dtype)[:, :h],)       # (total, H)
     sent.gather(src, index, dst)
     sent.write_meta(send, pack_meta(rows.token, rows.slot, rows.local))
 
@@ -157,7 +165,7 @@ def lay_out(dom: Domain, prep: Prepared, recv: torch.Tensor, received: Segments,
         torch.index_select(recv[:, :h], 0, rows_idx, out=out.expand_x[:own].view(torch.uint8))
         torch.index_select(recv[:, h:h + 4], 0, rows_idx, out=out.dynamic_scales[:own].view(torch.uint8).view(own, 4))
     else:
-        torch.index_select(recv.view(prep.xt), 0, rows_idx, out=out.expand_x[:own])
+        torch.index_select(recv.view(prep.xt)[:, :h], 0, rows_idx, out=out.expand_x[:own])
     out.assist_info_for_combine.numpy()[:3 * own] = np.stack([src, t, k], axis=1)[lay.order].reshape(-1)
     out.ep_recv_counts.numpy()[:blocks] = lay.ep_recv_counts
     return out, own, lay.ep_recv_counts
@@ -176,7 +184,7 @@ def tp_all_gather(call: Call, geom: Geometry, out: DispatchOutputs, own: int, ow
     quant = out.expand_x.dtype == torch.int8
     h = geom.H
     payload = h * out.expand_x.element_size()
-    width = quant_width(h) if quant else payload
+    width = quant_width(h) if quant else xt_width(h, out.expand_x.element_size())
     tail = -(-4 * geom.W // width)
     counts = np.zeros(2, np.int64)
     counts[peer] = own + tail

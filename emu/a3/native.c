@@ -238,17 +238,23 @@ int mc2_combine_sum(const uint8_t *buf, int64_t width, const int64_t *start, con
     return 0;
 }
 
-/* Combine's TP reduce for bf16 (numerics.tp_add): out[i] = bf16(fp32(a[i]) + fp32(b[i])), the
- * fp32 sum rounded to nearest even.  Returns 0, or -1 when a sum is a NaN (whose bits torch's
- * conversion picks by code path; the Python code then does what torch does). */
-int mc2_tp_add_bf16(const uint16_t *a, const uint16_t *b, int64_t n, uint16_t *out) {
+/* Combine's TP reduce for bf16 (numerics.tp_add) of rows x h values (row strides lda, ldb in
+ * values; out contiguous): out = bf16(fp32(a) + fp32(b)), the fp32 sum rounded to nearest
+ * even.  Returns 0, or -1 when a sum is a NaN (whose bits torch's conversion picks by code
+ * path; the Python code then does what torch does). */
+int mc2_tp_add_bf16(const uint16_t *a, int64_t lda, const uint16_t *b, int64_t ldb, int64_t rows, int64_t h,
+                    uint16_t *out) {
     uint32_t nan = 0;
-    for (int64_t i = 0; i < n; i++) {
-        float s = bf16_to_f32(a[i]) + bf16_to_f32(b[i]);
-        uint32_t u;
-        memcpy(&u, &s, 4);
-        nan |= (u & 0x7FFFFFFFu) > 0x7F800000u;
-        out[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *ar = a + r * lda, *br = b + r * ldb;
+        uint16_t *o = out + r * h;
+        for (int64_t i = 0; i < h; i++) {
+            float s = bf16_to_f32(ar[i]) + bf16_to_f32(br[i]);
+            uint32_t u;
+            memcpy(&u, &s, 4);
+            nan |= (u & 0x7FFFFFFFu) > 0x7F800000u;
+            o[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+        }
     }
     return nan ? -1 : 0;
 }

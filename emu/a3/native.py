@@ -42,7 +42,7 @@ _SIGNATURES = {
     "mc2_dispatch_layout": ([_P, _I, _P, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P], ctypes.c_int64),
     "mc2_dynamic_quant": ([_P, _I, ctypes.c_int, _P, _P, _P, _I, _P, _P], ctypes.c_int),
     "mc2_combine_sum": ([_P, _I, _P, _P, _I, ctypes.c_int, _I, _I, _I, _I, _P, _P], ctypes.c_int),
-    "mc2_tp_add_bf16": ([_P, _P, _I, _P], ctypes.c_int),
+    "mc2_tp_add_bf16": ([_P, _I, _P, _I, _I, _I, _P], ctypes.c_int),
 }
 
 
@@ -180,12 +180,13 @@ def dynamic_quant(x: torch.Tensor, token: np.ndarray, smooth: torch.Tensor | Non
 
 
 def tp_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-    """``numerics.tp_add(a, b)`` for bf16: (n, H) bf16, or None: not taken (no library, another
-    dtype or layout, or a sum that is a NaN)."""
+    """``numerics.tp_add(a, b)`` for (n, H) bf16 rows (each row contiguous): (n, H) bf16, or
+    None: not taken (no library, another dtype or layout, or a sum that is a NaN)."""
     lib = library()
     if lib is None or a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or a.shape != b.shape \
-            or not (a.is_contiguous() and b.is_contiguous()):
+            or a.dim() != 2 or (a.shape[1] > 1 and (a.stride(1) != 1 or b.stride(1) != 1)):
         return None
     out = torch.empty(a.shape, dtype=torch.bfloat16)
-    got = lib.mc2_tp_add_bf16(a.data_ptr(), b.data_ptr(), a.numel(), out.data_ptr())
+    got = lib.mc2_tp_add_bf16(a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), a.shape[0], a.shape[1],
+                              out.data_ptr())
     return out if got == 0 else None

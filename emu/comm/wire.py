@@ -19,7 +19,7 @@ class Field:
 
     @property
     def nbytes(self) -> int:
-        return self.width * torch.empty(0, dtype=self.dtype).element_size()
+        return self.width * self.dtype.itemsize
 
 
 def row_bytes(fields: list[Field]) -> int:

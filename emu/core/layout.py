@@ -125,7 +125,7 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     n = 1
     for d in shape:
         n *= d
-    nbytes = n * torch.empty(0, dtype=dtype).element_size()
+    nbytes = n * dtype.itemsize
     if nbytes < MAP_BYTES:
         return torch.zeros(shape, dtype=dtype)
     pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
