@@ -89,9 +89,9 @@ def quant_width(h: int) -> int:
 
 def xt_width(h: int, size: int) -> int:
     """Bytes of a wire row of H XT values (``size`` bytes each): for 2-byte XT, H values padded
-    to twice :func:`quant_width` (8 or 16 bytes more), so that every op's rows on a group (XT
-    rows of dispatch and combine, int8 rows of quant mode 2) tile the group's one slot and are
-    packed into and laid out of it straight (``Call.exchange``)."""
+    to twice :func:`quant_width` (8 to 22 bytes more; 16 for H a multiple of 8), so that every
+    op's rows on a group (XT rows of dispatch and combine, int8 rows of quant mode 2) tile the
+    group's one slot and are packed into and laid out of it straight (``Call.exchange``)."""
     return 2 * quant_width(h) if size == 2 else h * size
 
 
