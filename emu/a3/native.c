@@ -4,9 +4,9 @@
  * rows and their metadata into a wire buffer, dispatch's receive layout, dispatch's dynamic
  * int8 quantisation, combine's fp32 weighted sum and combine's bf16 TP reduce.  Each does
  * exactly what its Python twin does, element for element (the tests run both and compare
- * bytes): copies move bytes, and
- * the arithmetic is the same IEEE fp32 operations in the same order, each rounded on its own
- * (built with -ffp-contract=off, so no fused multiply-add, and without -ffast-math).
+ * bytes): copies move bytes, and the arithmetic is the same IEEE fp32 operations in the same
+ * order, each rounded on its own (built with -ffp-contract=off, so no fused multiply-add, and
+ * without -ffast-math).
  *
  * A wire buffer holds rows of `width` bytes; peer p's segment starts at row start[p]: its
  * n[p] payload rows, then its n[p] int32 metadata words (token << 15 | slot << 10 | local).
