@@ -24,7 +24,7 @@ from emu.a3.dispatch import lay_out, quant_width, xt_width
 from emu.comm.wire import Segments, pack_meta
 from emu.core.attrs import Geometry
 from emu.core.layout import dispatch_shapes
-from emu.core.numerics import ReceivedRows, combine_rows, dynamic_quant, tp_add
+from emu.core.numerics import ReceivedRows, combine_output, combine_rows, dynamic_quant, tp_add
 from emu.testing.scenario import RankResult, Scenario, compare, run_reference
 
 pytestmark = [pytest.mark.emu_world(2), pytest.mark.timeout(300)]
@@ -189,6 +189,27 @@ def test_dynamic_quant_declines_values_that_are_not_finite():
     assert native.dynamic_quant(x, np.array([0]), None, None) is not None
 
 
+def _combine_case(rng: np.random.Generator, bs: int, slots: int, h: int, dtype: torch.dtype, peers: int,
+                  special: bool, dup: bool = False) -> tuple[Segments, torch.Tensor, np.ndarray, torch.Tensor]:
+    """Received rows for (token, slot) pairs in random order over ``peers`` segments (each pair
+    about 70 % likely; with ``dup`` three of them twice): the segments, the (rows, width)
+    buffer, the pairs and their values (``special``: with infinities, NaNs, signed zeros)."""
+    pairs = np.array([(t, s) for t in range(bs) for s in range(slots) if rng.random() < 0.7], dtype=np.int64)
+    pairs = pairs.reshape(-1, 2)
+    if dup and len(pairs):
+        pairs = np.concatenate([pairs, pairs[rng.integers(0, len(pairs), 3)]])
+    pairs = pairs[rng.permutation(len(pairs))]
+    cuts = np.sort(rng.integers(0, len(pairs) + 1, peers - 1))
+    seg = Segments(np.diff(np.concatenate([[0], cuts, [len(pairs)]])), 2 * h + (2 if h % 2 else 0))
+    buf = torch.zeros(seg.total, seg.width, dtype=torch.uint8)
+    rows = _values(rng, (len(pairs), h), dtype) if special else \
+        torch.from_numpy(rng.standard_normal((len(pairs), h)).astype(np.float32)).to(dtype)
+    if len(pairs):
+        buf[torch.from_numpy(seg.payload_index()), :2 * h] = rows.view(torch.uint8).view(len(pairs), 2 * h)
+    seg.write_meta(buf, pack_meta(pairs[:, 0], pairs[:, 1], np.zeros(len(pairs), np.int64)))
+    return seg, buf, pairs, rows
+
+
 @SETTINGS
 @given(seed=st.integers(0, 2**31), bs=st.integers(1, 9), k=st.integers(1, 4), shared=st.integers(0, 2),
        h=st.sampled_from([1, 5, 64, 1024]), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
@@ -201,21 +222,8 @@ def test_combine_sum_is_combine_rows(seed, bs, k, shared, h, dtype, peers, dup):
     _needs_native()
     rng = np.random.default_rng(seed)
     slots = k + shared
-    pairs = np.array([(t, s) for t in range(bs) for s in range(slots) if rng.random() < 0.7], dtype=np.int64)
-    pairs = pairs.reshape(-1, 2)
-    if dup and len(pairs):
-        pairs = np.concatenate([pairs, pairs[rng.integers(0, len(pairs), 3)]])
-    pairs = pairs[rng.permutation(len(pairs))]
-    cuts = np.sort(rng.integers(0, len(pairs) + 1, peers - 1))
-    n = np.diff(np.concatenate([[0], cuts, [len(pairs)]]))
-    width = 2 * h + (2 if h % 2 else 0)
-    seg = Segments(n, width)
-    buf = torch.zeros(seg.total, width, dtype=torch.uint8)
-    rows = _values(rng, (len(pairs), h), dtype)
-    idx = seg.payload_index()
-    if len(pairs):
-        buf[torch.from_numpy(idx), :2 * h] = rows.view(torch.uint8).view(len(pairs), 2 * h)
-    seg.write_meta(buf, pack_meta(pairs[:, 0], pairs[:, 1], np.zeros(len(pairs), np.int64)))
+    seg, buf, pairs, _ = _combine_case(rng, bs, slots, h, dtype, peers, True, dup)
+    width, idx = seg.width, seg.payload_index()
     w = _values(rng, (bs, k), torch.float32)
     inp = SimpleNamespace(expert_ids=torch.zeros(bs, k, dtype=torch.int32), expert_scales=w, shared_expert_x=None,
                           special=SimpleNamespace(copy=0, const=0, ori_x=None))
@@ -229,6 +237,48 @@ def test_combine_sum_is_combine_rows(seed, bs, k, shared, h, dtype, peers, dup):
     nan = want.isnan()
     assert torch.equal(got.isnan(), nan)               # a NaN's sign and payload are the host's: not held
     assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31), bs=st.integers(1, 9), k=st.integers(1, 4), shared=st.integers(0, 2),
+       h=st.sampled_from([1, 5, 64, 1024]), peers=st.integers(1, 4), shared_x=st.booleans(),
+       inactive=st.booleans(), special=st.booleans())
+def test_combine_out_is_the_python_sum_rounded(seed, bs, k, shared, h, peers, shared_x, inactive, special):
+    """x_out straight from the received bf16 rows is, bit for bit, the Python sum plus
+    shared_expert_x rounded by torch, with inactive tokens zero (``combine_output``); a NaN to
+    round (whose bits torch picks by code path) declines, as does nothing else."""
+    _needs_native()
+    rng = np.random.default_rng(seed)
+    slots = k + shared
+    seg, buf, pairs, _ = _combine_case(rng, bs, slots, h, torch.bfloat16, peers, special)
+    w = _values(rng, (bs, k), torch.float32) if special else torch.from_numpy(rng.random((bs, k), np.float32))
+    sx = _values(rng, (bs, h), torch.bfloat16) if shared_x else None
+    tokens = np.arange(bs) < (rng.integers(0, bs + 1) if inactive else bs)
+    inp = SimpleNamespace(expert_ids=torch.zeros(bs, k, dtype=torch.int32), expert_scales=w, shared_expert_x=None,
+                          special=SimpleNamespace(copy=0, const=0, ori_x=None), norm=None,
+                          expand_x=torch.empty(0, h, dtype=torch.bfloat16))
+    acc = combine_rows(ReceivedRows(buf.view(torch.bfloat16)[:, :h], pairs[:, 0], pairs[:, 1],
+                                    index=seg.payload_index()), inp, None, shared)
+    if sx is not None:
+        acc.add_(sx.to(torch.float32))
+    want = combine_output(acc, inp, tokens)
+    got = torch.full((bs, h), 7.0, dtype=torch.bfloat16)
+    took = native.combine_out(buf, seg, w.contiguous(), slots, sx, None if tokens.all() else tokens, got)
+    assert took == (not bool(want.isnan().any()))
+    if took:
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+def test_combine_out_declines_a_token_out_of_range():
+    _needs_native()
+    seg = Segments(np.array([1]), 4)
+    buf = torch.zeros(seg.total, 4, dtype=torch.uint8)
+    seg.write_meta(buf, pack_meta(np.array([3]), np.array([0]), np.array([0])))
+    out = torch.zeros(3, 2, dtype=torch.bfloat16)
+    assert not native.combine_out(buf, seg, torch.ones(3, 1), 1, None, None, out)
+    assert native.combine_out(buf[:0], Segments(np.zeros(1, np.int64), 4), torch.ones(3, 1), 1,
+                              torch.ones(3, 2, dtype=torch.bfloat16), np.array([True, False, True]), out)
+    assert out.tolist() == [[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]]
 
 
 def test_combine_sum_declines_a_token_out_of_range():

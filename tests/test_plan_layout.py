@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from emu.comm.call import SLOT_FLOOR, slot_bytes, slot_plan
 from emu.comm.wire import Segments
 from emu.core.attrs import Geometry
 from emu.core.layout import dispatch_shapes, expert_token_nums, recv_layout
@@ -121,3 +122,15 @@ def test_send_counts_equal_the_plans_counts(seed):
     for src in range(geom.W):
         act = active_set(bs, geom.K, mask)
         assert send_counts(geom, src, ids, act).tolist() == send_plan(geom, src, ids, act).counts.tolist()
+
+
+def test_a_tp_pair_always_has_its_slot_and_a_large_group_with_few_rows_per_peer_none():
+    """A 2-rank TP group sends all its rows to the one peer: its 2 slots cost twice what the rows
+    fill, however many (1,000 rows of 2,064 bytes once took a second exchange); 64 EP ranks with
+    4 rows per peer of 32 rows of 14,352 bytes would pay 5.5 MB of slots for 0.5 MB of rows."""
+    for rows in (8, 1000, 65536):
+        assert slot_plan(2, 2064, rows, rows) == slot_bytes(2064, rows) > 0
+    assert 2 * slot_bytes(2064, 1000) > max(SLOT_FLOOR, 2 * 1000 * 2064)       # the old rule's miss
+    assert 64 * slot_bytes(14352, 4) > max(SLOT_FLOOR, 2 * slot_bytes(14352, 32))
+    assert slot_plan(64, 14352, 4, 32) == 0
+    assert slot_plan(8, 14352, 4, 32) == slot_bytes(14352, 4)                  # within SLOT_FLOOR

@@ -80,6 +80,9 @@ def return_rows(call: Call, prep: Prepared, inp: CombineInputs,
                                         lambda seg, buf: pack_rows(call.ep, y, tri, seg, quant, buf),
                                         inline_rows(geom))
     _cross_check(call, hdr, send_counts, expected)
+    x_out = _native_out(prep, inp, recv, received, act)
+    if x_out is not None:
+        return x_out
     acc = _native_sum(prep, inp, recv, received)
     if acc is None:
         got = unpack_rows(call, prep, inp, plan, recv, received)
@@ -87,11 +90,38 @@ def return_rows(call: Call, prep: Prepared, inp: CombineInputs,
     return combine_output(acc, inp, act.tokens)
 
 
+def _native_takes(prep: Prepared, inp: CombineInputs) -> bool:
+    """The native weighted sum covers this call: V2 rows (not V1's positions), no comm quant, no
+    copy or const experts."""
+    sp = inp.special
+    return not (inp.positional or prep.cfg.comm_quant_mode == 2 or ((sp.copy or sp.const) and sp.ori_x is not None))
+
+
+def _native_out(prep: Prepared, inp: CombineInputs, recv: torch.Tensor, received: Segments,
+                act: ActiveSet) -> torch.Tensor | None:
+    """x_out by the native accelerator for bf16 rows without the add-RMSNorm tail
+    (:func:`native.combine_out`: the sum of :func:`_native_sum`, rounded a token at a time);
+    None: not taken."""
+    shared = inp.shared_expert_x
+    if inp.norm is not None or inp.expand_x.dtype != torch.bfloat16 or not _native_takes(prep, inp):
+        return None
+    bs, k_num = inp.expert_ids.shape
+    if shared is not None:
+        if shared.dtype != torch.bfloat16 or shared.numel() != bs * prep.route.H:
+            return None
+        shared = shared.reshape(bs, -1).contiguous()
+    out = torch.empty(bs, prep.route.H, dtype=torch.bfloat16)
+    w = inp.expert_scales.to(torch.float32).contiguous()
+    active = None if act.tokens.all() else act.tokens
+    if not native.combine_out(recv, received, w, k_num + prep.route.Ns, shared, active, out):
+        return None
+    return out
+
+
 def _native_sum(prep: Prepared, inp: CombineInputs, recv: torch.Tensor, received: Segments) -> torch.Tensor | None:
     """:func:`combine_rows` by the native accelerator (None: not taken; V1, comm quant, copy
     or const experts, or a row whose (token, slot) is out of range, which unpack_rows reports)."""
-    sp = inp.special
-    if inp.positional or prep.cfg.comm_quant_mode == 2 or ((sp.copy or sp.const) and sp.ori_x is not None):
+    if not _native_takes(prep, inp):
         return None
     bs, k_num = inp.expert_ids.shape
     acc = torch.zeros(bs, prep.route.H, dtype=torch.float32)

@@ -1,8 +1,9 @@
 /* The optional native accelerator of the A3 data path (emu/a3/native.py).
  *
- * Five loops that the Python phases otherwise spell as many numpy/torch operations: packing
+ * Six loops that the Python phases otherwise spell as many numpy/torch operations: packing
  * rows and their metadata into a wire buffer, dispatch's receive layout, dispatch's dynamic
- * int8 quantisation, combine's fp32 weighted sum and combine's bf16 TP reduce.  Each does
+ * int8 quantisation, combine's fp32 weighted sum (and for bf16, its rounded x_out) and
+ * combine's bf16 TP reduce.  Each does
  * exactly what its Python twin does, element for element (the tests run both and compare
  * bytes): copies move bytes, and the arithmetic is the same IEEE fp32 operations in the same
  * order, each rounded on its own (built with -ffp-contract=off, so no fused multiply-add, and
@@ -175,42 +176,44 @@ int mc2_dynamic_quant(const uint16_t *x, int64_t h, int fp16, const int64_t *tok
     return 0;
 }
 
-/* Combine's fp32 weighted sum of the received rows (XT: bf16 when fp16 == 0, else fp16):
- * entry (token t, slot k) of every payload row from its metadata word; each entry adds
- * fp32(row) * weight to acc[t] (weight w[t, k] for k < K, 1 for a shared slot k >= K), every
- * multiply and add rounded to fp32, a token's entries in slot order (entries of one slot in the
- * order received), so every element gets the adds the slot-major Python sum gives it.  The
- * entries are taken token by token, so that a token's sum stays in cache.  Returns 0, or -1
- * (acc untouched) when a word names a token outside [0, bs) or a slot outside [0, slots). */
-int mc2_combine_sum(const uint8_t *buf, int64_t width, const int64_t *start, const int64_t *n, int64_t peers,
-                    int fp16, int64_t h, int64_t bs, int64_t K, int64_t slots, const float *w, float *acc) {
+/* The received rows of combine in the order the weighted sum takes them: token by token, a
+ * token's entries in slot order (entries of one slot in the order received), from each payload
+ * row's metadata word (token t, slot k).  row[i] is entry i's row, key[i] its t * slots + k, and
+ * first[t] .. first[t + 1] a token's entries (first has bs + 1 items).  Returns the entries, or
+ * -1 (nothing allocated) when a word names a token outside [0, bs) or a slot outside [0, slots)
+ * or memory runs out. */
+static int64_t entries(const uint8_t *buf, int64_t width, const int64_t *start, const int64_t *n, int64_t peers,
+                       int64_t bs, int64_t slots, const uint8_t ***row_out, int64_t **key_out, int64_t **first_out) {
     int64_t total = 0, keys = bs * slots;
     for (int64_t p = 0; p < peers; p++)
         total += n[p];
     int64_t *at = calloc((size_t)keys + 1, sizeof(int64_t));
+    int64_t *first = malloc((size_t)(bs + 1) * sizeof(int64_t));
     const uint8_t **row = malloc((size_t)(total ? total : 1) * sizeof(*row));
     int64_t *key = malloc((size_t)(total ? total : 1) * sizeof(int64_t));
-    if (!at || !row || !key) {
-        free(at);
-        free(row);
-        free(key);
-        return -1;
-    }
-    for (int64_t p = 0; p < peers; p++) {
+    int ok = at && first && row && key;
+    for (int64_t p = 0; ok && p < peers; p++) {
         const int32_t *words = (const int32_t *)(buf + (start[p] + n[p]) * width);
         for (int64_t j = 0; j < n[p]; j++) {
             int32_t t = words[j] >> 15, k = (words[j] >> 10) & 31;
             if (t < 0 || t >= bs || k >= slots) {
-                free(at);
-                free(row);
-                free(key);
-                return -1;
+                ok = 0;
+                break;
             }
             at[t * slots + k + 1]++;
         }
     }
+    if (!ok) {
+        free(at);
+        free(first);
+        free(row);
+        free(key);
+        return -1;
+    }
     for (int64_t b = 0; b < keys; b++)
         at[b + 1] += at[b];
+    for (int64_t t = 0; t <= bs; t++)
+        first[t] = at[t * slots];
     for (int64_t p = 0; p < peers; p++) {
         const uint8_t *rows = buf + start[p] * width;
         const int32_t *words = (const int32_t *)(rows + n[p] * width);
@@ -221,10 +224,20 @@ int mc2_combine_sum(const uint8_t *buf, int64_t width, const int64_t *start, con
             key[i] = b;
         }
     }
-    for (int64_t i = 0; i < total; i++) {
+    free(at);
+    *row_out = row;
+    *key_out = key;
+    *first_out = first;
+    return total;
+}
+
+/* Entries first .. last of one token into its fp32 row a: a[e] = a[e] + fp32(x[e]) * weight
+ * (w[t, k] for k < K, 1 for a shared slot k >= K), every multiply and add rounded to fp32. */
+static void add_entries(float *a, const uint8_t **row, const int64_t *key, int64_t first, int64_t last, int fp16,
+                        int64_t h, int64_t K, int64_t slots, const float *w) {
+    for (int64_t i = first; i < last; i++) {
         int64_t t = key[i] / slots, k = key[i] % slots;
         float wt = k < K ? w[t * K + k] : 1.0f;
-        float *a = acc + t * h;
         const uint16_t *x = (const uint16_t *)row[i];
         if (fp16)
             for (int64_t e = 0; e < h; e++)
@@ -233,10 +246,69 @@ int mc2_combine_sum(const uint8_t *buf, int64_t width, const int64_t *start, con
             for (int64_t e = 0; e < h; e++)
                 a[e] = a[e] + bf16_to_f32(x[e]) * wt;
     }
-    free(at);
+}
+
+/* Combine's fp32 weighted sum of the received rows (XT: bf16 when fp16 == 0, else fp16) into
+ * acc (bs x h): each token's entries (see entries()) added to acc[t] in order, so every
+ * element gets the adds the slot-major Python sum gives it.  Returns 0, or -1 (acc untouched)
+ * when a word names a token outside [0, bs) or a slot outside [0, slots). */
+int mc2_combine_sum(const uint8_t *buf, int64_t width, const int64_t *start, const int64_t *n, int64_t peers,
+                    int fp16, int64_t h, int64_t bs, int64_t K, int64_t slots, const float *w, float *acc) {
+    const uint8_t **row;
+    int64_t *key, *first;
+    if (entries(buf, width, start, n, peers, bs, slots, &row, &key, &first) < 0)
+        return -1;
+    for (int64_t t = 0; t < bs; t++)
+        add_entries(acc + t * h, row, key, first[t], first[t + 1], fp16, h, K, slots, w);
     free(row);
     free(key);
+    free(first);
     return 0;
+}
+
+static uint16_t f32_to_bf16(float s, uint32_t *nan) {
+    uint32_t u;
+    memcpy(&u, &s, 4);
+    *nan |= (u & 0x7FFFFFFFu) > 0x7F800000u;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Combine's x_out for bf16 rows, straight from the received rows: a token's fp32 sum (as
+ * mc2_combine_sum gives it, from 0) plus fp32(shared[t]) when shared (bs x h bf16) is given,
+ * rounded to bf16 (nearest, ties to even) into out (bs x h); a token with active[t] == 0
+ * (active given) is 0.  The sum of a token lives in one fp32 row, so nothing of bs x h fp32 is
+ * written.  Returns 0; -1 (out untouched) for a word out of range, as mc2_combine_sum; -2 when a
+ * rounded value is a NaN (whose bits torch's conversion picks by code path). */
+int mc2_combine_out_bf16(const uint8_t *buf, int64_t width, const int64_t *start, const int64_t *n, int64_t peers,
+                         int64_t h, int64_t bs, int64_t K, int64_t slots, const float *w, const uint16_t *shared,
+                         const uint8_t *active, uint16_t *out) {
+    const uint8_t **row;
+    int64_t *key, *first;
+    float *a = malloc((size_t)(h ? h : 1) * sizeof(float));
+    if (!a || entries(buf, width, start, n, peers, bs, slots, &row, &key, &first) < 0) {
+        free(a);
+        return -1;
+    }
+    uint32_t nan = 0;
+    for (int64_t t = 0; t < bs; t++) {
+        uint16_t *o = out + t * h;
+        if (active && !active[t]) {
+            memset(o, 0, (size_t)h * 2);
+            continue;
+        }
+        memset(a, 0, (size_t)h * sizeof(float));
+        add_entries(a, row, key, first[t], first[t + 1], 0, h, K, slots, w);
+        if (shared)
+            for (int64_t e = 0; e < h; e++)
+                a[e] = a[e] + bf16_to_f32(shared[t * h + e]);
+        for (int64_t e = 0; e < h; e++)
+            o[e] = f32_to_bf16(a[e], &nan);
+    }
+    free(a);
+    free(row);
+    free(key);
+    free(first);
+    return nan ? -2 : 0;
 }
 
 /* Combine's TP reduce for bf16 (numerics.tp_add) of rows x h values (row strides lda, ldb in
@@ -250,11 +322,7 @@ int mc2_tp_add_bf16(const uint16_t *a, int64_t lda, const uint16_t *b, int64_t l
         const uint16_t *ar = a + r * lda, *br = b + r * ldb;
         uint16_t *o = out + r * h;
         for (int64_t i = 0; i < h; i++) {
-            float s = bf16_to_f32(ar[i]) + bf16_to_f32(br[i]);
-            uint32_t u;
-            memcpy(&u, &s, 4);
-            nan |= (u & 0x7FFFFFFFu) > 0x7F800000u;
-            o[i] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+            o[i] = f32_to_bf16(bf16_to_f32(ar[i]) + bf16_to_f32(br[i]), &nan);
         }
     }
     return nan ? -1 : 0;

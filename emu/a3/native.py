@@ -1,6 +1,6 @@
 """The optional native accelerator of the A3 data path (``native.c`` beside this file).
 
-Five loops of the phases, each otherwise many numpy/torch operations per call:
+Six loops of the phases, each otherwise many numpy/torch operations per call:
 
     pack_rows        rows gathered into their peers' wire segments, with the metadata tails
                      (dispatch and combine ``pack_rows``)
@@ -8,6 +8,8 @@ Five loops of the phases, each otherwise many numpy/torch operations per call:
                      triples and ep_recv_counts (``lay_out``)
     dynamic_quant    dispatch's dynamic int8 quantisation in one pass per row (``dynamic_quant``)
     combine_sum      combine's fp32 k-order weighted sum of the received rows (``combine_rows``)
+    combine_out      for bf16: that sum (+ shared_expert_x) rounded straight into x_out, a token
+                     at a time (``combine_rows`` and ``combine_output``)
     tp_add           combine's TP reduce of bf16 rows in one pass (``tp_add``)
 
 The C source is compiled on first use with the system C compiler (``cc``, or ``$CC``) into a
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..comm.wire import Segments
 from ..core.env import getenv
 
 SOURCE = Path(__file__).with_name("native.c")
@@ -42,6 +45,7 @@ _SIGNATURES = {
     "mc2_dispatch_layout": ([_P, _I, _P, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P], ctypes.c_int64),
     "mc2_dynamic_quant": ([_P, _I, ctypes.c_int, _P, _P, _P, _I, _P, _P], ctypes.c_int),
     "mc2_combine_sum": ([_P, _I, _P, _P, _I, ctypes.c_int, _I, _I, _I, _I, _P, _P], ctypes.c_int),
+    "mc2_combine_out_bf16": ([_P, _I, _P, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P], ctypes.c_int),
     "mc2_tp_add_bf16": ([_P, _I, _P, _I, _I, _I, _P], ctypes.c_int),
 }
 
@@ -158,6 +162,24 @@ def combine_sum(buf: torch.Tensor, width: int, start: np.ndarray, n: np.ndarray,
     start, n = _i64(start), _i64(n)
     return lib.mc2_combine_sum(buf.data_ptr(), width, _ptr(start), _ptr(n), n.size, int(dtype == torch.float16),
                                h, bs, weights.shape[1], slots, weights.data_ptr(), acc.data_ptr()) == 0
+
+
+def combine_out(buf: torch.Tensor, received: Segments, weights: torch.Tensor, slots: int,
+                shared: torch.Tensor | None, active: np.ndarray | None, out: torch.Tensor) -> bool:
+    """out (Bs, H) bf16 = bf16(the k-order weighted sum of the received bf16 rows (``received``:
+    their segments in ``buf``), + fp32(shared) when given), rows of tokens not ``active`` (Bs,)
+    bool zero: ``combine_rows`` then ``combine_output``; ``weights`` (Bs, K) fp32 contiguous,
+    ``shared`` (Bs, H) bf16 contiguous.  False: not taken (a row out of range, or a NaN to
+    round; ``out`` may be partly written)."""
+    lib = library()
+    if lib is None or not buf.is_contiguous() or out.dtype != torch.bfloat16 or not out.is_contiguous():
+        return False
+    bs, h = out.shape
+    width, start, n = received.width, _i64(received.start), _i64(received.n)
+    mask = None if active is None else np.ascontiguousarray(active, dtype=np.bool_)
+    return lib.mc2_combine_out_bf16(buf.data_ptr(), width, _ptr(start), _ptr(n), n.size, h, bs, weights.shape[1],
+                                    slots, weights.data_ptr(), None if shared is None else shared.data_ptr(),
+                                    None if mask is None else _ptr(mask), out.data_ptr()) == 0
 
 
 def dynamic_quant(x: torch.Tensor, token: np.ndarray, smooth: torch.Tensor | None,

@@ -51,9 +51,11 @@ SLOT_FLOOR = 2 << 20                # slots of a rank never cost more than this,
 @functools.lru_cache(maxsize=1024)
 def slot_plan(peers: int, width: int, per_peer: int, rows: int) -> int:
     """The slot for an op whose ranks send up to ``per_peer`` rows to one peer and ``rows`` in
-    all: :func:`slot_bytes`, or 0 when ``peers`` slots exceed max(SLOT_FLOOR, 2 * rows * width)."""
+    all: :func:`slot_bytes`, or 0 when ``peers`` slots exceed max(SLOT_FLOOR, twice the slot
+    that ``rows`` would fill).  (A 2-rank TP group, whose ranks send all their rows to the
+    one peer, always has its slot.)"""
     nbytes = slot_bytes(width, per_peer)
-    return nbytes if peers * nbytes <= max(SLOT_FLOOR, 2 * rows * width) else 0
+    return nbytes if peers * nbytes <= max(SLOT_FLOOR, 2 * slot_bytes(width, rows)) else 0
 
 
 def _fill_slots(fill: Callable[[Segments, torch.Tensor], None], sent: Segments, rows: int,

@@ -29,7 +29,10 @@ def transport_mode() -> str:
     """``EMU_TRANSPORT``: "auto" (default: a call's rows travel with its header when they fit the
     slot the group's previous call of that op sized) or "split" (always a header exchange,
     then a rows exchange)."""
-    mode = getenv("EMU_TRANSPORT", "auto").strip().lower() or "auto"
+    raw = getenv("EMU_TRANSPORT", "auto")
+    if raw == "auto":                       # the common case, read on every exchange
+        return raw
+    mode = raw.strip().lower() or "auto"
     if mode not in TRANSPORTS:
         raise ValueError(f"EMU_TRANSPORT={mode!r} must be one of {TRANSPORTS}")
     return mode

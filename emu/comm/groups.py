@@ -6,6 +6,7 @@ rank, < 128 chars) and :func:`resolve_group` maps a name, or a group object, bac
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from datetime import timedelta
@@ -99,7 +100,7 @@ def own_group(global_ranks: list[int], timeout_s: float, prefix: str) -> OwnGrou
     process whose last op call raised checks the generation of each group once before using it.
     """
     ctx = current()
-    key = (prefix,) + tuple(sorted(int(r) for r in global_ranks))
+    key = own_key(global_ranks, prefix)
     entry = _current(ctx, key)
     if entry is None:
         name, gen = own_generation(global_ranks, prefix)
@@ -111,6 +112,16 @@ def own_group(global_ranks: list[int], timeout_s: float, prefix: str) -> OwnGrou
         entry = OwnGroup(pg, name, base, gen)
         ctx.bare_groups[key] = entry
     return entry
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_of(members: tuple[int, ...], prefix: str) -> tuple:
+    return (prefix,) + tuple(sorted(int(r) for r in members))
+
+
+def own_key(global_ranks: list[int], prefix: str) -> tuple:
+    """The registry key of the own group of ``global_ranks``: (prefix, sorted members)."""
+    return _key_of(tuple(global_ranks), prefix)
 
 
 def _current(ctx, key: tuple) -> OwnGroup | None:
@@ -127,7 +138,7 @@ def _current(ctx, key: tuple) -> OwnGroup | None:
 
 def own_generation(global_ranks: list[int], prefix: str) -> tuple[str, int]:
     """(name, generation) of the own group of ``global_ranks``, without building it."""
-    entry = _current(current(), (prefix,) + tuple(sorted(int(r) for r in global_ranks)))
+    entry = _current(current(), own_key(global_ranks, prefix))
     if entry is not None:
         return entry.name, entry.gen
     base = own_group_name(global_ranks, prefix)
@@ -141,7 +152,7 @@ def abandon_group(global_ranks: list[int], prefix: str) -> None:
     generation, whoever comes first), and keep the object until exit (dropping it would wait for
     the collective)."""
     ctx = current()
-    key = (prefix,) + tuple(sorted(int(r) for r in global_ranks))
+    key = own_key(global_ranks, prefix)
     entry = ctx.bare_groups.get(key)
     base = own_group_name(global_ranks, prefix)
     gen = entry.gen if entry is not None else own_generation(global_ranks, prefix)[1]   # not built: set-up failed
@@ -174,7 +185,7 @@ def _generation(base: str) -> int:
 
 def own_group_name(global_ranks: list[int], prefix: str) -> str:
     """The name of the own group of ``global_ranks`` (any order), < 100 chars."""
-    key = (prefix,) + tuple(sorted(int(r) for r in global_ranks))
+    key = own_key(global_ranks, prefix)
     name = f"emu_{prefix}_" + "_".join(map(str, key))
     return name if len(name) < 100 else f"emu_{prefix}_" + hashlib.sha1(name.encode()).hexdigest()[:32]
 

@@ -176,6 +176,7 @@ class FlightRecorder:
         self.stack_path: str | None = None
         self._farewells_seen = -1
         self._call_groups = set()                          # the groups of this rank's current op call
+        self._keys: dict[str, tuple[str, str]] = {}         # group -> the store keys of this rank's records
         self.current = Waiting()
         self._consumed: dict[int, str | None] = {}        # rank -> the serial of its farewell this rank acted on
         self._stack_file: IO[str] | None = None
@@ -245,10 +246,13 @@ class FlightRecorder:
                "attempt": self.attempt, "t": time.time()}
         self.ring.append(rec)
         if self.store is not None:
-            me = dist.get_rank()
+            keys = self._keys.get(group)
+            if keys is None:                    # the store keys of this rank's records on ``group``
+                me = dist.get_rank()
+                keys = self._keys[group] = (f"emu_fr/{group}/{me}", f"emu_last/{me}")
             with self._lock:
-                self._pending[f"emu_fr/{group}/{me}"] = rec
-                self._pending[f"emu_last/{me}"] = rec
+                self._pending[keys[0]] = rec
+                self._pending[keys[1]] = rec
             if self._publisher is None:
                 self._start_publisher()
             if self._said_farewell:             # the store must show at once that the farewell is old
