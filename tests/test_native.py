@@ -315,6 +315,15 @@ def test_tp_add_is_numerics_tp_add(seed, n, h, big):
     wide = torch.zeros(n, h + 8, dtype=torch.bfloat16)            # rows of a wider wire buffer
     wide[:, :h] = b
     assert torch.equal(native.tp_add(a, wide[:, :h]).view(torch.int16), got.view(torch.int16))
+    if n:                                                # fused with the packing: what pack_rows writes of the sum
+        seg = _segments(rng, 3, xt_width(h, 2), 4, bool(seed % 2))
+        total = int(seg.n.sum())
+        index = rng.integers(0, n, total)
+        meta = (rng.integers(0, 1 << 16, total), rng.integers(0, 32, total), rng.integers(0, 1024, total))
+        want, fused = (torch.zeros(seg.total, seg.width, dtype=torch.uint8) for _ in range(2))
+        assert native.pack_rows(want, seg.width, seg.start, seg.n, got, index, None, meta)
+        assert native.pack_tp_add(fused, seg, (a, wide[:, :h]), index, meta)
+        assert torch.equal(fused, want)
 
 
 def test_tp_add_declines_nan_and_other_layouts():
@@ -329,6 +338,11 @@ def test_tp_add_declines_nan_and_other_layouts():
     assert native.tp_add(a.half(), b.half()) is None
     assert native.tp_add(torch.ones(4, 2, dtype=torch.bfloat16).t(), a) is None      # values not contiguous
     assert native.tp_add(a.view(-1), b.view(-1)) is None
+    seg = Segments(np.array([2]), xt_width(4, 2))
+    buf = torch.zeros(seg.total, seg.width, dtype=torch.uint8)
+    meta = (np.arange(2), np.zeros(2, np.int64), np.zeros(2, np.int64))
+    assert not native.pack_tp_add(buf, seg, (a, b), np.arange(2), meta)             # inf - inf: NaN
+    assert not native.pack_tp_add(buf, seg, (a.half(), b.half()), np.arange(2), meta)
 
 
 def test_without_a_compiler_the_python_code_runs(tmp_path):

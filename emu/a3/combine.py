@@ -2,7 +2,8 @@
 
 Phases:
 
-    TP reduce-scatter  (tp 2) own rows + the TP peer's partials for them, in XT
+    TP reduce-scatter  (tp 2) own rows + the TP peer's partials for them, in XT (added as
+                       they are packed for the exchange when they travel inline)
     route back         each row's source: from its triple (V2), or by position (V1)
     exchange           EP header (rows per source, the rows this rank expects back: each
                        source cross-checks them against its own dispatch plan) with the
@@ -56,12 +57,27 @@ def combine(call: Call, prep: Prepared, inp: CombineInputs) -> torch.Tensor | tu
 
 
 @dataclass(frozen=True)
-class Returning:
-    """What combine sends back and expects: the rows ``y`` (own, after TP), each one's
-    (source, t, k) ``tri``, this rank's dispatch ``plan`` (V1 only), the rows each holder must
-    return (``expected``) and the active tokens and slots."""
+class TpSum:
+    """The TP reduce's terms (tp 2): this rank's own rows ``mine`` and the TP peer's partials
+    for them ``theirs`` (a view of the TP exchange's wire buffer), added where they are packed
+    (:func:`pack_rows`) or by :meth:`rows`."""
 
-    y: torch.Tensor
+    mine: torch.Tensor
+    theirs: torch.Tensor
+
+    def rows(self) -> torch.Tensor:
+        """The reduced rows in XT (``numerics.tp_add``)."""
+        got = native.tp_add(self.mine, self.theirs)
+        return got if got is not None else tp_add(self.mine, self.theirs)
+
+
+@dataclass(frozen=True)
+class Returning:
+    """What combine sends back and expects: the rows ``y`` (own, after TP: with tp 2 the terms
+    of their sum), each one's (source, t, k) ``tri``, this rank's dispatch ``plan`` (V1 only),
+    the rows each holder must return (``expected``) and the active tokens and slots."""
+
+    y: torch.Tensor | TpSum
     tri: np.ndarray
     plan: SendPlan | None
     expected: np.ndarray
@@ -76,7 +92,10 @@ def return_rows(call: Call, prep: Prepared, inp: CombineInputs,
     geom = prep.route
     quant = prep.cfg.comm_quant_mode == 2
     send_counts = np.bincount(tri[:, 0], minlength=geom.W).astype(np.int64)
-    hdr, recv, received = call.exchange("EP", send_counts, _width(inp.expand_x, geom.H, quant), expected,
+    width = _width(inp.expand_x, geom.H, quant)
+    if isinstance(y, TpSum) and (quant or not call.packs_first("EP", send_counts, width)):
+        y = y.rows()                          # its terms' wire buffer is gone by the time they are packed
+    hdr, recv, received = call.exchange("EP", send_counts, width, expected,
                                         lambda seg, buf: pack_rows(call.ep, y, tri, seg, quant, buf),
                                         inline_rows(geom))
     _cross_check(call, hdr, send_counts, expected)
@@ -151,14 +170,19 @@ def route_back(geom: Geometry, me: int, inp: CombineInputs, own: int) -> np.ndar
     return np.stack([src, np.zeros_like(src), np.zeros_like(src)], axis=1)
 
 
-def pack_rows(dom: Domain, y: torch.Tensor, tri: np.ndarray, sent: Segments, quant: bool,
+def pack_rows(dom: Domain, y: torch.Tensor | TpSum, tri: np.ndarray, sent: Segments, quant: bool,
               send: torch.Tensor) -> None:
     """Fill the (sent.total, width) uint8 ``send`` buffer: rows ordered by destination, each
-    peer's rows in its segment, then the segment's metadata tail (t, k)."""
-    h = y.shape[1]
+    peer's rows in its segment, then the segment's metadata tail (t, k); the terms of a TP sum
+    added as they are packed (not with ``quant``)."""
     dest = tri[:, 0] if dom.order is None else dom.order[tri[:, 0]]
     order = np.argsort(dest, kind="stable")
     meta = (tri[order, 1], tri[order, 2], np.zeros(len(order), np.int64))
+    if isinstance(y, TpSum):
+        if native.pack_tp_add(send, sent, (y.mine, y.theirs), order, meta):
+            return
+        y = y.rows()
+    h = y.shape[1]
     if quant:
         q, scale = comm_quant(y.index_select(0, torch.from_numpy(order)))
         pos = torch.from_numpy(sent.payload_index())
@@ -209,8 +233,9 @@ def _cross_check(call: Call, hdr: Header, send_counts: np.ndarray, expected: np.
                         culprits=tuple(ranks[i] for i in bad))
 
 
-def tp_reduce_scatter(call: Call, geom: Geometry, inp: CombineInputs, own: int) -> torch.Tensor:
-    """TP reduce-scatter (docs/combine.md): own rows + the peer's partials for them, in XT.
+def tp_reduce_scatter(call: Call, geom: Geometry, inp: CombineInputs, own: int) -> TpSum:
+    """TP reduce-scatter (docs/combine.md): own rows and the peer's partials for them, whose sum
+    in XT combine sends back (:class:`TpSum`).
 
     One exchange on the TP group carries the header (the rows this rank sends the peer and the
     rows it expects back, cross-checked) and, once the group has a slot, the rows."""
@@ -237,6 +262,4 @@ def tp_reduce_scatter(call: Call, geom: Geometry, inp: CombineInputs, own: int) 
                              f"expects {int(hdr.expect[peer])}", kind=ErrorKind.MISMATCHED_DATA,
                              culprits=(tp.ranks[peer],)))
     a = int(received.start[at])
-    mine, theirs = inp.expand_x[:own], recv[a:a + own].view(xt)[:, :h]
-    got = native.tp_add(mine, theirs)
-    return got if got is not None else tp_add(mine, theirs)
+    return TpSum(inp.expand_x[:own], recv[a:a + own].view(xt)[:, :h])

@@ -1,9 +1,9 @@
 /* The optional native accelerator of the A3 data path (emu/a3/native.py).
  *
- * Six loops that the Python phases otherwise spell as many numpy/torch operations: packing
+ * Five loops that the Python phases otherwise spell as many numpy/torch operations: packing
  * rows and their metadata into a wire buffer, dispatch's receive layout, dispatch's dynamic
- * int8 quantisation, combine's fp32 weighted sum (and for bf16, its rounded x_out) and
- * combine's bf16 TP reduce.  Each does
+ * int8 quantisation, combine's fp32 weighted sum (for bf16 also rounded straight into x_out)
+ * and combine's bf16 TP reduce (also fused with the packing of its rows).  Each does
  * exactly what its Python twin does, element for element (the tests run both and compare
  * bytes): copies move bytes, and the arithmetic is the same IEEE fp32 operations in the same
  * order, each rounded on its own (built with -ffp-contract=off, so no fused multiply-add, and
@@ -18,6 +18,22 @@
 
 static int32_t meta_word(int64_t t, int64_t k, int64_t l) {
     return (int32_t)((t << 15) | (k << 10) | l);          /* wraps as numpy's astype(int32) */
+}
+
+static float bf16_to_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* fp32 -> bf16, nearest with ties to even (torch's rounding of a number); *nan is set when s
+ * is a NaN, whose bits torch's conversion picks by code path. */
+static uint16_t f32_to_bf16(float s, uint32_t *nan) {
+    uint32_t u;
+    memcpy(&u, &s, 4);
+    *nan |= (u & 0x7FFFFFFFu) > 0x7F800000u;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
 /* Rows in peer order: payload row i of the buffer <- src row index[i] (row_bytes), then,
@@ -40,6 +56,32 @@ int mc2_pack_rows(uint8_t *buf, int64_t width, const int64_t *start, const int64
         }
     }
     return 0;
+}
+
+/* Combine's TP reduce fused with its rows' packing (tp 2, bf16): payload row i of the buffer
+ * (peers in order, as mc2_pack_rows) <- bf16(fp32(a[index[i]]) + fp32(b[index[i]])), h values,
+ * rows of a and b lda and ldb values apart (mc2_tp_add_bf16's sum, never stored on its own);
+ * metadata word i <- (token[i], slot[i], local[i]).  Returns 0, -1 when the rows do not fit the
+ * segments, or -2 when a sum is a NaN (the buffer is then partly written). */
+int mc2_pack_tp_add_bf16(uint8_t *buf, int64_t width, const int64_t *start, const int64_t *n, int64_t peers,
+                         const uint16_t *a, int64_t lda, const uint16_t *b, int64_t ldb, int64_t h,
+                         const int64_t *index, const int64_t *token, const int64_t *slot, const int64_t *local) {
+    if (2 * h > width || width % 4)
+        return -1;
+    uint32_t nan = 0;
+    int64_t i = 0;
+    for (int64_t p = 0; p < peers; p++) {
+        uint8_t *rows = buf + start[p] * width;
+        int32_t *words = (int32_t *)(buf + (start[p] + n[p]) * width);
+        for (int64_t j = 0; j < n[p]; j++, i++) {
+            uint16_t *o = (uint16_t *)(rows + j * width);
+            const uint16_t *ar = a + index[i] * lda, *br = b + index[i] * ldb;
+            for (int64_t e = 0; e < h; e++)
+                o[e] = f32_to_bf16(bf16_to_f32(ar[e]) + bf16_to_f32(br[e]), &nan);
+            words[j] = meta_word(token[i], slot[i], local[i]);
+        }
+    }
+    return nan ? -2 : 0;
 }
 
 /* Dispatch's receive layout: blocks local-expert major, source minor; within a block the
@@ -93,13 +135,6 @@ int64_t mc2_dispatch_layout(const uint8_t *buf, int64_t width, const int64_t *st
     }
     free(at);
     return total;
-}
-
-static float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
 }
 
 static float f16_to_f32(uint16_t v) {
@@ -264,13 +299,6 @@ int mc2_combine_sum(const uint8_t *buf, int64_t width, const int64_t *start, con
     free(key);
     free(first);
     return 0;
-}
-
-static uint16_t f32_to_bf16(float s, uint32_t *nan) {
-    uint32_t u;
-    memcpy(&u, &s, 4);
-    *nan |= (u & 0x7FFFFFFFu) > 0x7F800000u;
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
 /* Combine's x_out for bf16 rows, straight from the received rows: a token's fp32 sum (as

@@ -1,6 +1,7 @@
 """The optional native accelerator of the A3 data path (``native.c`` beside this file).
 
-Six loops of the phases, each otherwise many numpy/torch operations per call:
+Five loops of the phases (two of them in two forms), each otherwise many numpy/torch
+operations per call:
 
     pack_rows        rows gathered into their peers' wire segments, with the metadata tails
                      (dispatch and combine ``pack_rows``)
@@ -10,13 +11,15 @@ Six loops of the phases, each otherwise many numpy/torch operations per call:
     combine_sum      combine's fp32 k-order weighted sum of the received rows (``combine_rows``)
     combine_out      for bf16: that sum (+ shared_expert_x) rounded straight into x_out, a token
                      at a time (``combine_rows`` and ``combine_output``)
-    tp_add           combine's TP reduce of bf16 rows in one pass (``tp_add``)
+    tp_add           combine's TP reduce of bf16 rows in one pass (``tp_add``), or fused with
+                     the packing of the reduced rows (``pack_tp_add``)
 
 The C source is compiled on first use with the system C compiler (``cc``, or ``$CC``) into a
 cache folder (``EMU_NATIVE_DIR``, default ``~/.cache/mc2-emu/native``), one library per source
 hash, and loaded with ctypes.  With no compiler, a failed build or ``EMU_NATIVE=0`` every
 phase runs its Python code: the results are the same bytes either way (tests/test_native.py
-runs both).  Each function returns False (having written nothing) for a case it does not
+runs both).  Each function returns False (having written nothing, or only into a buffer the
+caller then fills again) for a case it does not
 take, and the caller then runs the Python code, which also raises whatever error the case
 calls for.
 """
@@ -47,6 +50,7 @@ _SIGNATURES = {
     "mc2_combine_sum": ([_P, _I, _P, _P, _I, ctypes.c_int, _I, _I, _I, _I, _P, _P], ctypes.c_int),
     "mc2_combine_out_bf16": ([_P, _I, _P, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P], ctypes.c_int),
     "mc2_tp_add_bf16": ([_P, _I, _P, _I, _I, _I, _P], ctypes.c_int),
+    "mc2_pack_tp_add_bf16": ([_P, _I, _P, _P, _I, _P, _I, _P, _I, _I, _P, _P, _P, _P], ctypes.c_int),
 }
 
 
@@ -201,14 +205,36 @@ def dynamic_quant(x: torch.Tensor, token: np.ndarray, smooth: torch.Tensor | Non
     return (q, scale) if got == 0 else None
 
 
+def tp_pair(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """(n, H) bf16 rows, each row contiguous: what the TP reduce takes."""
+    return a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16 and a.shape == b.shape and a.dim() == 2 \
+        and (a.shape[1] <= 1 or (a.stride(1) == 1 and b.stride(1) == 1))
+
+
 def tp_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     """``numerics.tp_add(a, b)`` for (n, H) bf16 rows (each row contiguous): (n, H) bf16, or
     None: not taken (no library, another dtype or layout, or a sum that is a NaN)."""
     lib = library()
-    if lib is None or a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or a.shape != b.shape \
-            or a.dim() != 2 or (a.shape[1] > 1 and (a.stride(1) != 1 or b.stride(1) != 1)):
+    if lib is None or not tp_pair(a, b):
         return None
     out = torch.empty(a.shape, dtype=torch.bfloat16)
     got = lib.mc2_tp_add_bf16(a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), a.shape[0], a.shape[1],
                               out.data_ptr())
     return out if got == 0 else None
+
+
+def pack_tp_add(buf: torch.Tensor, sent: Segments, pair: tuple[torch.Tensor, torch.Tensor], index: np.ndarray,
+                meta: tuple[np.ndarray, np.ndarray, np.ndarray]) -> bool:
+    """``pack_rows`` of ``tp_add(*pair)`` without storing the sum: payload row i of ``buf`` <-
+    bf16(fp32(a[index[i]]) + fp32(b[index[i]])) for the (n, H) bf16 rows ``pair`` (each row
+    contiguous), metadata word i <- ``meta``.  False: not taken (no library, another dtype or
+    layout, or a NaN sum; ``buf`` may then be partly written)."""
+    lib = library()
+    a, b = pair
+    if lib is None or not tp_pair(a, b) or not buf.is_contiguous():
+        return False
+    start, n = _i64(sent.start), _i64(sent.n)
+    index, token, slot, local = (_i64(x) for x in (index, *meta))
+    return lib.mc2_pack_tp_add_bf16(buf.data_ptr(), sent.width, _ptr(start), _ptr(n), n.size, a.data_ptr(),
+                                    a.stride(0), b.data_ptr(), b.stride(0), a.shape[1], _ptr(index), _ptr(token),
+                                    _ptr(slot), _ptr(local)) == 0

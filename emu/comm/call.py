@@ -215,13 +215,7 @@ class Call:
         each source's segment lies, sources in group order."""
         dom = self.domain(kind)
         P = dom.size
-        counts_g = dom.to_group(counts)
-        slot = self.ctx.slot(dom.name)
-        per, head = (slot // width, -(-HEADER_BYTES // width)) if slot and slot % width == 0 else (0, 0)
-        sent = Segments(counts_g, width, start=np.arange(P) * per + head, total=P * per) if per \
-            else Segments(counts_g, width)
-        need = int(sent.rows.max(initial=0))
-        inline = need <= per - head if per else (slot > 0 and need * width <= slot - HEADER_BYTES)
+        sent, per, head, inline = self._placement(kind, counts, width)
         later = not inline and bool(np.asarray(counts).sum())
         packed = None
         if inline and per:
@@ -246,7 +240,7 @@ class Call:
             _from_slots(recv, rows, received, inline_g, per, head)
         if hdr.later.any():
             if later:
-                sent = Segments(counts_g, width)
+                sent = Segments(dom.to_group(counts), width)
                 packed = self.ctx.scratch("send", sent.total, width)
                 fill(sent, packed)
             else:
@@ -259,6 +253,26 @@ class Call:
                 rows[received.start[p]:received.start[p] + received.rows[p]] = \
                     got[second.start[p]:second.start[p] + second.rows[p]]
         return hdr, rows, received
+
+    def _placement(self, kind: str, counts: np.ndarray, width: int) -> tuple[Segments, int, int, bool]:
+        """Where :meth:`exchange` puts ``counts`` rows of ``width`` bytes on ``kind``: their
+        segments, the slot's rows and header rows when it is a whole number of rows (else 0, 0),
+        and whether they travel inline, after the header in the first exchange."""
+        dom = self.domain(kind)
+        P = dom.size
+        counts_g = dom.to_group(counts)
+        slot = self.ctx.slot(dom.name)
+        per, head = (slot // width, -(-HEADER_BYTES // width)) if slot and slot % width == 0 else (0, 0)
+        sent = Segments(counts_g, width, start=np.arange(P) * per + head, total=P * per) if per \
+            else Segments(counts_g, width)
+        need = int(sent.rows.max(initial=0))
+        return sent, per, head, need <= per - head if per else (slot > 0 and need * width <= slot - HEADER_BYTES)
+
+    def packs_first(self, kind: str, counts: np.ndarray, width: int) -> bool:
+        """:meth:`exchange` of these rows calls its ``fill`` before any collective of the call on
+        ``kind`` (they travel inline): only then may ``fill`` read a wire buffer of an earlier
+        exchange (the TP peer's rows), which the header exchange would overwrite."""
+        return self._placement(kind, counts, width)[3]
 
     def _waits(self, kind: str, head: np.ndarray, t0: int, t1: int, traced: bool) -> dict:
         """Keep what the waits of this exchange are made of (the sources' clocks, t0, t1); the
