@@ -89,9 +89,9 @@ def clock_of(block: np.ndarray) -> np.ndarray:
     return block[:, _CLOCK]
 
 
-@dataclass(frozen=True)
 class Header:
-    """What every source of one domain told this rank; (P,) int64 arrays in logical order.
+    """What every source of one domain told this rank; (P,) int64 arrays in logical order, read
+    from the received block when asked for (most calls read three of them).
 
     genuine: the block carries the emulator's magic (False: a collective outside the op);
     op / order: the source's op and the place of its call among its op calls on the group (what
@@ -105,29 +105,30 @@ class Header:
     attributes.
     """
 
-    genuine: np.ndarray
-    op: np.ndarray
-    order: np.ndarray
-    call_no: np.ndarray
-    error: np.ndarray
-    rows: np.ndarray
-    row_bytes: np.ndarray
-    clock: np.ndarray
-    expect: np.ndarray
-    origin: np.ndarray
-    attrs: np.ndarray
-    inline: np.ndarray
-    later: np.ndarray
-    kind: np.ndarray
+    __slots__ = ("block",)
+
+    def __init__(self, block: np.ndarray):
+        self.block = block
 
     @classmethod
     def decode(cls, block: np.ndarray) -> "Header":
-        """From the (P, HEADER_LEN) int64 block received, rows in logical order."""
-        return cls(genuine=block[:, _MAGIC] == MAGIC, op=block[:, _OP], order=block[:, _ORDER], call_no=block[:, _CALL],
-                   error=block[:, _ERR], rows=block[:, _ROWS], row_bytes=block[:, _ROW_BYTES],
-                   clock=block[:, _CLOCK], expect=block[:, _EXPECT], origin=block[:, _ORIGIN],
-                   attrs=block[:, _ATTRS:], inline=block[:, _INLINE] != 0, later=block[:, _LATER] != 0,
-                   kind=block[:, _KIND])
+        """From the (P, HEADER_LEN) int64 block received, rows in logical order (kept, not copied)."""
+        return cls(block)
+
+    genuine = property(lambda self: self.block[:, _MAGIC] == MAGIC)
+    op = property(lambda self: self.block[:, _OP])
+    order = property(lambda self: self.block[:, _ORDER])
+    call_no = property(lambda self: self.block[:, _CALL])
+    error = property(lambda self: self.block[:, _ERR])
+    rows = property(lambda self: self.block[:, _ROWS])
+    row_bytes = property(lambda self: self.block[:, _ROW_BYTES])
+    clock = property(lambda self: self.block[:, _CLOCK])
+    expect = property(lambda self: self.block[:, _EXPECT])
+    origin = property(lambda self: self.block[:, _ORIGIN])
+    attrs = property(lambda self: self.block[:, _ATTRS:])
+    inline = property(lambda self: self.block[:, _INLINE] != 0)
+    later = property(lambda self: self.block[:, _LATER] != 0)
+    kind = property(lambda self: self.block[:, _KIND])
 
     def op_name(self, i: int) -> str:
         return OPS.get(int(self.op[i]), "?")
