@@ -19,9 +19,8 @@ cache folder (``EMU_NATIVE_DIR``, default ``~/.cache/mc2-emu/native``), one libr
 hash, and loaded with ctypes.  With no compiler, a failed build or ``EMU_NATIVE=0`` every
 phase runs its Python code: the results are the same bytes either way (tests/test_native.py
 runs both).  Each function returns False (having written nothing, or only into a buffer the
-caller then fills again) for a case it does not
-take, and the caller then runs the Python code, which also raises whatever error the case
-calls for.
+caller then fills again) for a case it does not take, and the caller then runs the Python
+code, which also raises whatever error the case calls for.
 """
 from __future__ import annotations
 
