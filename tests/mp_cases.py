@@ -10,6 +10,10 @@ from unittest import mock
 import torch
 
 import emu
+from emu.a3 import steady as a3_steady
+from emu.bench.phases import phase_costs
+from emu.chips import CHIPS
+from emu.comm import call, transport
 from emu.comm.context import current
 from emu.core.inputs import AddRmsNorm
 from emu.core.layout import DispatchOutputs
@@ -377,3 +381,16 @@ def native(native_ranks: list[int], fast_ranks: list[int], **fields) -> tuple:
     env = {"EMU_NATIVE": "1" if rank in native_ranks else "0", "EMU_FASTPATH": "1" if rank in fast_ranks else "0"}
     with mock.patch.dict(os.environ, env):
         return scenario(**fields), accel.status()
+
+
+def phase_table() -> tuple:
+    """scripts/phase_cost.py's measurement on a small point: the phases it saw (name -> calls per
+    round trip), whether every cost is positive and the main thread's total covers the outermost
+    phase, and whether every wrapped function is back where it was."""
+    rows, total = phase_costs(dict(tp=1, bs=4, h=1024, k=2, quant=0), calls=6, warmup=2)
+    seen = {name: calls for name, _, calls in rows}
+    positive = all(us > 0 for _, us, _ in rows) and total * 1e3 >= max(us for _, us, _ in rows) / 2
+    back = (CHIPS["A3"].steady.dispatch is a3_steady.dispatch and not hasattr(a3_steady.dispatch, "__wrapped__")
+            and call.issue is transport.issue and not hasattr(transport.issue, "__wrapped__")
+            and not hasattr(call.Call.exchange, "__wrapped__"))
+    return seen, positive, back

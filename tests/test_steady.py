@@ -207,3 +207,13 @@ def test_bad_input_on_a_steady_tp2_call_raises_as_on_the_general_path(world, op,
     # header cross-checks), so every rank's combine is steady and the TP exchange finds it
     assert steady == ([2, 2, 2, 2] if op == "combine" else [1, 0, 1, 1]), steady
     check_scenario(world, calls=2, **TP2)
+
+
+def test_the_phase_cost_tool_sees_every_steady_phase_and_puts_them_back(world):
+    """scripts/phase_cost.py: each round trip is one steady dispatch and one steady combine, two
+    EP exchanges with two collectives; the library's functions are the originals afterwards."""
+    for res in world.run(mp_cases.phase_table):
+        seen, positive, back = res.get()
+        assert seen["a3.steady.dispatch"] == seen["a3.steady.combine"] == 1.0, seen
+        assert seen["comm.call.Call.exchange"] == seen["comm.transport.issue"] == 2.0, seen
+        assert seen["chips.run"] == 2.0 and positive and back, (seen, positive, back)

@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -64,10 +65,37 @@ def run_world(quick: bool, repeats: int) -> None:
     dist.destroy_process_group()
 
 
-def bench_point(pt: dict, repeats: int) -> dict:
-    """One point on this world: ours, the raw all-to-all and the Megatron-style dispatcher,
-    interleaved; returns the medians (slowest rank per repeat).  Its groups are destroyed on
-    return (no group object may outlive destroy_process_group)."""
+@dataclass
+class Point:
+    """One benchmark point on this world: its groups (to destroy when done), the op's keywords,
+    this rank's inputs and the expert outputs combine sends back."""
+
+    groups: list
+    kw: dict
+    x: torch.Tensor
+    ids: torch.Tensor
+    w: torch.Tensor
+    y: torch.Tensor
+    quant: int
+    tp: int
+
+    def round_trip(self) -> tuple[float, float]:
+        """One dispatch + combine; (dispatch s, combine s)."""
+        t0 = time.perf_counter()
+        o = api.moe_distribute_dispatch_v2(self.x, self.ids, quant_mode=self.quant, **self.kw)
+        t1 = time.perf_counter()
+        api.moe_distribute_combine_v2(self.y, self.ids, o[2], o[4], self.w,
+                                      tp_send_counts=o[5] if self.tp == 2 else None, **self.kw)
+        return t1 - t0, time.perf_counter() - t1
+
+    def close(self) -> None:
+        for grp in self.groups:
+            dist.destroy_process_group(grp)
+
+
+def make_point(pt: dict) -> Point:
+    """The groups and data of ``pt`` (tp 1 or 2; tp 2 has one expert per rank, else every rank
+    holds ceil(8 / EP) experts), seeded by rank; one untimed dispatch sizes combine's input."""
     me, world = dist.get_rank(), dist.get_world_size()
     T = 2 if pt["tp"] == 2 else 1
     ep = world // T
@@ -87,6 +115,21 @@ def bench_point(pt: dict, repeats: int) -> dict:
               shared_expert_rank_num=0)
     outs = api.moe_distribute_dispatch_v2(x, ids, quant_mode=pt["quant"], **kw)
     y = torch.randn(outs[0].shape, generator=g).to(torch.bfloat16)
+    return Point(ep_groups + tp_groups, kw, x, ids, w, y, pt["quant"], pt["tp"])
+
+
+def bench_point(pt: dict, repeats: int) -> dict:
+    """One point on this world: ours, the raw all-to-all and the Megatron-style dispatcher,
+    interleaved; returns the medians (slowest rank per repeat).  Its groups are destroyed on
+    return (no group object may outlive destroy_process_group)."""
+    me, world = dist.get_rank(), dist.get_world_size()
+    point = make_point(pt)
+    kw, x, ids, w = point.kw, point.x, point.ids, point.w
+    T = 2 if pt["tp"] == 2 else 1
+    ep = world // T
+    ep_rank, tp_rank = divmod(me, T)
+    ep_g, tp_g = kw["group_ep"], kw["group_tp"] or None
+    moe, k = kw["moe_expert_num"], ids.shape[1]
     # bytes each rank sends in dispatch (payload rows) and their split sizes
     geom = Geometry.of(MoeConfig(ep_world_size=ep, moe_expert_num=moe, tp_world_size=pt["tp"],
                                  shared_expert_rank_num=0), pt["bs"], k, pt["h"])
@@ -123,12 +166,7 @@ def bench_point(pt: dict, repeats: int) -> dict:
         dist.all_to_all_single(c_recv, c_send, [int(c) * comb_bytes for c in counts],
                                [int(c) * comb_bytes for c in recv], group=ep_g)
 
-    def ours():
-        t0 = time.perf_counter()
-        o = api.moe_distribute_dispatch_v2(x, ids, quant_mode=pt["quant"], **kw)
-        t1 = time.perf_counter()
-        api.moe_distribute_combine_v2(y, ids, o[2], o[4], w, tp_send_counts=o[5] if T == 2 else None, **kw)
-        return t1 - t0, time.perf_counter() - t1
+    ours = point.round_trip
 
     def with_env(name: str):
         def run():
@@ -198,8 +236,7 @@ def bench_point(pt: dict, repeats: int) -> dict:
                      payload_mb_per_rank=float(moved) / world / 1e6, peak_rss_mb=float(rss)))
     if me == 0:
         print(json.dumps(row), flush=True)
-    for grp in ep_groups + tp_groups:
-        dist.destroy_process_group(grp)
+    point.close()
     return row
 
 
