@@ -32,6 +32,13 @@ def collectives(**fields) -> tuple:
     return (dispatch, x_out, waits), current().collectives_issued - n0
 
 
+def bare(**fields) -> tuple:
+    """:func:`scenario`'s outputs with this rank's exchanges whose rows went bare."""
+    n0 = current().bare_exchanges
+    got = scenario(**fields)
+    return got, current().bare_exchanges - n0
+
+
 def scenario(by_name: bool = True, **fields) -> tuple:
     """Run one scenario on this rank; returns (dispatch 7-tuple, x_out, perf wait_us)."""
     rank = this_rank().rank

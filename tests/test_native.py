@@ -23,7 +23,7 @@ from emu.a3 import native
 from emu.a3.dispatch import lay_out, quant_width, xt_width
 from emu.comm.wire import Segments, pack_meta
 from emu.core.attrs import Geometry
-from emu.core.layout import dispatch_shapes
+from emu.core.layout import DispatchOutputs, dispatch_shapes
 from emu.core.numerics import ReceivedRows, combine_output, combine_rows, dynamic_quant, tp_add
 from emu.testing.scenario import RankResult, Scenario, compare, run_reference
 
@@ -120,12 +120,18 @@ def _wire(rng, geom: Geometry, rank: int, quant: bool, slot: bool, capacity: int
     return buf, seg
 
 
+def _bare(buf: torch.Tensor, seg: Segments, payload: int) -> tuple[torch.Tensor, Segments]:
+    """The same received rows bare: ``payload`` bytes of each back to back, the metadata apart."""
+    rows = buf[torch.from_numpy(seg.payload_index()), :payload].contiguous()
+    return rows, Segments(seg.n, payload, meta=seg.read_meta(buf).copy())
+
+
 @SETTINGS
 @given(seed=st.integers(0, 2**31), w=st.integers(1, 6), local=st.integers(1, 3), quant=st.booleans(),
        slot=st.booleans(), order=st.booleans())
 def test_dispatch_layout_is_lay_out(seed, w, local, quant, slot, order):
     """lay_out with the accelerator writes the outputs it writes without, whatever the sources'
-    group order."""
+    group order, and the same again from the rows bare (quant mode 0)."""
     _needs_native()
     rng = np.random.default_rng(seed)
     geom = Geometry(W=w, S=0, Ns=0, E=w * local, K=min(2, w * local), H=16, G=8, tp=0)
@@ -136,15 +142,18 @@ def test_dispatch_layout_is_lay_out(seed, w, local, quant, slot, order):
     dom = SimpleNamespace(rank=rank, group_to_logical=lambda: np.arange(w) if perm is None else np.argsort(perm))
     prep = SimpleNamespace(route=geom, shapes=shapes, xt=torch.bfloat16)
     outs = []
-    for flag in ("0", "1"):
-        with mock.patch.dict(os.environ, {"EMU_NATIVE": flag}):
-            out, own, counts = lay_out(dom, prep, buf, seg, quant)
-        outs.append((out.as_tuple(), own, counts.tolist()))
-    (a, own_a, c_a), (b, own_b, c_b) = outs
-    assert (own_a, c_a) == (own_b, c_b)
-    for x, y in zip(a, b):
-        assert x.dtype == y.dtype and torch.equal(x.view(torch.uint8) if x.dtype.is_floating_point else x,
-                                                  y.view(torch.uint8) if y.dtype.is_floating_point else y)
+    for got, segs in [(buf, seg)] + ([] if quant else [_bare(buf, seg, 2 * geom.H)]):
+        for flag in ("0", "1"):
+            out = DispatchOutputs.allocate(shapes, geom.H, torch.int8 if quant else torch.bfloat16)
+            with mock.patch.dict(os.environ, {"EMU_NATIVE": flag}):
+                own, counts = lay_out(dom, prep, got, segs, out)
+            outs.append((out.as_tuple(), own, counts.tolist()))
+    a, own_a, c_a = outs[0]
+    for b, own_b, c_b in outs[1:]:
+        assert (own_a, c_a) == (own_b, c_b)
+        for x, y in zip(a, b):
+            assert x.dtype == y.dtype and torch.equal(x.view(torch.uint8) if x.dtype.is_floating_point else x,
+                                                      y.view(torch.uint8) if y.dtype.is_floating_point else y)
 
 
 def test_dispatch_layout_declines_a_word_outside_the_blocks():
@@ -154,7 +163,7 @@ def test_dispatch_layout_declines_a_word_outside_the_blocks():
     seg.write_meta(buf, pack_meta(np.array([0]), np.array([0]), np.array([1])))      # local expert 1 of 1
     x = torch.zeros(4, 8, dtype=torch.bfloat16)
     outs = (x, None, torch.zeros(12, dtype=torch.int32), torch.zeros(2, dtype=torch.int32))
-    assert native.dispatch_layout(buf, 16, seg.start, seg.n, np.arange(2), (2, 2, 16, 4), outs) is None
+    assert native.dispatch_layout(buf, seg, np.arange(2), (2, 2, 16, 4), outs) is None
     assert not outs[2].any() and not outs[3].any()
 
 
@@ -232,11 +241,12 @@ def test_combine_sum_is_combine_rows(seed, bs, k, shared, h, dtype, peers, dup):
     else:
         src = buf[:, :2 * h].contiguous().view(dtype)
     want = combine_rows(ReceivedRows(src, pairs[:, 0], pairs[:, 1], index=idx), inp, None, shared)
-    got = torch.zeros(bs, h, dtype=torch.float32)
-    assert native.combine_sum(buf, width, seg.start, seg.n, dtype, w.contiguous(), slots, got)
     nan = want.isnan()
-    assert torch.equal(got.isnan(), nan)               # a NaN's sign and payload are the host's: not held
-    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
+    for rows, segs in ((buf, seg), _bare(buf, seg, 2 * h)):                # packed, then bare
+        got = torch.zeros(bs, h, dtype=torch.float32)
+        assert native.combine_sum(rows, segs, dtype, w.contiguous(), slots, got)
+        assert torch.equal(got.isnan(), nan)           # a NaN's sign and payload are the host's: not held
+        assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
 
 
 @SETTINGS
@@ -262,11 +272,12 @@ def test_combine_out_is_the_python_sum_rounded(seed, bs, k, shared, h, peers, sh
     if sx is not None:
         acc.add_(sx.to(torch.float32))
     want = combine_output(acc, inp, tokens)
-    got = torch.full((bs, h), 7.0, dtype=torch.bfloat16)
-    took = native.combine_out(buf, seg, w.contiguous(), slots, sx, None if tokens.all() else tokens, got)
-    assert took == (not bool(want.isnan().any()))
-    if took:
-        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    for rows, segs in ((buf, seg), _bare(buf, seg, 2 * h)):                # packed, then bare
+        got = torch.full((bs, h), 7.0, dtype=torch.bfloat16)
+        took = native.combine_out(rows, segs, w.contiguous(), slots, sx, None if tokens.all() else tokens, got)
+        assert took == (not bool(want.isnan().any()))
+        if took:
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
 def test_combine_out_declines_a_token_out_of_range():
@@ -287,7 +298,7 @@ def test_combine_sum_declines_a_token_out_of_range():
     buf = torch.zeros(seg.total, 4, dtype=torch.uint8)
     seg.write_meta(buf, pack_meta(np.array([3]), np.array([0]), np.array([0])))
     acc = torch.zeros(3, 2)
-    assert not native.combine_sum(buf, 4, seg.start, seg.n, torch.bfloat16, torch.ones(3, 1), 1, acc)
+    assert not native.combine_sum(buf, seg, torch.bfloat16, torch.ones(3, 1), 1, acc)
     assert not acc.any()
 
 

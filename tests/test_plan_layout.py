@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from emu.comm.call import SLOT_FLOOR, slot_bytes, slot_plan
+from emu.comm.call import (HEADER_BYTES, SLOT_FLOOR, SlotNeed, _kept, _slot_words, bare_slot, plan_slot, slot_bytes,
+                            slot_plan)
+from emu.comm.header import Header, Outgoing
 from emu.comm.wire import Segments
 from emu.core.attrs import Geometry
 from emu.core.layout import dispatch_shapes, expert_token_nums, recv_layout
@@ -134,3 +136,39 @@ def test_a_tp_pair_always_has_its_slot_and_a_large_group_with_few_rows_per_peer_
     assert 64 * slot_bytes(14352, 4) > max(SLOT_FLOOR, 2 * slot_bytes(14352, 32))
     assert slot_plan(64, 14352, 4, 32) == 0
     assert slot_plan(8, 14352, 4, 32) == slot_bytes(14352, 4)                  # within SLOT_FLOOR
+
+
+def test_rows_go_bare_from_2_mb_per_peer_or_whenever_the_op_can_with_emu_transport_bare(monkeypatch):
+    """The slot of bare rows holds the header and one int32 of metadata per row of the bound (a
+    multiple of 8 bytes); rows go bare when the op can and one peer's bounded rows carry 2 MiB
+    (Bs 256 at H 7168: 256 rows of 14,336 bytes), or always with EMU_TRANSPORT=bare."""
+    monkeypatch.setenv("EMU_TRANSPORT", "auto")
+    assert bare_slot(0) == HEADER_BYTES and bare_slot(1) == bare_slot(2) == HEADER_BYTES + 8
+    assert bare_slot(256) == HEADER_BYTES + 1024
+    big, small = SlotNeed(256, 2048, 14336, 256), SlotNeed(64, 512, 14336, 64)
+    assert plan_slot(8, 14352, big) == (bare_slot(256), True)
+    assert plan_slot(8, 14352, small) == (slot_plan(8, 14352, 64, 512), False)
+    assert plan_slot(8, 14352, SlotNeed(256, 2048)) == (slot_plan(8, 14352, 256, 2048), False)   # cannot go bare
+    monkeypatch.setenv("EMU_TRANSPORT", "bare")
+    assert plan_slot(8, 14352, small) == (bare_slot(64), True)
+
+
+def test_bare_metadata_words_sit_after_each_peers_header():
+    """Peer p's words start right after its header in its slot; a peer with more rows than the
+    slot holds keeps its first ones (``_kept``)."""
+    slot = HEADER_BYTES + 16                                  # 4 words per peer
+    first = HEADER_BYTES // 4
+    words = _slot_words(np.array([2, 0, 6]), 4, slot)
+    assert words.tolist() == [first, first + 1] + [2 * slot // 4 + first + i for i in range(4)]
+    assert _kept(np.array([2, 0, 6]), 4).tolist() == [True, True, True, True, True, True, False, False]
+
+
+def test_a_header_says_its_rows_come_bare():
+    """The rows' route is one column: inline, later (packed) or later and bare."""
+    for rides, inline, later, bare in (("inline", 1, 0, 0), ("later", 0, 1, 0), ("bare", 0, 1, 1), ("", 0, 0, 0)):
+        out = Outgoing(op="combine", order=3, call_no=2, error=0, rows=np.array([1, 2]), row_bytes=8, clock_ns=0,
+                       expect=np.array([2, 1]), origin=-1, attrs=(5,), inline=rides == "inline",
+                       later=rides in ("later", "bare"), bare=rides == "bare")
+        hdr = Header.decode(out.encode().numpy())
+        assert (hdr.inline.tolist(), hdr.later.tolist(), hdr.bare.tolist()) == ([bool(inline)] * 2, [bool(later)] * 2,
+                                                                                  [bool(bare)] * 2)

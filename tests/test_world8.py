@@ -118,6 +118,31 @@ def test_both_transports_are_bit_exact_and_auto_saves_the_rows_exchange(world):
     assert counts["auto"] == [2 * 3] * 8                         # the second auto run: the group has its slot
 
 
+@pytest.mark.parametrize("fields,bare", [
+    (dict(), 2),                                                          # a shared rank, 1 expert per MoE rank
+    (dict(shared=0, shared_ranks=0, moe=8, k=8, mask="2d", shared_x=True), 2),   # every token to every rank
+    (dict(mask="1d"), 2),
+    (dict(dtype="fp16", global_bs=96, uneven=True), 2),                  # maxBs 12, Bs 6 to 8
+    (dict(zero=1, copy=1, const=1, special_frac=0.3), 2),
+    (dict(tp=2, ep=4, moe=3, shared_ranks=1, k=2), 1),                   # combine sends a TP sum it makes anyway
+    (dict(quant=2, smooth=True), 1),                                      # dispatch packs its int8 rows
+    (dict(comm_quant=2), 1),                                              # combine packs its int8 rows
+    (dict(moe=14, k=4), 0),                                               # 2 experts per rank: never bare
+], ids=["shared-rank", "all-ranks", "mask-1d", "fp16-uneven", "special", "tp2", "quant2", "comm-quant2", "two-experts"])
+def test_bare_rows_are_bit_exact_and_go_bare_when_the_op_can(world, fields, bare):
+    """EMU_TRANSPORT=bare: from an op's second call on a group, its rows go straight from and
+    into the op's tensors when it has one expert per rank and no int8 rows; every output is
+    bit-exact either way (3 calls: the last 2 of each such op go bare, the first one too when
+    the world's earlier calls on the group planned it)."""
+    fields = dict(h=H, seed=80, calls=3, **fields)
+    want = run_reference(Scenario(**fields))
+    res = world.run(mp_cases.bare, env={"EMU_TRANSPORT": "bare"}, **fields)
+    for g, o in enumerate(res):
+        (dispatch, x_out, _), went = o.get()
+        assert not compare(RankResult(dispatch=dispatch, x_out=x_out), want[g]), g
+        assert 2 * bare <= went <= 3 * bare, (g, went)         # the first call too when the group's last one planned it
+
+
 @pytest.mark.parametrize("op,change,code,text,fields", [
     ("dispatch", {"x": None}, 161001, "x=None", dict(h=H)),
     ("dispatch", {"group_ep": "g" * 130}, 161001, "group_ep", dict(h=H)),

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..comm.call import Call
+from ..comm.call import BareRows, Call, Outbound, SlotNeed
 from ..comm.domain import Domain
 from ..comm.header import Header
 from ..comm.wire import Segments, pack_meta, unpack_meta
@@ -33,7 +33,7 @@ from ..core.inputs import CombineInputs
 from ..core.numerics import (COMM_QUANT_GROUP, ReceivedRows, comm_dequant, comm_quant, combine_output, combine_rows,
                              tp_add)
 from ..core.plan import ActiveSet, SendPlan, send_plan, send_counts as plan_counts
-from .dispatch import inline_rows, xt_width
+from .dispatch import slot_need, xt_width
 from ..core.request import Prepared
 from .checks import own_rows
 from . import native
@@ -93,11 +93,14 @@ def return_rows(call: Call, prep: Prepared, inp: CombineInputs,
     quant = prep.cfg.comm_quant_mode == 2
     send_counts = np.bincount(tri[:, 0], minlength=geom.W).astype(np.int64)
     width = _width(inp.expand_x, geom.H, quant)
+    can_bare = not quant and geom.L == 1 and not geom.tp_active      # (tp 2: its rows are a sum, made anyway)
     if isinstance(y, TpSum) and (quant or not call.packs_first("EP", send_counts, width)):
         y = y.rows()                          # its terms' wire buffer is gone by the time they are packed
-    hdr, recv, received = call.exchange("EP", send_counts, width, expected,
-                                        lambda seg, buf: pack_rows(call.ep, y, tri, seg, quant, buf),
-                                        inline_rows(geom))
+    bare = bare_rows(call, y, tri) if can_bare else None
+    hdr, recv, received = call.exchange(
+        "EP", Outbound(send_counts, width, expected, lambda seg, buf: pack_rows(call.ep, y, tri, seg, quant, buf),
+                       bare),
+        slot_need(geom, 0 if bare is None else geom.H * inp.expand_x.element_size()))
     _cross_check(call, hdr, send_counts, expected)
     x_out = _native_out(prep, inp, recv, received, act)
     if x_out is not None:
@@ -145,7 +148,7 @@ def _native_sum(prep: Prepared, inp: CombineInputs, recv: torch.Tensor, received
     bs, k_num = inp.expert_ids.shape
     acc = torch.zeros(bs, prep.route.H, dtype=torch.float32)
     w = inp.expert_scales.to(torch.float32).contiguous()
-    if not native.combine_sum(recv, received.width, received.start, received.n, inp.expand_x.dtype, w,
+    if not native.combine_sum(recv, received, inp.expand_x.dtype, w,
                               k_num + prep.route.Ns, acc):
         return None
     if inp.shared_expert_x is not None:
@@ -193,6 +196,27 @@ def pack_rows(dom: Domain, y: torch.Tensor | TpSum, tri: np.ndarray, sent: Segme
     else:
         sent.gather((y,), order, (send.view(y.dtype)[:, :h],))
     sent.write_meta(send, pack_meta(*meta))
+
+
+def bare_rows(call: Call, y: torch.Tensor, tri: np.ndarray) -> BareRows:
+    """Combine's rows bare (no comm quant, one local expert, tp 1): sent straight from ``y``
+    when its rows are already ordered by destination (one block per source, sources in group
+    order), else gathered so; received into a buffer the weighted sum reads."""
+    dest = tri[:, 0] if call.ep.order is None else call.ep.order[tri[:, 0]]
+    ordered = bool((dest[1:] >= dest[:-1]).all())
+    order = np.arange(dest.size) if ordered else np.argsort(dest, kind="stable")
+
+    row_bytes = y.shape[1] * y.element_size()
+
+    def rows() -> torch.Tensor:
+        if ordered and y.is_contiguous():
+            return y
+        buf = call.ctx.scratch("send", y.shape[0], row_bytes).view(y.dtype)
+        torch.index_select(y, 0, torch.from_numpy(order), out=buf)
+        return buf
+
+    return BareRows(rows, lambda: pack_meta(tri[order, 1], tri[order, 2], np.zeros(order.size, np.int64)),
+                    lambda m: call.ctx.scratch("rows", m, row_bytes).view(y.dtype))
 
 
 def unpack_rows(call: Call, prep: Prepared, inp: CombineInputs, plan: SendPlan | None, recv: torch.Tensor,
@@ -255,7 +279,7 @@ def tp_reduce_scatter(call: Call, geom: Geometry, inp: CombineInputs, own: int) 
         buf[a:a + part.shape[0]].view(xt)[:, :h].copy_(part)
 
     most = max(geom.a_moe, geom.a_shared)                     # the same on both TP ranks
-    hdr, recv, received = call.exchange("TP", sc, width, expect, fill, (most, most), "reduce-scatter")
+    hdr, recv, received = call.exchange("TP", Outbound(sc, width, expect, fill), SlotNeed(most, most), "reduce-scatter")
     if int(hdr.rows[peer]) != own or int(hdr.expect[peer]) != peer_count:
         call.abort(PeerError(TILING_ERROR, f"combine call #{call.call_no}: TP rank {tp.rank} holds {own} own rows and "
                              f"{peer_count} for its peer, but TP rank {peer} sends {int(hdr.rows[peer])} and "

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..comm.call import Call
+from ..comm.call import BareRows, Call, Outbound, SlotNeed
 from ..comm.domain import Domain
 from ..comm.wire import Segments, pack_meta, unpack_meta
 from ..core.attrs import Geometry
@@ -59,9 +59,13 @@ def send_rows(call: Call, prep: Prepared, inp: DispatchInputs, rows: WireRows) -
     geom = prep.route
     quant = prep.cfg.quant_mode == 2
     width = quant_width(geom.H) if quant else xt_width(geom.H, inp.x.element_size())
-    _, recv, received = call.exchange("EP", rows.counts, width, np.zeros(call.ep.size, np.int64),
-                                      lambda seg, buf: pack_rows(inp, rows, seg, quant, buf), inline_rows(geom))
-    out, own, counts = lay_out(call.ep, prep, recv, received, quant)
+    out = DispatchOutputs.allocate(prep.shapes, geom.H, torch.int8 if quant else prep.xt)
+    bare = None if quant or geom.L != 1 else bare_rows(call, prep, inp, rows, out)
+    _, recv, received = call.exchange(
+        "EP", Outbound(rows.counts, width, np.zeros(call.ep.size, np.int64),
+                       lambda seg, buf: pack_rows(inp, rows, seg, quant, buf), bare),
+        slot_need(geom, 0 if bare is None else geom.H * inp.x.element_size()))
+    own, counts = lay_out(call.ep, prep, recv, received, out)
     total = own
     if geom.tp_active:
         total += tp_all_gather(call, geom, out, own, counts)
@@ -95,13 +99,37 @@ def xt_width(h: int, size: int) -> int:
     return 2 * quant_width(h) if size == 2 else h * size
 
 
-def inline_rows(geom: Geometry) -> tuple[int, int]:
-    """(rows one source may send one destination, bounded to twice the average; the rows a
-    source sends in all): what a slot of the header exchange holds and what it is for
-    (README, "Performance").  A source sends a MoE rank at most min(K, L) copies of
-    each of its maxBs tokens, a shared rank one; combine returns them."""
+def slot_need(geom: Geometry, bare_bytes: int = 0) -> SlotNeed:
+    """What a slot of the EP header exchange must hold for the op's next call (``SlotNeed``):
+    the rows one source may send one destination, bounded to twice the average, and the rows
+    a source sends in all (docs/performance.md); with ``bare_bytes`` (the op can send its
+    rows bare, that many payload bytes each), the most rows one source can send one
+    destination: a MoE rank at most min(K, L) copies of each of its maxBs tokens, a shared
+    rank one; combine returns them."""
     bound = geom.max_bs * max(min(geom.K, geom.L), 1)
-    return min(bound, 2 * -(-geom.max_bs * geom.K // geom.W) + 2), geom.max_bs * (geom.K + geom.Ns)
+    return SlotNeed(min(bound, 2 * -(-geom.max_bs * geom.K // geom.W) + 2), geom.max_bs * (geom.K + geom.Ns),
+                    bare_bytes, bound)
+
+
+def bare_rows(call: Call, prep: Prepared, inp: DispatchInputs, rows: WireRows, out: DispatchOutputs) -> BareRows:
+    """Dispatch's rows bare (quant mode 0, one local expert): x's rows gathered in wire order,
+    received straight into expand_x when that is their layout (blocks source-major in group
+    order, and they fit), else into a buffer laid out from (:func:`lay_out`)."""
+    x, geom = inp.x, prep.route
+    row_bytes = geom.H * x.element_size()
+    in_place = geom.recv_blocks(call.ep.rank) == geom.W and call.ep.order is None
+
+    def gathered() -> torch.Tensor:
+        buf = call.ctx.scratch("send", rows.token.size, row_bytes).view(x.dtype)
+        torch.index_select(x, 0, torch.from_numpy(rows.token), out=buf)
+        return buf
+
+    def into(m: int) -> torch.Tensor:
+        if in_place and m <= out.expand_x.shape[0]:
+            return out.expand_x[:m]
+        return call.ctx.scratch("rows", m, row_bytes).view(x.dtype)
+
+    return BareRows(gathered, lambda: pack_meta(rows.token, rows.slot, rows.local), into)
 
 
 def _quantise_copies(x: torch.Tensor, scales: torch.Tensor | None, token: np.ndarray,
@@ -142,20 +170,22 @@ def pack_rows(inp: DispatchInputs, rows: WireRows, sent: Segments, quant: bool, 
 
 
 def lay_out(dom: Domain, prep: Prepared, recv: torch.Tensor, received: Segments,
-            quant: bool) -> tuple[DispatchOutputs, int, np.ndarray]:
-    """Place the received rows (docs/dispatch.md): blocks local-expert major, source minor.
-
-    Returns the outputs (EP part written), the rows received and ep_recv_counts (W*L_r,)."""
+            out: DispatchOutputs) -> tuple[int, np.ndarray]:
+    """Place the received rows into ``out`` (docs/dispatch.md): blocks local-expert major,
+    source minor (bare rows may have landed in place: then only the assist triples and
+    counts are written).  Returns the rows received and ep_recv_counts (W*L_r,)."""
     geom, h = prep.route, prep.route.H
     me = dom.rank
-    out = DispatchOutputs.allocate(prep.shapes, h, torch.int8 if quant else prep.xt)
+    quant = out.expand_x.dtype == torch.int8
     blocks = geom.recv_blocks(me)
-    own = native.dispatch_layout(recv, received.width, received.start, received.n, dom.group_to_logical(),
+    if recv.data_ptr() == out.expand_x.data_ptr() and received.meta is not None:
+        return _landed(dom, received, out), out.ep_recv_counts.numpy()[:blocks].astype(np.int64)
+    own = native.dispatch_layout(recv, received, dom.group_to_logical(),
                                  (geom.W, blocks, h * out.expand_x.element_size(), prep.shapes.capacity),
                                  (out.expand_x, out.dynamic_scales if quant else None, out.assist_info_for_combine,
                                   out.ep_recv_counts))
     if own is not None:
-        return out, own, out.ep_recv_counts.numpy()[:blocks].astype(np.int64)
+        return own, out.ep_recv_counts.numpy()[:blocks].astype(np.int64)
     t, k, loc = unpack_meta(received.read_meta(recv))
     src = np.repeat(dom.group_to_logical(), received.n)
     lay = recv_layout(geom, me, src, loc)
@@ -168,7 +198,19 @@ def lay_out(dom: Domain, prep: Prepared, recv: torch.Tensor, received: Segments,
         torch.index_select(recv.view(prep.xt)[:, :h], 0, rows_idx, out=out.expand_x[:own])
     out.assist_info_for_combine.numpy()[:3 * own] = np.stack([src, t, k], axis=1)[lay.order].reshape(-1)
     out.ep_recv_counts.numpy()[:blocks] = lay.ep_recv_counts
-    return out, own, lay.ep_recv_counts
+    return own, lay.ep_recv_counts
+
+
+def _landed(dom: Domain, received: Segments, out: DispatchOutputs) -> int:
+    """The assist triples and ep_recv_counts of bare rows that landed in expand_x in their
+    layout (one block per source, sources in order): returns the rows."""
+    t, k, _ = unpack_meta(received.meta)
+    own = int(received.n.sum())
+    tri = out.assist_info_for_combine.numpy()[:3 * own].reshape(own, 3)
+    tri[:, 0] = np.repeat(np.arange(received.n.size), received.n)
+    tri[:, 1], tri[:, 2] = t, k
+    out.ep_recv_counts.numpy()[:received.n.size] = np.cumsum(received.n)
+    return own
 
 
 def tp_all_gather(call: Call, geom: Geometry, out: DispatchOutputs, own: int, own_cum: np.ndarray) -> int:
@@ -200,7 +242,8 @@ def tp_all_gather(call: Call, geom: Geometry, out: DispatchOutputs, own: int, ow
         counts_rows[:counts_bytes.numel()] = counts_bytes
 
     most = max(geom.a_moe, geom.a_shared) + tail              # the same on both TP ranks
-    _, recv, received = call.exchange("TP", counts, width, np.zeros(2, np.int64), fill, (most, most), "all-gather")
+    _, recv, received = call.exchange("TP", Outbound(counts, width, np.zeros(2, np.int64), fill), SlotNeed(most, most),
+                                      "all-gather")
     a = int(received.start[at])
     peer_rows = int(received.n[at]) - tail
     out.expand_x[own:own + peer_rows].view(torch.uint8).view(peer_rows, payload).copy_(recv[a:a + peer_rows, :payload])

@@ -10,7 +10,9 @@
  * without -ffast-math).
  *
  * A wire buffer holds rows of `width` bytes; peer p's segment starts at row start[p]: its
- * n[p] payload rows, then its n[p] int32 metadata words (token << 15 | slot << 10 | local).
+ * n[p] payload rows, then its n[p] int32 metadata words (token << 15 | slot << 10 | local);
+ * or, for bare rows, the words come apart (`meta`, every peer's in order) and the segments
+ * have no tails.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -18,6 +20,13 @@
 
 static int32_t meta_word(int64_t t, int64_t k, int64_t l) {
     return (int32_t)((t << 15) | (k << 10) | l);          /* wraps as numpy's astype(int32) */
+}
+
+/* Peer p's metadata words: its segment's tail, or (meta given) from word `done` of meta, where
+ * `done` is the payload rows of the peers before p. */
+static const int32_t *meta_of(const uint8_t *buf, int64_t width, const int64_t *start, const int64_t *n,
+                              const int32_t *meta, int64_t p, int64_t done) {
+    return meta ? meta + done : (const int32_t *)(buf + (start[p] + n[p]) * width);
 }
 
 static float bf16_to_f32(uint16_t v) {
@@ -92,15 +101,15 @@ int mc2_pack_tp_add_bf16(uint8_t *buf, int64_t width, const int64_t *start, cons
  * laid out, or -1 (nothing written) when a metadata word names a block outside `blocks` or
  * the rows exceed `capacity`. */
 int64_t mc2_dispatch_layout(const uint8_t *buf, int64_t width, const int64_t *start, const int64_t *n,
-                            int64_t peers, const int64_t *logical, int64_t W, int64_t blocks, int64_t payload,
-                            int64_t capacity, uint8_t *out_x, float *out_scale, int32_t *assist,
+                            const int32_t *meta, int64_t peers, const int64_t *logical, int64_t W, int64_t blocks,
+                            int64_t payload, int64_t capacity, uint8_t *out_x, float *out_scale, int32_t *assist,
                             int32_t *ep_recv) {
     int64_t *at = calloc((size_t)blocks + 1, sizeof(int64_t));
     if (!at)
         return -1;
     int64_t total = 0;
-    for (int64_t p = 0; p < peers; p++) {
-        const int32_t *words = (const int32_t *)(buf + (start[p] + n[p]) * width);
+    for (int64_t p = 0, m = 0; p < peers; m += n[p], p++) {
+        const int32_t *words = meta_of(buf, width, start, n, meta, p, m);
         for (int64_t j = 0; j < n[p]; j++) {
             int64_t b = (int64_t)(words[j] & 1023) * W + logical[p];
             if (words[j] < 0 || b >= blocks) {
@@ -119,9 +128,9 @@ int64_t mc2_dispatch_layout(const uint8_t *buf, int64_t width, const int64_t *st
         at[b + 1] += at[b];
         ep_recv[b] = (int32_t)at[b + 1];
     }
-    for (int64_t p = 0; p < peers; p++) {
+    for (int64_t p = 0, done = 0; p < peers; done += n[p], p++) {
         const uint8_t *rows = buf + start[p] * width;
-        const int32_t *words = (const int32_t *)(rows + n[p] * width);
+        const int32_t *words = meta_of(buf, width, start, n, meta, p, done);
         for (int64_t j = 0; j < n[p]; j++) {
             int32_t m = words[j];
             int64_t r = at[(int64_t)(m & 1023) * W + logical[p]]++;
@@ -217,8 +226,9 @@ int mc2_dynamic_quant(const uint16_t *x, int64_t h, int fp16, const int64_t *tok
  * first[t] .. first[t + 1] a token's entries (first has bs + 1 items).  Returns the entries, or
  * -1 (nothing allocated) when a word names a token outside [0, bs) or a slot outside [0, slots)
  * or memory runs out. */
-static int64_t entries(const uint8_t *buf, int64_t width, const int64_t *start, const int64_t *n, int64_t peers,
-                       int64_t bs, int64_t slots, const uint8_t ***row_out, int64_t **key_out, int64_t **first_out) {
+static int64_t entries(const uint8_t *buf, int64_t width, const int64_t *start, const int64_t *n, const int32_t *meta,
+                       int64_t peers, int64_t bs, int64_t slots, const uint8_t ***row_out, int64_t **key_out,
+                       int64_t **first_out) {
     int64_t total = 0, keys = bs * slots;
     for (int64_t p = 0; p < peers; p++)
         total += n[p];
@@ -227,8 +237,8 @@ static int64_t entries(const uint8_t *buf, int64_t width, const int64_t *start, 
     const uint8_t **row = malloc((size_t)(total ? total : 1) * sizeof(*row));
     int64_t *key = malloc((size_t)(total ? total : 1) * sizeof(int64_t));
     int ok = at && first && row && key;
-    for (int64_t p = 0; ok && p < peers; p++) {
-        const int32_t *words = (const int32_t *)(buf + (start[p] + n[p]) * width);
+    for (int64_t p = 0, m = 0; ok && p < peers; m += n[p], p++) {
+        const int32_t *words = meta_of(buf, width, start, n, meta, p, m);
         for (int64_t j = 0; j < n[p]; j++) {
             int32_t t = words[j] >> 15, k = (words[j] >> 10) & 31;
             if (t < 0 || t >= bs || k >= slots) {
@@ -249,9 +259,9 @@ static int64_t entries(const uint8_t *buf, int64_t width, const int64_t *start, 
         at[b + 1] += at[b];
     for (int64_t t = 0; t <= bs; t++)
         first[t] = at[t * slots];
-    for (int64_t p = 0; p < peers; p++) {
+    for (int64_t p = 0, m = 0; p < peers; m += n[p], p++) {
         const uint8_t *rows = buf + start[p] * width;
-        const int32_t *words = (const int32_t *)(rows + n[p] * width);
+        const int32_t *words = meta_of(buf, width, start, n, meta, p, m);
         for (int64_t j = 0; j < n[p]; j++) {
             int64_t b = (int64_t)(words[j] >> 15) * slots + ((words[j] >> 10) & 31);
             int64_t i = at[b]++;
@@ -287,11 +297,11 @@ static void add_entries(float *a, const uint8_t **row, const int64_t *key, int64
  * acc (bs x h): each token's entries (see entries()) added to acc[t] in order, so every
  * element gets the adds the slot-major Python sum gives it.  Returns 0, or -1 (acc untouched)
  * when a word names a token outside [0, bs) or a slot outside [0, slots). */
-int mc2_combine_sum(const uint8_t *buf, int64_t width, const int64_t *start, const int64_t *n, int64_t peers,
-                    int fp16, int64_t h, int64_t bs, int64_t K, int64_t slots, const float *w, float *acc) {
+int mc2_combine_sum(const uint8_t *buf, int64_t width, const int64_t *start, const int64_t *n, const int32_t *meta,
+                    int64_t peers, int fp16, int64_t h, int64_t bs, int64_t K, int64_t slots, const float *w, float *acc) {
     const uint8_t **row;
     int64_t *key, *first;
-    if (entries(buf, width, start, n, peers, bs, slots, &row, &key, &first) < 0)
+    if (entries(buf, width, start, n, meta, peers, bs, slots, &row, &key, &first) < 0)
         return -1;
     for (int64_t t = 0; t < bs; t++)
         add_entries(acc + t * h, row, key, first[t], first[t + 1], fp16, h, K, slots, w);
@@ -307,13 +317,13 @@ int mc2_combine_sum(const uint8_t *buf, int64_t width, const int64_t *start, con
  * (active given) is 0.  The sum of a token lives in one fp32 row, so nothing of bs x h fp32 is
  * written.  Returns 0; -1 (out untouched) for a word out of range, as mc2_combine_sum; -2 when a
  * rounded value is a NaN (whose bits torch's conversion picks by code path). */
-int mc2_combine_out_bf16(const uint8_t *buf, int64_t width, const int64_t *start, const int64_t *n, int64_t peers,
-                         int64_t h, int64_t bs, int64_t K, int64_t slots, const float *w, const uint16_t *shared,
+int mc2_combine_out_bf16(const uint8_t *buf, int64_t width, const int64_t *start, const int64_t *n,
+                         const int32_t *meta, int64_t peers, int64_t h, int64_t bs, int64_t K, int64_t slots, const float *w, const uint16_t *shared,
                          const uint8_t *active, uint16_t *out) {
     const uint8_t **row;
     int64_t *key, *first;
     float *a = malloc((size_t)(h ? h : 1) * sizeof(float));
-    if (!a || entries(buf, width, start, n, peers, bs, slots, &row, &key, &first) < 0) {
+    if (!a || entries(buf, width, start, n, meta, peers, bs, slots, &row, &key, &first) < 0) {
         free(a);
         return -1;
     }

@@ -44,10 +44,10 @@ FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math")
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "mc2_pack_rows": ([_P, _I, _P, _P, _I, _P, _I, _P, _P, _P, _P, _P], ctypes.c_int),
-    "mc2_dispatch_layout": ([_P, _I, _P, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P], ctypes.c_int64),
+    "mc2_dispatch_layout": ([_P, _I, _P, _P, _P, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P], ctypes.c_int64),
     "mc2_dynamic_quant": ([_P, _I, ctypes.c_int, _P, _P, _P, _I, _P, _P], ctypes.c_int),
-    "mc2_combine_sum": ([_P, _I, _P, _P, _I, ctypes.c_int, _I, _I, _I, _I, _P, _P], ctypes.c_int),
-    "mc2_combine_out_bf16": ([_P, _I, _P, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P], ctypes.c_int),
+    "mc2_combine_sum": ([_P, _I, _P, _P, _P, _I, ctypes.c_int, _I, _I, _I, _I, _P, _P], ctypes.c_int),
+    "mc2_combine_out_bf16": ([_P, _I, _P, _P, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P], ctypes.c_int),
     "mc2_tp_add_bf16": ([_P, _I, _P, _I, _I, _I, _P], ctypes.c_int),
     "mc2_pack_tp_add_bf16": ([_P, _I, _P, _P, _I, _P, _I, _P, _I, _I, _P, _P, _P, _P], ctypes.c_int),
 }
@@ -137,33 +137,41 @@ def pack_rows(buf: torch.Tensor, width: int, start: np.ndarray, n: np.ndarray, s
                              _ptr(token), _ptr(slot), _ptr(local)) == 0
 
 
-def dispatch_layout(buf: torch.Tensor, width: int, start: np.ndarray, n: np.ndarray, logical: np.ndarray,
-                    sizes: tuple[int, int, int, int], out: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
-                                                              torch.Tensor]) -> int | None:
-    """Lay the received rows out (``lay_out``): ``sizes`` = (W, blocks, payload bytes,
-    capacity rows); ``out`` = (expand_x, dynamic_scales or None, assist_info, ep_recv_counts),
-    all contiguous.  Returns the rows laid out, or None: not taken (nothing written)."""
+def _meta(received: Segments) -> np.ndarray | None:
+    """The metadata words carried apart from the rows (bare rows), as contiguous int32, or None."""
+    return None if received.meta is None else np.ascontiguousarray(received.meta, dtype=np.int32)
+
+
+def dispatch_layout(buf: torch.Tensor, received: Segments, logical: np.ndarray, sizes: tuple[int, int, int, int],
+                    out: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]) -> int | None:
+    """Lay the received rows out (``lay_out``; ``received``: their segments in ``buf``):
+    ``sizes`` = (W, blocks, payload bytes, capacity rows); ``out`` = (expand_x, dynamic_scales
+    or None, assist_info, ep_recv_counts), all contiguous.  Returns the rows laid out, or None:
+    not taken (nothing written)."""
     lib = library()
     x, scales, assist, ep_recv = out
     if lib is None or not (buf.is_contiguous() and x.is_contiguous()):
         return None
-    start, n, logical = _i64(start), _i64(n), _i64(logical)
-    got = lib.mc2_dispatch_layout(buf.data_ptr(), width, _ptr(start), _ptr(n), n.size, _ptr(logical), *sizes,
+    start, n, logical, meta = _i64(received.start), _i64(received.n), _i64(logical), _meta(received)
+    got = lib.mc2_dispatch_layout(buf.data_ptr(), received.width, _ptr(start), _ptr(n),
+                                  None if meta is None else _ptr(meta), n.size, _ptr(logical), *sizes,
                                   x.data_ptr(), None if scales is None else scales.data_ptr(),
                                   assist.data_ptr(), ep_recv.data_ptr())
     return None if got < 0 else int(got)
 
 
-def combine_sum(buf: torch.Tensor, width: int, start: np.ndarray, n: np.ndarray, dtype: torch.dtype,
-                weights: torch.Tensor, slots: int, acc: torch.Tensor) -> bool:
-    """acc (Bs, H) fp32 += the k-order weighted sum of the received rows (``combine_rows``
-    without copy or const experts); ``weights`` (Bs, K) fp32 contiguous.  False: not taken."""
+def combine_sum(buf: torch.Tensor, received: Segments, dtype: torch.dtype, weights: torch.Tensor, slots: int,
+                acc: torch.Tensor) -> bool:
+    """acc (Bs, H) fp32 += the k-order weighted sum of the received rows (``received``: their
+    segments in ``buf``; ``combine_rows`` without copy or const experts); ``weights`` (Bs, K)
+    fp32 contiguous.  False: not taken."""
     lib = library()
     if lib is None or dtype not in (torch.bfloat16, torch.float16) or not buf.is_contiguous():
         return False
     bs, h = acc.shape
-    start, n = _i64(start), _i64(n)
-    return lib.mc2_combine_sum(buf.data_ptr(), width, _ptr(start), _ptr(n), n.size, int(dtype == torch.float16),
+    start, n, meta = _i64(received.start), _i64(received.n), _meta(received)
+    return lib.mc2_combine_sum(buf.data_ptr(), received.width, _ptr(start), _ptr(n),
+                               None if meta is None else _ptr(meta), n.size, int(dtype == torch.float16),
                                h, bs, weights.shape[1], slots, weights.data_ptr(), acc.data_ptr()) == 0
 
 
@@ -178,9 +186,10 @@ def combine_out(buf: torch.Tensor, received: Segments, weights: torch.Tensor, sl
     if lib is None or not buf.is_contiguous() or out.dtype != torch.bfloat16 or not out.is_contiguous():
         return False
     bs, h = out.shape
-    width, start, n = received.width, _i64(received.start), _i64(received.n)
+    width, start, n, meta = received.width, _i64(received.start), _i64(received.n), _meta(received)
     mask = None if active is None else np.ascontiguousarray(active, dtype=np.bool_)
-    return lib.mc2_combine_out_bf16(buf.data_ptr(), width, _ptr(start), _ptr(n), n.size, h, bs, weights.shape[1],
+    return lib.mc2_combine_out_bf16(buf.data_ptr(), width, _ptr(start), _ptr(n), None if meta is None else _ptr(meta),
+                                    n.size, h, bs, weights.shape[1],
                                     slots, weights.data_ptr(), None if shared is None else shared.data_ptr(),
                                     None if mask is None else _ptr(mask), out.data_ptr()) == 0
 

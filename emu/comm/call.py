@@ -1,7 +1,9 @@
 """The life of one operator call on this rank: open, exchange headers and rows, abort.
 
-Every group a call uses starts with one *header* exchange (:mod:`emu.comm.header`), then
-moves its rows with one uneven ``all_to_all_single`` of packed uint8 rows.  So a bad input
+Every group a call uses starts with one *header* exchange (:mod:`emu.comm.header`), which
+carries the rows too when they fit the group's slot; else they follow in one uneven
+``all_to_all_single``, packed (uint8 rows with metadata tails) or bare (straight from and into
+the op's tensors, their metadata after the header).  So a bad input
 or a mismatched call on one rank makes every rank raise after one exchange, and the world
 stays usable.  Each collective waits at most ``EMU_TIMEOUT_S`` seconds (default 60), then
 raises naming the rank, the group and the collective (:mod:`emu.comm.transport`).
@@ -20,15 +22,15 @@ import torch
 import torch.distributed as dist
 
 from ..core.checks import Checker, usable_remap
-from ..core.errors import TILING_ERROR, AclnnError, EmuError, PeerError
+from ..core.errors import TILING_ERROR, AclnnError, EmuError, ErrorKind, PeerError
 from ..core.request import Checked, Request
-from .context import CommContext, current
+from .context import CommContext, current, transport_mode
 from .domain import Domain
 from .groups import resolve_group
 from .header import HEADER_LEN, MAX_ATTRS, Header, Outgoing, all_alike, clock_of, stamp_clock
 from .transport import CallTag, Transfer, issue
 from .verdict import judge, relay_kind
-from .wire import Segments, rows_for_meta
+from .wire import META_BYTES, Segments, rows_for_meta
 
 HEADER_BYTES = 8 * HEADER_LEN
 
@@ -56,6 +58,80 @@ def slot_plan(peers: int, width: int, per_peer: int, rows: int) -> int:
     one peer, always has its slot.)"""
     nbytes = slot_bytes(width, per_peer)
     return nbytes if peers * nbytes <= max(SLOT_FLOOR, 2 * slot_bytes(width, rows)) else 0
+
+
+BARE_BYTES = 2 << 20                # rows go bare when one peer's bounded rows carry this many payload bytes
+
+
+def bare_slot(rows: int) -> int:
+    """Bytes per peer of a first exchange that carries the metadata of up to ``rows`` bare rows
+    after the header (a multiple of 8)."""
+    return HEADER_BYTES + -(-META_BYTES * rows // 8) * 8
+
+
+@dataclass(frozen=True)
+class SlotNeed:
+    """What the group's slot must hold for the op's next call, from the agreed attributes.
+
+    per_peer: rows one source may send one peer, bounded to about twice the average; rows: the
+    rows a source sends in all; bare_bytes: the payload bytes of a bare row when the op can send
+    its rows bare (0: it cannot); bound: the most rows one source can send one peer."""
+
+    per_peer: int
+    rows: int
+    bare_bytes: int = 0
+    bound: int = 0
+
+
+def plan_slot(peers: int, width: int, need: SlotNeed) -> tuple[int, bool]:
+    """(the slot, whether rows go bare) for the op's next call: bare when the op can and one
+    peer's rows are large (``BARE_BYTES``; whatever their size with ``EMU_TRANSPORT=bare``), the
+    slot then holding their metadata; else :func:`slot_plan`."""
+    if need.bare_bytes and (need.per_peer * need.bare_bytes >= BARE_BYTES or transport_mode() == "bare"):
+        return bare_slot(need.bound), True
+    return slot_plan(peers, width, need.per_peer, need.rows), False
+
+
+@dataclass(frozen=True)
+class BareRows:
+    """How an op sends its rows bare, with no wire row around them (``Call.exchange``).
+
+    rows(): (n, H) of one dtype, in wire order (destinations in group order), contiguous;
+    meta(): their (n,) int32 metadata words; into(m): the (m, H) tensor the m rows received land
+    in, sources back to back in group order (the op's output, when that is its layout)."""
+
+    rows: Callable[[], torch.Tensor]
+    meta: Callable[[], np.ndarray]
+    into: Callable[[int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """One direction's rows on one domain: ``counts`` (P,) rows per logical peer, ``width`` bytes
+    each when packed, ``expect`` (P,) rows expected back (combine's cross-check), ``fill(segments,
+    buffer)`` packs them into a (rows, width) uint8 buffer at the segments' places; ``bare``: how
+    they go bare (None: never)."""
+
+    counts: np.ndarray
+    width: int
+    expect: np.ndarray
+    fill: Callable[[Segments, torch.Tensor], None]
+    bare: BareRows | None = None
+
+
+def _slot_words(counts: np.ndarray, cap: int, slot: int) -> np.ndarray:
+    """Int32 word of a (P, slot) buffer that carries each metadata word after the header, the
+    first ``min(counts[p], cap)`` rows of each peer p (group order) in order."""
+    n = np.minimum(counts, cap)
+    first = np.arange(n.size, dtype=np.int64) * (slot // META_BYTES) + HEADER_BYTES // META_BYTES
+    seg = np.repeat(np.arange(n.size), n)
+    return first[seg] + np.arange(seg.size) - (np.cumsum(n) - n)[seg]
+
+
+def _kept(counts: np.ndarray, cap: int) -> np.ndarray:
+    """Which rows' metadata words fit: the first ``cap`` of each peer's ``counts``."""
+    seg = np.repeat(np.arange(counts.size), counts)
+    return np.arange(seg.size) - (np.cumsum(counts) - counts)[seg] < cap
 
 
 def _fill_slots(fill: Callable[[Segments, torch.Tensor], None], sent: Segments, rows: int,
@@ -157,10 +233,14 @@ class Call:
         return self._first_exchange(kind, out, None)[0]
 
     def _outgoing(self, rows: np.ndarray, row_bytes: int, expect: np.ndarray, error: int = 0, origin: int = -1,
-                  inline: bool = False, later: bool = False, relayed: int = 0) -> Outgoing:
+                  rides: str = "", relayed: int = 0) -> Outgoing:
+        """The header this rank sends; ``rides``: how its rows travel, "inline" (after the
+        header), "later" (packed, in a second exchange), "bare" (in a second exchange, bare), or
+        "" (it sends none)."""
         return Outgoing(op=self.op, order=self.order, call_no=self.call_no, error=error, rows=rows,
                         row_bytes=row_bytes, clock_ns=self.clock_ns, expect=expect, origin=origin,
-                        attrs=self.attr_values, inline=inline, later=later, kind=relayed)
+                        attrs=self.attr_values, inline=rides == "inline", later=rides in ("later", "bare"),
+                        kind=relayed, bare=rides == "bare")
 
     @property
     def attr_values(self) -> tuple[int, ...]:
@@ -196,27 +276,29 @@ class Call:
                 self.abort(problem)
         return hdr, recv
 
-    def exchange(self, kind: str, counts: np.ndarray, width: int, expect: np.ndarray,
-                 fill: Callable[[Segments, torch.Tensor], None], next_rows: tuple[int, int],
+    def exchange(self, kind: str, out: Outbound, need: SlotNeed,
                  phase: str = "rows") -> tuple[Header, torch.Tensor, Segments]:
-        """Header and rows of one direction on ``kind``, in one collective when they fit.
+        """Header and rows of one direction on ``kind`` (``out``), in one collective when they fit.
 
-        counts: (P,) rows this rank sends each logical peer, ``width`` bytes each (``expect``:
-        rows it expects back, combine's cross-check); ``fill(segments, buffer)`` packs them into
-        a (rows, width) uint8 buffer at ``segments``' places.  When the group has a slot
-        (``CommContext.slot``) and this rank's rows for every peer fit it, they travel after the
-        header in the same exchange (packed straight into the slots when the slot is a whole
-        number of rows, else copied there); otherwise this rank says so in its header and every
-        rank takes part in a second, uneven exchange (so a rank never waits for a collective the
-        others skip).  ``next_rows``: (rows per peer the slot must hold for this op's next call,
-        rows a rank sends in all), both from the agreed attributes: no slot when the P slots
-        would cost much more memory and bytes than the rows themselves (large groups with few
-        rows per peer).  Returns the headers and the received rows with where
-        each source's segment lies, sources in group order."""
+        When the group has a slot (``CommContext.slot``) and this rank's rows for every peer fit
+        it, they travel after the header in the same exchange (packed straight into the slots
+        when the slot is a whole number of rows, else copied there); otherwise this rank says so
+        in its header and every rank takes part in a second, uneven exchange (so a rank never
+        waits for a collective the others skip).  When the op's previous call on the group
+        planned its rows bare and the op can send them so (``out.bare``), the header carries
+        their metadata and the rows go straight from the op's tensor into the receiver's
+        (:meth:`_exchange_bare`).  ``need``: what the slot must hold for this op's next call
+        (:func:`plan_slot`, from the agreed attributes: no slot when the P slots would cost
+        much more memory and bytes than the rows themselves).  Returns the headers and the
+        received rows with where each source's segment lies, sources in group order."""
+        if out.bare is not None and self.ctx.goes_bare(self.domain(kind).name, self.op):
+            return self._exchange_bare(kind, out, need, phase)
+        counts, width, expect, fill = out.counts, out.width, out.expect, out.fill
         dom = self.domain(kind)
         P = dom.size
         sent, per, head, inline = self._placement(kind, counts, width)
         later = not inline and bool(np.asarray(counts).sum())
+        rides = "inline" if inline else "later" if later else ""
         packed = None
         if inline and per:
             into = partial(_fill_slots, fill, sent, P * per)
@@ -226,9 +308,9 @@ class Call:
             into = partial(_into_slots, packed, sent)
         else:
             into = None
-        out = self._outgoing(counts, width, expect, inline=inline, later=later)
-        hdr, recv = self._first_exchange(kind, out, into)
-        self.ctx.set_slot(dom.name, self.op, slot_plan(P, width, *next_rows))
+        hdr, recv = self._first_exchange(kind, self._outgoing(counts, width, expect, rides=rides), into)
+        self._same_transport(kind, hdr, False)
+        self.ctx.set_slot(dom.name, self.op, *plan_slot(P, width, need))
         from_g = dom.to_group(hdr.rows)
         if per and not hdr.later.any():                  # every row arrived in place: no copy
             return hdr, recv.view(P * per, width), Segments(from_g, width, start=sent.start, total=P * per)
@@ -253,6 +335,64 @@ class Call:
                 rows[received.start[p]:received.start[p] + received.rows[p]] = \
                     got[second.start[p]:second.start[p] + second.rows[p]]
         return hdr, rows, received
+
+    def _exchange_bare(self, kind: str, out: Outbound, need: SlotNeed, phase: str) -> tuple[Header, torch.Tensor, Segments]:
+        """:meth:`exchange` of bare rows: the header exchange carries each peer's metadata words
+        after its header (the group's slot holds them: :func:`bare_slot` of the agreed bound),
+        then one uneven all-to-all moves the payload rows from ``out.bare.rows()`` straight into
+        ``out.bare.into(m)``.  Returns that tensor as (m, row bytes) uint8 with its segments,
+        the metadata carried apart (``Segments.meta``).  A source that sends some peer more rows
+        than the slot's metadata holds (only inputs not from their dispatch can) makes both
+        ends raise after the rows exchange."""
+        dom, bare = self.domain(kind), out.bare
+        P = dom.size
+        counts_g = dom.to_group(out.counts)
+        slot = max(self.ctx.slot(dom.name), HEADER_BYTES)
+        cap = (slot - HEADER_BYTES) // META_BYTES
+        sending = bool(counts_g.any())
+        rows = bare.rows() if sending else None
+        row_bytes = rows.shape[1] * rows.element_size() if sending else 0
+
+        def meta_into(send: torch.Tensor) -> None:
+            if sending:
+                meta = np.ascontiguousarray(bare.meta(), np.int32)
+                words = send.view(-1).view(torch.int32)
+                keep = slice(None) if counts_g.max() <= cap else _kept(counts_g, cap)
+                words[torch.from_numpy(_slot_words(counts_g, cap, slot))] = torch.from_numpy(meta[keep])
+
+        hdr, recv = self._first_exchange(kind, self._outgoing(out.counts, row_bytes, out.expect,
+                                                              rides="bare" if sending else ""), meta_into)
+        self._same_transport(kind, hdr, True)
+        self.ctx.bare_exchanges += 1
+        self.ctx.set_slot(dom.name, self.op, *plan_slot(P, out.width, need))
+        from_g = dom.to_group(hdr.rows)
+        meta = recv.view(-1).view(torch.int32).numpy()[_slot_words(from_g, cap, slot)]
+        got = bare.into(int(from_g.sum()))
+        if hdr.later.any():
+            send = rows if sending else got[:0]
+            issue(self.ctx, self.tag, dom, Transfer(f"{kind} {phase}", got, send, np.asarray(out.counts, np.int64),
+                                                    hdr.rows.copy(), got.shape[1] * got.element_size()))
+        if max(int(from_g.max(initial=0)), int(counts_g.max(initial=0))) > cap:
+            bad = sorted({dom.ranks[i] for i in np.flatnonzero((from_g > cap) | (counts_g > cap))})
+            raise PeerError(TILING_ERROR, f"{self.op} call #{self.call_no} on {dom.describe()}: rows between this "
+                            f"rank and {bad} exceed the {cap} one source can send one peer; the inputs are not "
+                            f"from the dispatch they claim", kind=ErrorKind.MISMATCHED_DATA, culprits=tuple(bad))
+        wire = got.view(torch.uint8)
+        return hdr, wire, Segments(from_g, wire.shape[1], meta=meta)
+
+    def _same_transport(self, kind: str, hdr: Header, bare: bool) -> None:
+        """Every source sends its rows as this rank does, bare or not (ranks that run with
+        different ``EMU_TRANSPORT`` would corrupt the rows): else raise, on every rank at once."""
+        sending = hdr.later
+        if bool((hdr.bare != bare)[sending].any()) or (bare and bool(hdr.inline.any())):
+            dom = self.domain(kind)
+            raise PeerError(TILING_ERROR, f"{self.op} call #{self.call_no} on {dom.describe()}: ranks send their "
+                            f"rows in different ways (bare or packed); EMU_TRANSPORT must be the same on every rank",
+                            kind=ErrorKind.MISMATCHED_CALL)
+
+    def goes_bare(self, kind: str) -> bool:
+        """:meth:`exchange` on ``kind`` sends this op's rows bare when it can."""
+        return self.ctx.goes_bare(self.domain(kind).name, self.op)
 
     def _placement(self, kind: str, counts: np.ndarray, width: int) -> tuple[Segments, int, int, bool]:
         """Where :meth:`exchange` puts ``counts`` rows of ``width`` bytes on ``kind``: their

@@ -22,13 +22,15 @@ from ..debug.trace import Tracer
 from ..debug.watch import Jitter, Watcher
 
 TRACE_ENV = "EMU_TRACE"
-TRANSPORTS = ("auto", "split")
+TRANSPORTS = ("auto", "split", "bare")
 
 
 def transport_mode() -> str:
     """``EMU_TRANSPORT``: "auto" (default: a call's rows travel with its header when they fit the
-    slot the group's previous call of that op sized) or "split" (always a header exchange,
-    then a rows exchange)."""
+    slot the group's previous call of that op sized, or bare, straight between the op's
+    tensors after it, when they are large and the op can send them so), "bare" (bare whenever
+    the op can, whatever their size) or "split" (always a header exchange, then a rows
+    exchange of packed rows).  Every rank of a job must use the same mode."""
     raw = getenv("EMU_TRANSPORT", "auto")
     if raw == "auto":                       # the common case, read on every exchange
         return raw
@@ -68,9 +70,10 @@ class CommContext:
     trace_checked: bool = False                                     # EMU_TRACE read once
     watcher: Watcher | None = None                                  # emu.watch() / EMU_WATCH
     jitter: Jitter | None = field(default_factory=Jitter.from_env)  # EMU_JITTER_MS
-    slots: dict[str, dict[str, int]] = field(default_factory=dict)  # group -> op -> bytes its rows need
+    slots: dict[str, dict[str, tuple[int, bool]]] = field(default_factory=dict)  # group -> op -> (bytes, bare)
     steady: dict = field(default_factory=dict)                      # what steady calls reuse (emu.a3.steady)
     steady_calls: int = 0                                           # op calls that took the steady path (opened there)
+    bare_exchanges: int = 0                                         # exchanges whose rows went bare
     views: dict = field(default_factory=dict)                       # views of wire buffers, by shape
 
     def slot(self, group: str) -> int:
@@ -79,11 +82,17 @@ class CommContext:
         member of a group sees the same calls and verdicts there, so every member has the same
         slot whatever op it calls next (a rank calling another op is then told, not corrupted)."""
         needs = self.slots.get(group)
-        return max(needs.values()) if needs and transport_mode() == "auto" else 0
+        return max(n for n, _ in needs.values()) if needs and transport_mode() != "split" else 0
 
-    def set_slot(self, group: str, op: str, nbytes: int) -> None:
-        if transport_mode() == "auto":
-            self.slots.setdefault(group, {})[op] = nbytes
+    def goes_bare(self, group: str, op: str) -> bool:
+        """``op``'s previous call on ``group`` planned its next rows bare (``Call.exchange``); the
+        same on every member, as :meth:`slot`."""
+        need = self.slots.get(group, {}).get(op)
+        return need is not None and need[1] and transport_mode() != "split"
+
+    def set_slot(self, group: str, op: str, nbytes: int, bare: bool = False) -> None:
+        if transport_mode() != "split":
+            self.slots.setdefault(group, {})[op] = (nbytes, bare)
 
     def next_call(self, group: str, op: str) -> tuple[int, int]:
         """(the place of this call among all op calls on ``group``, its number among ``op``'s

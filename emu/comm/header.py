@@ -4,7 +4,8 @@ A header is one fixed ``(P, HEADER_LEN)`` int64 block per exchange: from each so
 each destination the call number and op, an error code, the row count and row size the
 destination must expect (gloo corrupts data silently if the two sides disagree), the rows
 it expects back (combine's cross-check), the source's clock when it sent the header, whether
-its rows follow in the same exchange (inline) or in a second one, and the attributes every
+its rows follow in the same exchange (inline) or in a second one (packed, or bare with their
+metadata in this exchange), and the attributes every
 rank must agree on.  Only this module knows the column layout.
 """
 from __future__ import annotations
@@ -43,13 +44,14 @@ class Outgoing:
     attrs: tuple[int, ...]
     inline: bool = False            # its rows travel in this exchange, after the header
     later: bool = False             # it sends rows in a second exchange (to some destination)
+    bare: bool = False              # ... as bare rows, their metadata after the header in this exchange
     kind: int = 0                   # with an error: the relayed verdict's kind (0: an input was rejected)
 
     def encode_into(self, block: np.ndarray, order: np.ndarray | None = None) -> None:
         """Write the (P, HEADER_LEN) int64 block in place (any row stride): row i for logical
         destination i, or with ``order`` for logical destination ``order[i]`` (group order)."""
         block[:, :_ATTRS] = (MAGIC, OP_CODE[self.op], self.order, self.error, 0, self.row_bytes, self.clock_ns, 0,
-                             self.origin, len(self.attrs), self.call_no, int(self.inline), int(self.later), self.kind)
+                             self.origin, len(self.attrs), self.call_no, int(self.inline), int(self.later) * (1 + int(self.bare)), self.kind)
         block[:, _ATTRS:] = 0
         block[:, _ROWS] = self.rows if order is None else self.rows[order]
         block[:, _EXPECT] = self.expect if order is None else self.expect[order]
@@ -101,7 +103,8 @@ class Header:
     relaying rank left in the store);
     rows / row_bytes: what it sends this rank; expect: the rows it expects back; clock: its
     CLOCK_MONOTONIC send time (ns); inline: its rows to this rank follow its header in the same
-    exchange; later: it sends rows in a second exchange; attrs (P, MAX_ATTRS): its agreed
+    exchange; later: it sends rows in a second exchange; bare: it sends them bare (their metadata
+    followed its header); attrs (P, MAX_ATTRS): its agreed
     attributes.
     """
 
@@ -128,6 +131,7 @@ class Header:
     attrs = property(lambda self: self.block[:, _ATTRS:])
     inline = property(lambda self: self.block[:, _INLINE] != 0)
     later = property(lambda self: self.block[:, _LATER] != 0)
+    bare = property(lambda self: self.block[:, _LATER] == 2)
     kind = property(lambda self: self.block[:, _KIND])
 
     def op_name(self, i: int) -> str:

@@ -75,13 +75,17 @@ class Segments:
 
     counts: (P,) payload rows per peer (group order); width: payload bytes per row; start /
     total: where each peer's segment starts and the buffer's rows (default: segments back to
-    back), e.g. one segment per fixed-size slot after its header.
+    back), e.g. one segment per fixed-size slot after its header; meta: the int32 metadata of
+    every payload row (peers in order) when it travels apart from the rows (bare rows, see
+    ``Call.exchange``): the segments then have no tails.
     """
 
-    def __init__(self, counts: np.ndarray, width: int, start: np.ndarray | None = None, total: int | None = None):
+    def __init__(self, counts: np.ndarray, width: int, start: np.ndarray | None = None, total: int | None = None,
+                 meta: np.ndarray | None = None):
         self.n = np.asarray(counts, dtype=np.int64)
         self.width = width
-        self.meta_rows = rows_for_meta(self.n, width)
+        self.meta = meta
+        self.meta_rows = rows_for_meta(self.n, width) if meta is None else np.zeros_like(self.n)
         self.rows = self.n + self.meta_rows
         self.start = (np.concatenate([[0], np.cumsum(self.rows)[:-1]]).astype(np.int64) if start is None
                       else np.asarray(start, dtype=np.int64))
@@ -161,6 +165,8 @@ class Segments:
 
     def read_meta(self, buf: torch.Tensor) -> np.ndarray:
         """The int32 metadata of every payload row, peers in order."""
+        if self.meta is not None:
+            return self.meta
         if not self.n.sum():
             return np.zeros(0, np.int32)
         words = self._words(buf)
