@@ -124,16 +124,18 @@ def test_both_transports_are_bit_exact_and_auto_saves_the_rows_exchange(world):
     (dict(mask="1d"), 2),
     (dict(dtype="fp16", global_bs=96, uneven=True), 2),                  # maxBs 12, Bs 6 to 8
     (dict(zero=1, copy=1, const=1, special_frac=0.3), 2),
-    (dict(tp=2, ep=4, moe=3, shared_ranks=1, k=2), 1),                   # combine sends a TP sum it makes anyway
+    (dict(tp=2, ep=4, moe=3, shared_ranks=1, k=2), 3),     # both TP exchanges; combine's EP rows are a TP sum
+    (dict(tp=2, ep=4, moe=3, shared_ranks=1, k=2, quant=2, mask="1d"), 2),   # int8 rows bare on TP, scales as words
     (dict(quant=2, smooth=True), 1),                                      # dispatch packs its int8 rows
     (dict(comm_quant=2), 1),                                              # combine packs its int8 rows
     (dict(moe=14, k=4), 0),                                               # 2 experts per rank: never bare
-], ids=["shared-rank", "all-ranks", "mask-1d", "fp16-uneven", "special", "tp2", "quant2", "comm-quant2", "two-experts"])
+], ids=["shared-rank", "all-ranks", "mask-1d", "fp16-uneven", "special", "tp2", "tp2-quant2", "quant2", "comm-quant2", "two-experts"])
 def test_bare_rows_are_bit_exact_and_go_bare_when_the_op_can(world, fields, bare):
     """EMU_TRANSPORT=bare: from an op's second call on a group, its rows go straight from and
-    into the op's tensors when it has one expert per rank and no int8 rows; every output is
-    bit-exact either way (3 calls: the last 2 of each such op go bare, the first one too when
-    the world's earlier calls on the group planned it)."""
+    into the op's tensors where it can: on EP with one expert per rank and no int8 rows (and
+    not combine's TP sums), on TP always; every output is bit-exact either way (``bare``
+    exchanges per call; of 3 calls the last 2 go bare, the first one too when the world's
+    earlier calls on the group planned it)."""
     fields = dict(h=H, seed=80, calls=3, **fields)
     want = run_reference(Scenario(**fields))
     res = world.run(mp_cases.bare, env={"EMU_TRANSPORT": "bare"}, **fields)
@@ -141,6 +143,21 @@ def test_bare_rows_are_bit_exact_and_go_bare_when_the_op_can(world, fields, bare
         (dispatch, x_out, _), went = o.get()
         assert not compare(RankResult(dispatch=dispatch, x_out=x_out), want[g]), g
         assert 2 * bare <= went <= 3 * bare, (g, went)         # the first call too when the group's last one planned it
+
+
+def test_a_call_whose_bound_grew_sends_packed_rows_then_bare_again(world):
+    """The bare slot of a group holds the metadata of the last calls' bound (global_bs 64: 8 rows
+    from one source to one peer); a dispatch with global_bs 128 may send 16, so it sends packed
+    rows, bit-exact, and plans the larger slot, which the group's next calls share: the combine
+    after it and the next call of both ops go bare (3 of 4)."""
+    small = dict(h=H, seed=81, calls=2, global_bs=64)
+    world.run(mp_cases.bare, env={"EMU_TRANSPORT": "bare"}, **small)
+    large = dict(h=H, seed=82, calls=2, global_bs=128, bs=12)
+    want = run_reference(Scenario(**large))
+    for g, o in enumerate(world.run(mp_cases.bare, env={"EMU_TRANSPORT": "bare"}, **large)):
+        (dispatch, x_out, _), went = o.get()
+        assert not compare(RankResult(dispatch=dispatch, x_out=x_out), want[g]), g
+        assert went == 3, (g, went)
 
 
 @pytest.mark.parametrize("op,change,code,text,fields", [

@@ -14,7 +14,9 @@ Phases:
                        (combine_add_rms_norm: + residual_x, RMSNorm * gamma)
 
 Collectives per call: (tp = 2) the TP header with the rows, then the EP header with the rows
-(1 each; 2 on a group's first combine, or when some rank's rows exceed the slot).
+(1 each; 2 on a group's first combine, when some rank's rows exceed the slot, or when large rows
+go bare, straight from expand_x: on TP, and on EP at tp 1 with one expert per rank and no comm
+quant).
 """
 from __future__ import annotations
 
@@ -262,7 +264,8 @@ def tp_reduce_scatter(call: Call, geom: Geometry, inp: CombineInputs, own: int) 
     in XT combine sends back (:class:`TpSum`).
 
     One exchange on the TP group carries the header (the rows this rank sends the peer and the
-    rows it expects back, cross-checked) and, once the group has a slot, the rows."""
+    rows it expects back, cross-checked) and, once the group has a slot, the rows; or, when they
+    are large, a second one moves them bare, straight from expand_x."""
     tp = call.tp
     peer = 1 - tp.rank
     at = peer if tp.order is None else int(tp.order[peer])          # the peer's segment (group order)
@@ -278,8 +281,12 @@ def tp_reduce_scatter(call: Call, geom: Geometry, inp: CombineInputs, own: int) 
         a = int(seg.start[at])
         buf[a:a + part.shape[0]].view(xt)[:, :h].copy_(part)
 
+    bare = BareRows(part.contiguous, lambda: np.zeros(0, np.int32),
+                    lambda m: call.ctx.scratch("tp_rows", m, h * part.element_size()).view(xt),
+                    lambda rows: np.zeros(2, np.int64))        # the peer's partials, straight from expand_x
     most = max(geom.a_moe, geom.a_shared)                     # the same on both TP ranks
-    hdr, recv, received = call.exchange("TP", Outbound(sc, width, expect, fill), SlotNeed(most, most), "reduce-scatter")
+    hdr, recv, received = call.exchange("TP", Outbound(sc, width, expect, fill, bare),
+                                        SlotNeed(most, most, h * part.element_size()), "reduce-scatter")
     if int(hdr.rows[peer]) != own or int(hdr.expect[peer]) != peer_count:
         call.abort(PeerError(TILING_ERROR, f"combine call #{call.call_no}: TP rank {tp.rank} holds {own} own rows and "
                              f"{peer_count} for its peer, but TP rank {peer} sends {int(hdr.rows[peer])} and "

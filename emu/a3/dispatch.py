@@ -11,8 +11,10 @@ Notation as in :mod:`emu.core.attrs`.  Phases:
     TP all-gather    (tp 2) the TP peer's rows appended after ours, with its ep_recv_counts
     count outputs    expert_token_nums
 
-Collectives per call: EP header with the rows (1; 2 on a group's first call of the op, or
-when some rank's rows exceed the slot), and with tp = 2 the same on the TP group (1, or 2).
+Collectives per call: EP header with the rows (1; 2 on a group's first call of the op, when
+some rank's rows exceed the slot, or when they go bare: large rows, quant mode 0, one expert
+per rank, received straight into expand_x), and with tp = 2 the same on the TP group (1, or 2:
+bare rows go from expand_x straight into the peer's).
 Wire row of the EP exchange: payload (H of XT, or with quant 2 H int8 + a 4-byte fp32 scale,
 padded to a multiple of 8 bytes); each segment's tail carries the rows' metadata (t, k, local
 expert); the source is the segment (``wire.Segments``).
@@ -218,7 +220,9 @@ def tp_all_gather(call: Call, geom: Geometry, out: DispatchOutputs, own: int, ow
 
     One exchange on the TP group carries the header and, once the group has a slot, the rows
     (``Call.exchange``).  The sender's own epRecvCounts (W int32) travel as trailing rows of its
-    segment, so a peer with zero rows still delivers them.
+    segment, so a peer with zero rows still delivers them.  Bare (large rows): the rows go
+    straight from our expand_x into the peer's, and the counts (with quant mode 2 the rows'
+    scales) with the header.
     """
     tp = call.tp
     me, peer = tp.rank, 1 - tp.rank
@@ -230,7 +234,7 @@ def tp_all_gather(call: Call, geom: Geometry, out: DispatchOutputs, own: int, ow
     tail = -(-4 * geom.W // width)
     counts = np.zeros(2, np.int64)
     counts[peer] = own + tail
-    counts_bytes = torch.from_numpy(np.asarray(own_cum, np.int32)).view(torch.uint8)
+    counts_words = np.asarray(own_cum[:geom.W], np.int32)
 
     def fill(seg: Segments, buf: torch.Tensor) -> None:
         a = int(seg.start[at])
@@ -239,19 +243,46 @@ def tp_all_gather(call: Call, geom: Geometry, out: DispatchOutputs, own: int, ow
             buf[a:a + own, h:h + 4].copy_(out.dynamic_scales[:own].view(torch.uint8).view(own, 4))
         counts_rows = buf[a + own:a + own + tail].view(-1)
         counts_rows.zero_()
-        counts_rows[:counts_bytes.numel()] = counts_bytes
+        counts_rows[:4 * geom.W] = torch.from_numpy(counts_words).view(torch.uint8)
 
+    def words() -> np.ndarray:
+        return np.concatenate([counts_words, out.dynamic_scales[:own].numpy().view(np.int32)]) if quant \
+            else counts_words
+
+    def word_counts(rows: np.ndarray) -> np.ndarray:
+        got = np.zeros(2, np.int64)
+        got[at] = geom.W + (int(rows[at]) if quant else 0)
+        return got
+
+    def into(m: int) -> torch.Tensor:
+        if own + m <= out.expand_x.shape[0]:
+            return out.expand_x[own:own + m]
+        return call.ctx.scratch("tp_rows", m, payload).view(out.expand_x.dtype)
+
+    sending = np.zeros(2, np.int64)
+    sending[peer] = own
+    bare = BareRows(lambda: out.expand_x[:own], words, into, word_counts, sending)
     most = max(geom.a_moe, geom.a_shared) + tail              # the same on both TP ranks
-    _, recv, received = call.exchange("TP", Outbound(counts, width, np.zeros(2, np.int64), fill), SlotNeed(most, most),
-                                      "all-gather")
-    a = int(received.start[at])
-    peer_rows = int(received.n[at]) - tail
-    out.expand_x[own:own + peer_rows].view(torch.uint8).view(peer_rows, payload).copy_(recv[a:a + peer_rows, :payload])
-    if quant:
-        out.dynamic_scales[own:own + peer_rows].view(torch.uint8).view(peer_rows, 4).copy_(
-            recv[a:a + peer_rows, h:h + 4])
-    got = recv[a + peer_rows:a + peer_rows + tail].reshape(-1)[:4 * geom.W]
-    out.ep_recv_counts[geom.W:2 * geom.W] = got.view(torch.int32)
+    _, recv, received = call.exchange(
+        "TP", Outbound(counts, width, np.zeros(2, np.int64), fill, bare),
+        SlotNeed(most, most, payload, geom.W + (most if quant else 0)), "all-gather")
+    if received.meta is not None:                                 # bare: the rows came, their words apart
+        peer_rows = int(received.n[at])
+        if recv.data_ptr() != out.expand_x[own:].data_ptr():
+            out.expand_x[own:own + peer_rows].view(torch.uint8).view(peer_rows, payload).copy_(recv)
+        if quant:
+            out.dynamic_scales[own:own + peer_rows].numpy().view(np.int32)[:] = received.meta[geom.W:]
+        out.ep_recv_counts[geom.W:2 * geom.W] = torch.from_numpy(received.meta[:geom.W].copy())
+    else:
+        a = int(received.start[at])
+        peer_rows = int(received.n[at]) - tail
+        out.expand_x[own:own + peer_rows].view(torch.uint8).view(peer_rows, payload).copy_(
+            recv[a:a + peer_rows, :payload])
+        if quant:
+            out.dynamic_scales[own:own + peer_rows].view(torch.uint8).view(peer_rows, 4).copy_(
+                recv[a:a + peer_rows, h:h + 4])
+        got = recv[a + peer_rows:a + peer_rows + tail].reshape(-1)[:4 * geom.W]
+        out.ep_recv_counts[geom.W:2 * geom.W] = got.view(torch.int32)
     out.tp_recv_counts[me] = own
     out.tp_recv_counts[peer] = peer_rows
     return peer_rows

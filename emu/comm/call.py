@@ -75,7 +75,8 @@ class SlotNeed:
 
     per_peer: rows one source may send one peer, bounded to about twice the average; rows: the
     rows a source sends in all; bare_bytes: the payload bytes of a bare row when the op can send
-    its rows bare (0: it cannot); bound: the most rows one source can send one peer."""
+    its rows bare (0: it cannot); bound: the most words that go with them from one source to one
+    peer (one per row: the most rows)."""
 
     per_peer: int
     rows: int
@@ -97,12 +98,21 @@ class BareRows:
     """How an op sends its rows bare, with no wire row around them (``Call.exchange``).
 
     rows(): (n, H) of one dtype, in wire order (destinations in group order), contiguous;
-    meta(): their (n,) int32 metadata words; into(m): the (m, H) tensor the m rows received land
-    in, sources back to back in group order (the op's output, when that is its layout)."""
+    words(): the int32 words that travel with the header, destinations in group order (by
+    default one metadata word per row); into(m): the (m, H) tensor the m rows received land in,
+    sources back to back in group order (the op's output, when that is its layout);
+    word_counts(rows): the words to (or from) each peer that sends it (or this rank) ``rows``
+    (P,) rows, group order (None: one per row); counts: (P,) rows per logical peer when they go
+    bare (None: ``Outbound.counts``, when packed rows carry nothing more)."""
 
     rows: Callable[[], torch.Tensor]
-    meta: Callable[[], np.ndarray]
+    words: Callable[[], np.ndarray]
     into: Callable[[int], torch.Tensor]
+    word_counts: Callable[[np.ndarray], np.ndarray] | None = None
+    counts: np.ndarray | None = None
+
+    def count_words(self, rows: np.ndarray) -> np.ndarray:
+        return rows if self.word_counts is None else self.word_counts(rows)
 
 
 @dataclass(frozen=True)
@@ -284,14 +294,13 @@ class Call:
         it, they travel after the header in the same exchange (packed straight into the slots
         when the slot is a whole number of rows, else copied there); otherwise this rank says so
         in its header and every rank takes part in a second, uneven exchange (so a rank never
-        waits for a collective the others skip).  When the op's previous call on the group
-        planned its rows bare and the op can send them so (``out.bare``), the header carries
-        their metadata and the rows go straight from the op's tensor into the receiver's
-        (:meth:`_exchange_bare`).  ``need``: what the slot must hold for this op's next call
+        waits for a collective the others skip).  When the op can send its rows bare
+        (``out.bare``) and :meth:`goes_bare`, the header carries their words and the rows go
+        straight from the op's tensor into the receiver's (:meth:`_exchange_bare`).  ``need``: what the slot must hold for this op's next call
         (:func:`plan_slot`, from the agreed attributes: no slot when the P slots would cost
         much more memory and bytes than the rows themselves).  Returns the headers and the
         received rows with where each source's segment lies, sources in group order."""
-        if out.bare is not None and self.ctx.goes_bare(self.domain(kind).name, self.op):
+        if out.bare is not None and self.goes_bare(kind, need):
             return self._exchange_bare(kind, out, need, phase)
         counts, width, expect, fill = out.counts, out.width, out.expect, out.fill
         dom = self.domain(kind)
@@ -337,16 +346,18 @@ class Call:
         return hdr, rows, received
 
     def _exchange_bare(self, kind: str, out: Outbound, need: SlotNeed, phase: str) -> tuple[Header, torch.Tensor, Segments]:
-        """:meth:`exchange` of bare rows: the header exchange carries each peer's metadata words
-        after its header (the group's slot holds them: :func:`bare_slot` of the agreed bound),
-        then one uneven all-to-all moves the payload rows from ``out.bare.rows()`` straight into
-        ``out.bare.into(m)``.  Returns that tensor as (m, row bytes) uint8 with its segments,
-        the metadata carried apart (``Segments.meta``).  A source that sends some peer more rows
-        than the slot's metadata holds (only inputs not from their dispatch can) makes both
-        ends raise after the rows exchange."""
+        """:meth:`exchange` of bare rows: the header exchange carries each peer's words (the
+        rows' metadata) after its header (the group's slot holds them: :func:`bare_slot` of the
+        agreed bound), then one uneven all-to-all moves the payload rows from
+        ``out.bare.rows()`` straight into ``out.bare.into(m)``.  Returns that tensor as (m, row
+        bytes) uint8 with its segments, the words carried apart (``Segments.meta``).  A source
+        that sends some peer more words than the slot holds (only inputs not from their
+        dispatch can) makes both ends raise after the rows exchange."""
         dom, bare = self.domain(kind), out.bare
         P = dom.size
-        counts_g = dom.to_group(out.counts)
+        counts = out.counts if bare.counts is None else bare.counts
+        counts_g = dom.to_group(counts)
+        words_to = bare.count_words(counts_g)
         slot = max(self.ctx.slot(dom.name), HEADER_BYTES)
         cap = (slot - HEADER_BYTES) // META_BYTES
         sending = bool(counts_g.any())
@@ -354,26 +365,27 @@ class Call:
         row_bytes = rows.shape[1] * rows.element_size() if sending else 0
 
         def meta_into(send: torch.Tensor) -> None:
-            if sending:
-                meta = np.ascontiguousarray(bare.meta(), np.int32)
+            if words_to.any():
+                meta = np.ascontiguousarray(bare.words(), np.int32)
                 words = send.view(-1).view(torch.int32)
-                keep = slice(None) if counts_g.max() <= cap else _kept(counts_g, cap)
-                words[torch.from_numpy(_slot_words(counts_g, cap, slot))] = torch.from_numpy(meta[keep])
+                keep = slice(None) if words_to.max() <= cap else _kept(words_to, cap)
+                words[torch.from_numpy(_slot_words(words_to, cap, slot))] = torch.from_numpy(meta[keep])
 
-        hdr, recv = self._first_exchange(kind, self._outgoing(out.counts, row_bytes, out.expect,
+        hdr, recv = self._first_exchange(kind, self._outgoing(counts, row_bytes, out.expect,
                                                               rides="bare" if sending else ""), meta_into)
         self._same_transport(kind, hdr, True)
         self.ctx.bare_exchanges += 1
         self.ctx.set_slot(dom.name, self.op, *plan_slot(P, out.width, need))
         from_g = dom.to_group(hdr.rows)
-        meta = recv.view(-1).view(torch.int32).numpy()[_slot_words(from_g, cap, slot)]
+        words_from = bare.count_words(from_g)
+        meta = recv.view(-1).view(torch.int32).numpy()[_slot_words(words_from, cap, slot)]
         got = bare.into(int(from_g.sum()))
         if hdr.later.any():
             send = rows if sending else got[:0]
-            issue(self.ctx, self.tag, dom, Transfer(f"{kind} {phase}", got, send, np.asarray(out.counts, np.int64),
+            issue(self.ctx, self.tag, dom, Transfer(f"{kind} {phase}", got, send, np.asarray(counts, np.int64),
                                                     hdr.rows.copy(), got.shape[1] * got.element_size()))
-        if max(int(from_g.max(initial=0)), int(counts_g.max(initial=0))) > cap:
-            bad = sorted({dom.ranks[i] for i in np.flatnonzero((from_g > cap) | (counts_g > cap))})
+        if max(int(words_from.max(initial=0)), int(words_to.max(initial=0))) > cap:
+            bad = sorted({dom.ranks[i] for i in np.flatnonzero((words_from > cap) | (words_to > cap))})
             raise PeerError(TILING_ERROR, f"{self.op} call #{self.call_no} on {dom.describe()}: rows between this "
                             f"rank and {bad} exceed the {cap} one source can send one peer; the inputs are not "
                             f"from the dispatch they claim", kind=ErrorKind.MISMATCHED_DATA, culprits=tuple(bad))
@@ -390,9 +402,12 @@ class Call:
                             f"rows in different ways (bare or packed); EMU_TRANSPORT must be the same on every rank",
                             kind=ErrorKind.MISMATCHED_CALL)
 
-    def goes_bare(self, kind: str) -> bool:
-        """:meth:`exchange` on ``kind`` sends this op's rows bare when it can."""
-        return self.ctx.goes_bare(self.domain(kind).name, self.op)
+    def goes_bare(self, kind: str, need: SlotNeed) -> bool:
+        """:meth:`exchange` on ``kind`` sends this op's rows bare when it can: the op's previous
+        call on the group planned it, and the group's slot holds the words of this call's bound
+        (``need``, from its agreed attributes: a call whose bound grew sends packed rows)."""
+        name = self.domain(kind).name
+        return self.ctx.goes_bare(name, self.op) and bare_slot(need.bound) <= self.ctx.slot(name)
 
     def _placement(self, kind: str, counts: np.ndarray, width: int) -> tuple[Segments, int, int, bool]:
         """Where :meth:`exchange` puts ``counts`` rows of ``width`` bytes on ``kind``: their
