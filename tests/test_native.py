@@ -387,14 +387,15 @@ def test_processes_that_build_at_once_all_load_the_accelerator(tmp_path):
        quant=st.sampled_from([0, 2]), smooth=st.booleans(), comm_quant=st.sampled_from([0, 2]),
        dtype=st.sampled_from(["bf16", "fp16"]), mask=st.sampled_from(["none", "1d", "2d"]),
        shared_ranks=st.sampled_from([0, 1]), accel=st.sampled_from([[0, 1], [0], [1]]),
-       fast=st.sampled_from([[0, 1], []]), seed=st.integers(0, 10_000))
+       fast=st.sampled_from([[0, 1], []]), transport=st.sampled_from(["auto", "bare"]), seed=st.integers(0, 10_000))
 def test_ranks_with_and_without_the_accelerator_are_bit_exact(world, moe_per_rank, k, bs, quant, smooth, comm_quant,
-                                                              dtype, mask, shared_ranks, accel, fast, seed):
-    """Three round trips with the accelerator on some ranks: every rank bit-exact with the reference."""
+                                                              dtype, mask, shared_ranks, accel, fast, transport, seed):
+    """Three round trips with the accelerator on some ranks, rows packed or bare where the op can:
+    every rank bit-exact with the reference."""
     moe = (2 - shared_ranks) * moe_per_rank
     fields = dict(ep=2, moe=moe, shared_ranks=shared_ranks, k=min(k, moe), bs=bs, h=1024, quant=quant,
                   smooth=smooth and quant == 2, comm_quant=comm_quant, dtype=dtype, mask=mask, seed=seed, calls=3)
-    got = world.run(mp_cases.native, native_ranks=accel, fast_ranks=fast, **fields)
+    got = world.run(mp_cases.native, env={"EMU_TRANSPORT": transport}, native_ranks=accel, fast_ranks=fast, **fields)
     want = run_reference(Scenario(**fields))
     for g, res in enumerate(got):
         (dispatch, x_out, _), status = res.get()

@@ -20,6 +20,7 @@ quant).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -204,21 +205,27 @@ def bare_rows(call: Call, y: torch.Tensor, tri: np.ndarray) -> BareRows:
     """Combine's rows bare (no comm quant, one local expert, tp 1): sent straight from ``y``
     when its rows are already ordered by destination (one block per source, sources in group
     order), else gathered so; received into a buffer the weighted sum reads."""
-    dest = tri[:, 0] if call.ep.order is None else call.ep.order[tri[:, 0]]
-    ordered = bool((dest[1:] >= dest[:-1]).all())
-    order = np.arange(dest.size) if ordered else np.argsort(dest, kind="stable")
-
     row_bytes = y.shape[1] * y.element_size()
 
+    @functools.cache
+    def order() -> np.ndarray | None:
+        """The rows in destination order (None: they are)."""
+        dest = tri[:, 0] if call.ep.order is None else call.ep.order[tri[:, 0]]
+        return None if bool((dest[1:] >= dest[:-1]).all()) else np.argsort(dest, kind="stable")
+
     def rows() -> torch.Tensor:
-        if ordered and y.is_contiguous():
+        if order() is None and y.is_contiguous():
             return y
+        index = order() if order() is not None else np.arange(y.shape[0])
         buf = call.ctx.scratch("send", y.shape[0], row_bytes).view(y.dtype)
-        torch.index_select(y, 0, torch.from_numpy(order), out=buf)
+        torch.index_select(y, 0, torch.from_numpy(index), out=buf)
         return buf
 
-    return BareRows(rows, lambda: pack_meta(tri[order, 1], tri[order, 2], np.zeros(order.size, np.int64)),
-                    lambda m: call.ctx.scratch("rows", m, row_bytes).view(y.dtype))
+    def words() -> np.ndarray:
+        got = tri if order() is None else tri[order()]
+        return pack_meta(got[:, 1], got[:, 2], np.zeros(len(got), np.int64))
+
+    return BareRows(rows, words, lambda m: call.ctx.scratch("rows", m, row_bytes).view(y.dtype))
 
 
 def unpack_rows(call: Call, prep: Prepared, inp: CombineInputs, plan: SendPlan | None, recv: torch.Tensor,

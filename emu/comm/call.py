@@ -88,7 +88,12 @@ def plan_slot(peers: int, width: int, need: SlotNeed) -> tuple[int, bool]:
     """(the slot, whether rows go bare) for the op's next call: bare when the op can and one
     peer's rows are large (``BARE_BYTES``; whatever their size with ``EMU_TRANSPORT=bare``), the
     slot then holding their metadata; else :func:`slot_plan`."""
-    if need.bare_bytes and (need.per_peer * need.bare_bytes >= BARE_BYTES or transport_mode() == "bare"):
+    return _plan_slot(peers, width, need, transport_mode() == "bare")
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan_slot(peers: int, width: int, need: SlotNeed, always_bare: bool) -> tuple[int, bool]:
+    if need.bare_bytes and (need.per_peer * need.bare_bytes >= BARE_BYTES or always_bare):
         return bare_slot(need.bound), True
     return slot_plan(peers, width, need.per_peer, need.rows), False
 
@@ -395,8 +400,8 @@ class Call:
     def _same_transport(self, kind: str, hdr: Header, bare: bool) -> None:
         """Every source sends its rows as this rank does, bare or not (ranks that run with
         different ``EMU_TRANSPORT`` would corrupt the rows): else raise, on every rank at once."""
-        sending = hdr.later
-        if bool((hdr.bare != bare)[sending].any()) or (bare and bool(hdr.inline.any())):
+        if (hdr.any_bare if not bare else
+                bool((~hdr.bare & hdr.later).any()) or bool(hdr.inline.any())):
             dom = self.domain(kind)
             raise PeerError(TILING_ERROR, f"{self.op} call #{self.call_no} on {dom.describe()}: ranks send their "
                             f"rows in different ways (bare or packed); EMU_TRANSPORT must be the same on every rank",

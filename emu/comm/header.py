@@ -132,6 +132,11 @@ class Header:
     inline = property(lambda self: self.block[:, _INLINE] != 0)
     later = property(lambda self: self.block[:, _LATER] != 0)
     bare = property(lambda self: self.block[:, _LATER] == 2)
+
+    @property
+    def any_bare(self) -> bool:
+        """Some source sends its rows bare."""
+        return bool((self.block[:, _LATER] == 2).any())
     kind = property(lambda self: self.block[:, _KIND])
 
     def op_name(self, i: int) -> str:
