@@ -141,7 +141,8 @@ def test_a_tp_pair_always_has_its_slot_and_a_large_group_with_few_rows_per_peer_
 def test_rows_go_bare_from_2_mb_per_peer_or_whenever_the_op_can_with_emu_transport_bare(monkeypatch):
     """The slot of bare rows holds the header and one int32 of metadata per row of the bound (a
     multiple of 8 bytes); rows go bare when the op can and one peer's bounded rows carry 2 MiB
-    (Bs 256 at H 7168: 256 rows of 14,336 bytes), or always with EMU_TRANSPORT=bare."""
+    (Bs 256 at H 7168: 256 rows of 14,336 bytes), 1 MiB in a 2-rank group, or always with
+    EMU_TRANSPORT=bare."""
     monkeypatch.setenv("EMU_TRANSPORT", "auto")
     assert bare_slot(0) == HEADER_BYTES and bare_slot(1) == bare_slot(2) == HEADER_BYTES + 8
     assert bare_slot(256) == HEADER_BYTES + 1024
@@ -149,6 +150,7 @@ def test_rows_go_bare_from_2_mb_per_peer_or_whenever_the_op_can_with_emu_transpo
     assert plan_slot(8, 14352, big) == (bare_slot(256), True)
     assert plan_slot(8, 14352, small) == (slot_plan(8, 14352, 64, 512), False)
     assert plan_slot(8, 14352, SlotNeed(256, 2048)) == (slot_plan(8, 14352, 256, 2048), False)   # cannot go bare
+    assert plan_slot(2, 14352, small)[1] is False and plan_slot(2, 14352, SlotNeed(74, 74, 14336, 74))[1]   # a pair: 1 MiB
     monkeypatch.setenv("EMU_TRANSPORT", "bare")
     assert plan_slot(8, 14352, small) == (bare_slot(64), True)
 

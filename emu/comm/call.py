@@ -61,6 +61,7 @@ def slot_plan(peers: int, width: int, per_peer: int, rows: int) -> int:
 
 
 BARE_BYTES = 2 << 20                # rows go bare when one peer's bounded rows carry this many payload bytes
+BARE_BYTES_PAIR = 1 << 20           # ... in a 2-rank group, whose collectives cost less
 
 
 def bare_slot(rows: int) -> int:
@@ -86,14 +87,15 @@ class SlotNeed:
 
 def plan_slot(peers: int, width: int, need: SlotNeed) -> tuple[int, bool]:
     """(the slot, whether rows go bare) for the op's next call: bare when the op can and one
-    peer's rows are large (``BARE_BYTES``; whatever their size with ``EMU_TRANSPORT=bare``), the
-    slot then holding their metadata; else :func:`slot_plan`."""
+    peer's rows are large (``BARE_BYTES``, ``BARE_BYTES_PAIR`` in a 2-rank group; whatever their
+    size with ``EMU_TRANSPORT=bare``), the slot then holding their words; else :func:`slot_plan`."""
     return _plan_slot(peers, width, need, transport_mode() == "bare")
 
 
 @functools.lru_cache(maxsize=1024)
 def _plan_slot(peers: int, width: int, need: SlotNeed, always_bare: bool) -> tuple[int, bool]:
-    if need.bare_bytes and (need.per_peer * need.bare_bytes >= BARE_BYTES or always_bare):
+    if need.bare_bytes and (need.per_peer * need.bare_bytes >= (BARE_BYTES if peers > 2 else BARE_BYTES_PAIR)
+                            or always_bare):
         return bare_slot(need.bound), True
     return slot_plan(peers, width, need.per_peer, need.rows), False
 
