@@ -89,15 +89,16 @@ def plan_slot(peers: int, width: int, need: SlotNeed) -> tuple[int, bool]:
     """(the slot, whether rows go bare) for the op's next call: bare when the op can and one
     peer's rows are large (``BARE_BYTES``, ``BARE_BYTES_PAIR`` in a 2-rank group; whatever their
     size with ``EMU_TRANSPORT=bare``), the slot then holding their words; else :func:`slot_plan`."""
-    return _plan_slot(peers, width, need, transport_mode() == "bare")
+    return _plan_slot(peers, width, need.per_peer, need.rows, need.bare_bytes, need.bound,
+                      transport_mode() == "bare")
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan_slot(peers: int, width: int, need: SlotNeed, always_bare: bool) -> tuple[int, bool]:
-    if need.bare_bytes and (need.per_peer * need.bare_bytes >= (BARE_BYTES if peers > 2 else BARE_BYTES_PAIR)
-                            or always_bare):
-        return bare_slot(need.bound), True
-    return slot_plan(peers, width, need.per_peer, need.rows), False
+def _plan_slot(peers: int, width: int, per_peer: int, rows: int, bare_bytes: int, bound: int,
+               always_bare: bool) -> tuple[int, bool]:
+    if bare_bytes and (per_peer * bare_bytes >= (BARE_BYTES if peers > 2 else BARE_BYTES_PAIR) or always_bare):
+        return bare_slot(bound), True
+    return slot_plan(peers, width, per_peer, rows), False
 
 
 @dataclass(frozen=True)

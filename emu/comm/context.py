@@ -71,6 +71,7 @@ class CommContext:
     watcher: Watcher | None = None                                  # emu.watch() / EMU_WATCH
     jitter: Jitter | None = field(default_factory=Jitter.from_env)  # EMU_JITTER_MS
     slots: dict[str, dict[str, tuple[int, bool]]] = field(default_factory=dict)  # group -> op -> (bytes, bare)
+    slot_most: dict[str, int] = field(default_factory=dict)       # group -> the most bytes of its ops' slots
     steady: dict = field(default_factory=dict)                      # what steady calls reuse (emu.a3.steady)
     steady_calls: int = 0                                           # op calls that took the steady path (opened there)
     bare_exchanges: int = 0                                         # exchanges whose rows went bare
@@ -81,8 +82,8 @@ class CommContext:
         call there passed its header exchange, then the most any op's agreed rows need.  Every
         member of a group sees the same calls and verdicts there, so every member has the same
         slot whatever op it calls next (a rank calling another op is then told, not corrupted)."""
-        needs = self.slots.get(group)
-        return max(n for n, _ in needs.values()) if needs and transport_mode() != "split" else 0
+        most = self.slot_most.get(group)
+        return most if most is not None and transport_mode() != "split" else 0
 
     def goes_bare(self, group: str, op: str) -> bool:
         """``op``'s previous call on ``group`` planned its next rows bare (``Call.exchange``); the
@@ -91,8 +92,12 @@ class CommContext:
         return need is not None and need[1] and transport_mode() != "split"
 
     def set_slot(self, group: str, op: str, nbytes: int, bare: bool = False) -> None:
-        if transport_mode() != "split":
-            self.slots.setdefault(group, {})[op] = (nbytes, bare)
+        if transport_mode() == "split":
+            return
+        needs = self.slots.setdefault(group, {})
+        if needs.get(op) != (nbytes, bare):                 # a steady loop plans the same slot again
+            needs[op] = (nbytes, bare)
+            self.slot_most[group] = max(n for n, _ in needs.values())
 
     def next_call(self, group: str, op: str) -> tuple[int, int]:
         """(the place of this call among all op calls on ``group``, its number among ``op``'s
