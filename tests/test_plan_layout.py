@@ -10,7 +10,7 @@ from emu.comm.call import (HEADER_BYTES, SLOT_FLOOR, SlotNeed, _kept, _slot_word
 from emu.comm.header import Header, Outgoing
 from emu.comm.wire import Segments
 from emu.core.attrs import Geometry
-from emu.core.layout import dispatch_shapes, expert_token_nums, recv_layout
+from emu.core.layout import MAP_BYTES, dispatch_shapes, expert_token_nums, lazy_zeros, recv_layout
 from emu.core.plan import active_set, send_plan
 
 pytestmark = pytest.mark.timeout(30)
@@ -62,6 +62,22 @@ def test_eager_shapes():
     tp = Geometry(W=2, S=0, Ns=0, E=2, K=1, H=8, G=4, tp=2)
     s = dispatch_shapes(tp, 0, 2)
     assert (s.rows, s.dynamic_scales, s.ep_recv, s.tp_recv, s.capacity) == (8, 8, 4, 2, 4)
+
+
+@pytest.mark.parametrize("nbytes", [MAP_BYTES // 4, MAP_BYTES])
+def test_fresh_outputs_are_zero_on_the_heap_and_in_their_own_mapping(nbytes):
+    """Below MAP_BYTES the block comes from the heap, likely the one just freed full of ones;
+    from it on, from a mapping of its own: zero either way, and writable."""
+    rows = nbytes // (2 * 1024)
+    dirty = torch.ones(rows, 1024, dtype=torch.bfloat16)
+    del dirty
+    for _ in range(2):
+        out = lazy_zeros((rows, 1024), torch.bfloat16)
+        assert out.shape == (rows, 1024) and out.dtype == torch.bfloat16
+        assert int(torch.count_nonzero(out)) == 0
+        out[rows // 2:].fill_(3.0)
+        assert float(out.float().sum()) == 3.0 * (rows - rows // 2) * 1024
+        del out
 
 
 def test_allocation_with_expert_scales_elastic_v1_and_graph():
