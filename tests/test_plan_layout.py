@@ -10,7 +10,8 @@ from emu.comm.call import (HEADER_BYTES, SLOT_FLOOR, SlotNeed, _kept, _slot_word
 from emu.comm.header import Header, Outgoing
 from emu.comm.wire import Segments
 from emu.core.attrs import Geometry
-from emu.core.layout import MAP_BYTES, dispatch_shapes, expert_token_nums, lazy_zeros, recv_layout
+from emu.core.layout import (HEAP_BYTES, MAP_BYTES, DispatchOutputs, dispatch_shapes, expert_token_nums, lazy_zeros,
+                              recv_layout)
 from emu.core.plan import active_set, send_plan
 
 pytestmark = pytest.mark.timeout(30)
@@ -78,6 +79,35 @@ def test_fresh_outputs_are_zero_on_the_heap_and_in_their_own_mapping(nbytes):
         out[rows // 2:].fill_(3.0)
         assert float(out.float().sum()) == 3.0 * (rows - rows // 2) * 1024
         del out
+
+
+def test_outputs_a_call_mostly_writes_come_uncleared_and_it_clears_the_rest():
+    """Dispatch expecting to write a third of expand_x's rows or more gets heap memory, dirty
+    as a freed block may be; clear_unwritten zeroes exactly what the call did not write.  Fewer
+    rows expected, or outputs past the heap's largest block: zeroed pages, as before."""
+    shapes = dispatch_shapes(Geometry(W=2, S=0, Ns=0, E=2, K=1, H=8, G=4, tp=2), 0, 2)
+    rows, h = shapes.rows, 1024
+    assert not DispatchOutputs.allocate(shapes, h, torch.bfloat16).uncleared
+    assert not DispatchOutputs.allocate(shapes, h, torch.bfloat16, (rows - 1) // 3).uncleared
+    big = shapes.__class__(**{**vars(shapes), "rows": HEAP_BYTES // (2 * h)})
+    assert not DispatchOutputs.allocate(big, h, torch.bfloat16, big.rows).uncleared
+    out = DispatchOutputs.allocate(shapes, h, torch.bfloat16, -(-rows // 3))
+    assert out.uncleared
+    for t in (out.expand_x, out.dynamic_scales, out.assist_info_for_combine):
+        t.view(torch.uint8).fill_(0x5A)                   # what a freed block may hold
+    written = rows // 2
+    out.expand_x[:written] = 1.5
+    out.dynamic_scales[:written] = 2.0
+    out.assist_info_for_combine[:3 * written] = 7
+    out.clear_unwritten(written, written, 3 * written)
+    assert not out.uncleared
+    assert torch.equal(out.expand_x[:written], torch.full((written, h), 1.5, dtype=torch.bfloat16))
+    assert int(torch.count_nonzero(out.expand_x[written:])) == 0
+    assert out.dynamic_scales.tolist() == [2.0] * written + [0.0] * (shapes.dynamic_scales - written)
+    assist = out.assist_info_for_combine
+    assert assist[:3 * written].tolist() == [7] * (3 * written) and int(torch.count_nonzero(assist[3 * written:])) == 0
+    out.clear_unwritten(0, 0, 0)                          # a second call leaves what is there
+    assert float(out.expand_x[0, 0]) == 1.5
 
 
 def test_allocation_with_expert_scales_elastic_v1_and_graph():

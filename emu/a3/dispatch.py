@@ -61,7 +61,8 @@ def send_rows(call: Call, prep: Prepared, inp: DispatchInputs, rows: WireRows) -
     geom = prep.route
     quant = prep.cfg.quant_mode == 2
     width = quant_width(geom.H) if quant else xt_width(geom.H, inp.x.element_size())
-    out = DispatchOutputs.allocate(prep.shapes, geom.H, torch.int8 if quant else prep.xt)
+    expect = int(rows.counts.sum()) * (2 if geom.tp_active else 1)        # about what this rank receives
+    out = DispatchOutputs.allocate(prep.shapes, geom.H, torch.int8 if quant else prep.xt, expect)
     bare = None if quant or geom.L != 1 else bare_rows(call, prep, inp, rows, out)
     _, recv, received = call.exchange(
         "EP", Outbound(rows.counts, width, np.zeros(call.ep.size, np.int64),
@@ -72,6 +73,7 @@ def send_rows(call: Call, prep: Prepared, inp: DispatchInputs, rows: WireRows) -
     if geom.tp_active:
         total += tp_all_gather(call, geom, out, own, counts)
     count_outputs(geom, prep, out, counts, total)
+    out.clear_unwritten(total, total if quant else 0, 3 * own)
     return out
 
 
