@@ -1,6 +1,8 @@
 """The distributed path's pure pieces on the docs/dispatch.md world, worked by hand."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -89,7 +91,7 @@ def test_outputs_a_call_mostly_writes_come_uncleared_and_it_clears_the_rest():
     rows, h = shapes.rows, 1024
     assert not DispatchOutputs.allocate(shapes, h, torch.bfloat16).uncleared
     assert not DispatchOutputs.allocate(shapes, h, torch.bfloat16, (rows - 1) // 3).uncleared
-    big = shapes.__class__(**{**vars(shapes), "rows": HEAP_BYTES // (2 * h)})
+    big = dataclasses.replace(shapes, rows=HEAP_BYTES // (2 * h))
     assert not DispatchOutputs.allocate(big, h, torch.bfloat16, big.rows).uncleared
     out = DispatchOutputs.allocate(shapes, h, torch.bfloat16, -(-rows // 3))
     assert out.uncleared
